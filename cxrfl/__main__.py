@@ -1,0 +1,5 @@
+import sys
+
+from cxrfl.cli import main
+
+sys.exit(main())

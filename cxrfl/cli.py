@@ -1,0 +1,37 @@
+"""`cxrfl`: the one command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cxrfl import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cxrfl.commands import central, data
+
+    parser = argparse.ArgumentParser(
+        prog="cxrfl",
+        description="Federated chest X-ray lung segmentation and pathology classification "
+        "(NVFlare + PyTorch Lightning + MONAI). Run `cxrfl COMMAND --help` for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"cxrfl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data.add_parser(sub)
+    central.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""`cxrfl central`: the centralized baseline on the union of all sites."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from cxrfl.commands.options import add_training_options, positive_int, resolve_data_root
+from cxrfl.runs import AtomicCheckpointIO, RunDirError, new_run_dir, save_config
+from lightning_modules.classification import CXRClassifier
+from lightning_modules.data.datamodule import CXRDataModule
+from lightning_modules.data.manifest import ManifestError, atomic_write_text, write_json
+from lightning_modules.data.transforms import ROI_MODES
+from lightning_modules.networks import CLASSIFIERS, SEGMENTERS
+from lightning_modules.segmentation import LungSegmentation
+
+# Best-model selection uses the sites' validation splits only, never the test set.
+MONITOR = {"segment": "val_dice", "classify": "val_auroc"}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "central",
+        help="train the centralized baseline on all sites' data",
+        description="Train one model on the union of every site's training split, select the best epoch "
+        "on the union of the validation splits (Dice for segmentation, AUROC for classification), then "
+        "evaluate that checkpoint once on the held-out test set. Writes checkpoints/best.ckpt, "
+        "metrics.json, config.json, TensorBoard logs (tb/) and, for classification, test_predictions.csv.",
+    )
+    p.add_argument("--task", choices=["segment", "classify"], required=True,
+                   help="segment: lung masks (U-Net); classify: pathology labels (DenseNet121 or CNN5)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default 10)")
+    p.add_argument("--model", default=None,
+                   help=f"network: classify {'|'.join(CLASSIFIERS)} (default densenet121), "
+                   f"segment {'|'.join(SEGMENTERS)} (default unet)")
+    p.add_argument("--roi", nargs="?", const="mask", choices=ROI_MODES, default=None,
+                   help="classify on the lung region only: 'mask' zeroes the background (default when the flag "
+                   "is given alone), 'crop' crops to the lungs' bounding box")
+    p.add_argument("--segmenter", type=Path, default=None, metavar="CKPT",
+                   help="with --roi: predict lung masks with this segmentation checkpoint (default: ground-truth masks)")
+    p.add_argument("--roi-threshold", type=float, default=0.5,
+                   help="with --roi: lung probability above which a pixel counts as lung (default 0.5)")
+    p.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
+                   help="cross-entropy class weights from training label counts (default balanced)")
+    p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement (0: off)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images per split (quick checks)")
+    add_training_options(p, image_size=128, batch_size=16, lr=1e-3)
+    p.set_defaults(func=run)
+
+
+def validate_args(args) -> str | None:
+    if args.task == "segment" and args.roi:
+        return "--roi applies to --task classify only"
+    if args.segmenter is not None and not args.roi:
+        return "--segmenter needs --roi"
+    if args.segmenter is not None and not args.segmenter.is_file():
+        return f"--segmenter {args.segmenter}: checkpoint not found"
+    valid = CLASSIFIERS if args.task == "classify" else SEGMENTERS
+    if args.model is not None and args.model not in valid:
+        return f"--model {args.model!r} is not a {args.task} network; choose one of {', '.join(valid)}"
+    if not 0 < args.roi_threshold < 1:
+        return "--roi-threshold must be between 0 and 1"
+    return None
+
+
+def run(args) -> int:
+    problem = validate_args(args)
+    if problem:
+        print(f"cxrfl central: {problem}", file=sys.stderr)
+        return 2
+    try:
+        data_root = resolve_data_root(args.data)
+        run_dir = new_run_dir(args.out, f"central-{args.task}")
+        metrics = train_central(args, data_root, run_dir)
+    except (ManifestError, RunDirError) as exc:
+        print(f"cxrfl central: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nrun folder: {run_dir}")
+    for key in sorted(k for k in metrics["test"]):
+        print(f"  {key:>24}: {metrics['test'][key]:.4f}")
+    return 0
+
+
+def _loggers(args, run_dir: Path) -> list:
+    loggers = [TensorBoardLogger(run_dir, name="tb", version=""), CSVLogger(run_dir, name="csv", version="")]
+    if args.wandb:
+        from pytorch_lightning.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        offline = not os.environ.get("WANDB_API_KEY")
+        loggers.append(WandbLogger(project="cxr-fl", name=run_dir.name, save_dir=str(run_dir), offline=offline,
+                                   job_type=f"central-{args.task}"))
+    return loggers
+
+
+def build_module(args, dm: CXRDataModule) -> pl.LightningModule:
+    if args.task == "segment":
+        return LungSegmentation(arch=args.model or "unet", lr=args.lr)
+    weights = None
+    if args.class_weights == "balanced":
+        counts = dm.class_counts("train")
+        total = sum(counts)
+        weights = [total / (len(counts) * c) if c else 0.0 for c in counts]
+    return CXRClassifier(model=args.model or "densenet121", num_classes=len(dm.classes), class_names=dm.classes,
+                         lr=args.lr, class_weights=weights)
+
+
+def train_central(args, data_root: Path, run_dir: Path) -> dict:
+    pl.seed_everything(args.seed, workers=True)
+    mask_predictor = None
+    if args.segmenter is not None:
+        mask_predictor = LungSegmentation.load_from_checkpoint(args.segmenter, map_location="cpu").predict_masks
+    dm = CXRDataModule(data_root, task=args.task, image_size=args.image_size, batch_size=args.batch_size,
+                       num_workers=args.workers, roi=args.roi, roi_threshold=args.roi_threshold,
+                       mask_predictor=mask_predictor, seed=args.seed, limit=args.limit)
+    dm.setup("fit")
+    module = build_module(args, dm)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    config.update(data=str(data_root), classes=dm.classes, num_train=dm.num_train_samples,
+                  num_val=len(dm.items["val"]), skipped=dm.skipped, torch=torch.__version__)
+    save_config(run_dir, config)
+
+    monitor = MONITOR[args.task]
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
+                                 save_last=True, auto_insert_metric_name=False)
+    callbacks = [checkpoint]
+    if args.patience:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=args.patience))
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, logger=_loggers(args, run_dir),
+                         callbacks=callbacks, plugins=[AtomicCheckpointIO()], log_every_n_steps=5,
+                         deterministic=False, enable_model_summary=False)
+    start = time.time()
+    trainer.fit(module, datamodule=dm)
+    train_seconds = time.time() - start
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    test_results = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+
+    metrics = {
+        "task": args.task,
+        "model": module.hparams.get("model") or module.hparams.get("arch"),
+        "roi": args.roi,
+        "monitor": monitor,
+        "best_val": _finite(checkpoint.best_model_score),
+        "best_checkpoint": str(Path(best).relative_to(run_dir)) if best else None,
+        "epochs_run": trainer.current_epoch,
+        "train_seconds": round(train_seconds, 2),
+        "num_train": dm.num_train_samples,
+        "num_test": len(dm.items["test"]),
+        "test": {k: _finite(v) for k, v in test_results.items()},
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    if args.task == "classify":
+        _write_predictions(run_dir / "test_predictions.csv", module, dm.classes)
+    return metrics
+
+
+def _finite(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _write_predictions(path: Path, module: CXRClassifier, classes: list[str]) -> None:
+    out = module.test_outputs
+    probs, targets = torch.cat(out["probs"]), torch.cat(out["target"])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "label", "predicted"] + [f"p_{c}" for c in classes])
+    for image, t, p in zip(out["id"], targets.tolist(), probs.tolist()):
+        w.writerow([image, classes[t], classes[max(range(len(p)), key=p.__getitem__)]] + [f"{x:.6f}" for x in p])
+    atomic_write_text(path, buf.getvalue())

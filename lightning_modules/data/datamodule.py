@@ -1,0 +1,169 @@
+"""`CXRDataModule`: one LightningDataModule for both tasks, centrally (all sites) or at one site."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, EnsureTyped
+from torch.utils.data import DataLoader
+
+from lightning_modules.data.imageio import ImageReadError, read_image, read_mask
+from lightning_modules.data.manifest import ManifestError, Record, class_names, load_split, resolve
+from lightning_modules.data.transforms import ApplyLungROId, deterministic_transforms, normalize, train_augmentation
+
+log = logging.getLogger("cxrfl.data")
+TASKS = ("segment", "classify")
+
+# A function (images [N,1,H,W] in [0,1]) -> lung probability maps [N,1,H,W]; see
+# lightning_modules.segmentation.LungSegmentation.mask_predictor.
+MaskPredictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def load_item(folder: Path, record: Record, *, classes: Sequence[str] | None, need_mask: bool) -> dict:
+    """Decode one manifest row into {'image', 'mask'?, 'label'?}; raises ImageReadError naming the file."""
+    image_path = resolve(folder, record.image)
+    image = read_image(image_path)
+    item = {"image": image[None], "id": str(image_path)}
+    if classes is not None:
+        if record.label not in classes:
+            raise ImageReadError(image_path, f"unknown label {record.label!r} (classes: {', '.join(classes)})")
+        item["label"] = classes.index(record.label)
+    if need_mask:
+        if not record.mask:
+            raise ImageReadError(image_path, "no lung mask in the manifest")
+        mask_path = resolve(folder, record.mask)
+        mask = read_mask(mask_path)
+        if mask.shape != image.shape:
+            raise ImageReadError(mask_path, f"mask size {mask.shape[::-1]} differs from image size {image.shape[::-1]}")
+        item["mask"] = mask[None].astype(np.float32)
+    return item
+
+
+class CXRDataModule(pl.LightningDataModule):
+    """Reads the site manifests of a data root, decodes/resizes every image once (cached in
+    memory), and serves train (augmented), val and held-out test loaders.
+
+    Bad files are skipped with one logged line each; the reasons are kept in `self.skipped`.
+    MONAI's CacheDataset is not used because it aborts on the first unreadable file.
+    """
+
+    def __init__(self, data_root: str | Path, task: str = "classify", sites: Sequence[str] | None = None,
+                 image_size: int = 224, batch_size: int = 16, num_workers: int = 0, roi: str | None = None,
+                 roi_threshold: float = 0.5, mask_predictor: MaskPredictor | None = None, augment: bool = True,
+                 seed: int = 0, limit: int | None = None):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if roi is not None and task != "classify":
+            raise ValueError("roi input applies to classification only")
+        self.data_root = Path(data_root)
+        self.task, self.sites = task, list(sites) if sites is not None else None
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.roi, self.roi_threshold, self.mask_predictor = roi, roi_threshold, mask_predictor
+        self.augment, self.seed, self.limit = augment, seed, limit
+        self.classes: list[str] = []
+        self.items: dict[str, list[dict]] = {}
+        self.skipped: list[str] = []
+
+    # ---- loading -------------------------------------------------------------------------
+    def _need_mask(self) -> bool:
+        return self.task == "segment" or (self.roi is not None and self.mask_predictor is None)
+
+    def _load_split(self, split: str) -> list[dict]:
+        rows = load_split(self.data_root, split, None if split == "test" else self.sites)
+        if self.limit:
+            rows = rows[: self.limit]
+        classes = self.classes if self.task == "classify" else None
+        prepare = deterministic_transforms(self.image_size, with_mask=self._need_mask())
+        items = []
+        for folder, record in rows:
+            try:
+                item = prepare(load_item(folder, record, classes=classes, need_mask=self._need_mask()))
+            except ImageReadError as exc:
+                self.skipped.append(str(exc))
+                log.warning("skipping %s", exc)
+                continue
+            item["id"] = str(resolve(folder, record.image))
+            items.append(item)
+        if self.roi is not None and items:
+            items = self._apply_roi(items)
+        return items
+
+    def _apply_roi(self, items: list[dict]) -> list[dict]:
+        if self.mask_predictor is not None:
+            with torch.no_grad():
+                for start in range(0, len(items), 32):
+                    chunk = items[start:start + 32]
+                    probs = self.mask_predictor(torch.stack([it["image"] for it in chunk]))
+                    for it, p in zip(chunk, probs):
+                        it["roi_mask"] = p
+        else:
+            for it in items:
+                it["roi_mask"] = it.pop("mask")
+        apply = ApplyLungROId(mode=self.roi, threshold=self.roi_threshold)
+        return [{k: v for k, v in apply(it).items() if k != "roi_mask"} for it in items]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.task == "classify" and not self.classes:
+            self.classes = class_names(self.data_root, (r for _, r in load_split(self.data_root, "train", self.sites)))
+            if len(self.classes) < 2:
+                raise ManifestError(f"{self.data_root}: need at least 2 classes for classification, found {self.classes}")
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        splits = wanted.get(stage, ("train", "val", "test"))
+        for split in splits:
+            if split not in self.items:
+                self.items[split] = self._load_split(split)
+                if not self.items[split]:
+                    where = self.data_root / "test" if split == "test" else self.data_root
+                    raise ManifestError(f"{where}: no usable {split} images"
+                                        + (f" for site(s) {', '.join(self.sites)}" if self.sites else ""))
+        if self.skipped:
+            log.warning("%d file(s) skipped as unusable; see the log lines above", len(self.skipped))
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def _mask_in_batch(self) -> bool:
+        return self.task == "segment"
+
+    def _transform(self, train: bool) -> Compose:
+        steps = []
+        if train and self.augment:
+            steps.append(train_augmentation(with_mask=self._mask_in_batch(), seed=self.seed))
+        steps.append(normalize())
+        # plain tensors, not MetaTensors: they would leak into metrics and checkpoints
+        keys = ["image", "mask"] if self._mask_in_batch() else ["image"]
+        steps.append(EnsureTyped(keys=keys, data_type="tensor", track_meta=False))
+        return Compose(steps)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        keep = {"image", "mask", "label", "id"} if self._mask_in_batch() else {"image", "label", "id"}
+        data = [{k: v for k, v in it.items() if k in keep} for it in self.items[split]]
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(Dataset(data, transform=self._transform(train)), batch_size=self.batch_size,
+                          shuffle=train, drop_last=train and len(data) > self.batch_size,
+                          num_workers=self.num_workers, generator=generator,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+    # ---- facts the trainers need -------------------------------------------------------------
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.items.get("train", []))
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        counts = Counter(it["label"] for it in self.items.get(split, []))
+        return [counts.get(i, 0) for i in range(len(self.classes))]

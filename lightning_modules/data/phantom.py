@@ -1,0 +1,302 @@
+"""Synthetic multi-site chest X-ray phantom: the embedded default data set.
+
+Each image is built analytically on a normalised grid (x right, y down, both in [-1, 1]):
+body soft tissue, two lung fields with a domed diaphragm and costophrenic angles, heart and
+mediastinum, spine, posterior and anterior ribs, clavicles, lung markings and quantum noise.
+Pneumonia cases get patchy or lobar opacities confined to the lungs. Because shapes are
+evaluated on the (site-transformed) grid, image, lung mask and opacity mask align exactly.
+
+Sites differ the way hospitals do: exposure, contrast, gamma, noise, blur, patient
+positioning (shift/rotation), field of view, a burned-in side marker, and pneumonia prevalence,
+so federated splits are non-IID. Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from lightning_modules.data.imageio import write_png
+from lightning_modules.data.manifest import (
+    DATASET_JSON,
+    MANIFEST_NAME,
+    TEST_SITE,
+    Record,
+    write_json,
+    write_manifest,
+)
+
+CLASSES = ["normal", "pneumonia"]
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """Acquisition and population of one hospital."""
+
+    name: str
+    prevalence: float  # share of pneumonia cases
+    exposure: float  # brightness offset
+    contrast: float
+    gamma: float
+    noise: float  # quantum noise std
+    blur: float  # detector blur, in pixels at 256 px
+    max_shift: float  # positioning jitter, fraction of the field
+    max_rotation: float  # degrees
+    field_of_view: float  # >1 zooms out (more body visible)
+    marker_corner: int  # burned-in side marker position, 0..3
+
+
+def site_profiles(n_sites: int, seed: int = 0) -> list[SiteProfile]:
+    """Deterministic, clearly different acquisition profiles for n sites."""
+    if n_sites < 1:
+        raise ValueError("n_sites must be >= 1")
+    rng = np.random.default_rng([seed, 7919])
+    prevalences = np.linspace(0.25, 0.65, n_sites) if n_sites > 1 else np.array([0.45])
+    rng.shuffle(prevalences)
+    profiles = []
+    for i in range(n_sites):
+        profiles.append(
+            SiteProfile(
+                name=f"site-{i + 1}",
+                prevalence=float(prevalences[i]),
+                exposure=float(rng.uniform(-0.08, 0.08)),
+                contrast=float(rng.uniform(0.8, 1.2)),
+                gamma=float(rng.uniform(0.75, 1.35)),
+                noise=float(rng.uniform(0.01, 0.045)),
+                blur=float(rng.uniform(0.4, 1.6)),
+                max_shift=float(rng.uniform(0.02, 0.07)),
+                max_rotation=float(rng.uniform(2.0, 7.0)),
+                field_of_view=float(rng.uniform(0.95, 1.15)),
+                marker_corner=int(i % 4),
+            )
+        )
+    return profiles
+
+
+@dataclass
+class Phantom:
+    image: np.ndarray  # float32 [0, 1]
+    lung_mask: np.ndarray  # uint8 {0, 1}
+    opacity_mask: np.ndarray  # uint8 {0, 1}, empty for normal
+    label: str
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), sigma=sigma * size / 256.0)
+    return field / (field.std() + 1e-6)
+
+
+def _band(dist: np.ndarray, half_width: float, soft: float) -> np.ndarray:
+    """1 inside |dist| < half_width, with soft edges."""
+    return np.clip((half_width - np.abs(dist)) / soft + 0.5, 0.0, 1.0)
+
+
+def _ellipse(x, y, cx, cy, rx, ry, angle=0.0):
+    ca, sa = np.cos(angle), np.sin(angle)
+    u = (x - cx) * ca + (y - cy) * sa
+    v = -(x - cx) * sa + (y - cy) * ca
+    return (u / rx) ** 2 + (v / ry) ** 2
+
+
+def _lung(x, y, side, anatomy):
+    """Boolean lung field; side=-1 is the patient's right (image left)."""
+    top, base, width = anatomy["lung_top"], anatomy["lung_base"], anatomy["lung_width"]
+    if side > 0:
+        width *= 0.92  # left lung is smaller (heart)
+    medial = side * anatomy["mediastinum"]
+    height = base - top
+    t = np.clip((y - top) / height, 0.0, 1.2)
+    # half-width grows like a rounded apex and is widest just above the diaphragm
+    lateral_extent = width * np.sqrt(np.clip(1.0 - (1.0 - np.minimum(t, 1.0)) ** 2, 0.0, 1.0)) ** 0.8
+    centre = medial + side * width * 0.05
+    inside_x = (side * (x - centre) >= -0.02 * (1 - t)) & (side * (x - medial) <= lateral_extent)
+    # diaphragm dome: highest in the middle of each hemithorax, deep costophrenic angle laterally
+    rel = np.clip(side * (x - medial) / max(width, 1e-3), 0.0, 1.0)
+    dome = base - anatomy["dome"] * np.sin(np.pi * np.clip(rel * 0.9, 0, 1)) + 0.05 * rel**4
+    if side > 0:
+        dome = dome - 0.03
+    return inside_x & (y >= top) & (y <= dome) & (t > 0)
+
+
+def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pneumonia: bool, anatomy=None) -> Phantom:
+    """One frontal (PA) chest radiograph phantom with its lung and opacity masks."""
+    if anatomy is None:
+        anatomy = sample_anatomy(rng)
+    # Acquisition geometry: the grid the anatomy is evaluated on.
+    lin = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    gx, gy = np.meshgrid(lin, lin)
+    angle = np.deg2rad(rng.uniform(-profile.max_rotation, profile.max_rotation))
+    shift = rng.uniform(-profile.max_shift, profile.max_shift, size=2) * 2.0
+    scale = profile.field_of_view * rng.uniform(0.97, 1.03)
+    ca, sa = np.cos(angle), np.sin(angle)
+    x = scale * (ca * gx - sa * gy) + shift[0]
+    y = scale * (sa * gx + ca * gy) + shift[1]
+
+    # --- anatomy (density: higher = more attenuating = brighter) ---
+    body = _ellipse(x, y, 0.0, 0.25, anatomy["body_width"], 1.25) <= 1.0
+    shoulders = _ellipse(x, y, 0.0, -0.62, anatomy["body_width"] * 1.15, 0.3) <= 1.0
+    body = body | shoulders
+    density = np.where(body, 0.55, 0.02).astype(np.float32)
+    # soft tissue thicker towards the abdomen
+    density += body * np.clip(y - 0.3, 0, None) * 0.25
+
+    right = _lung(x, y, -1, anatomy)
+    left = _lung(x, y, +1, anatomy)
+    heart_q = _ellipse(x, y, anatomy["heart_x"], anatomy["heart_y"], anatomy["heart_rx"], anatomy["heart_ry"], -0.45)
+    heart = heart_q <= 1.0
+    lungs = (right | left) & ~heart
+    density = np.where(lungs, 0.16, density)
+
+    # lung markings: vessels fan out from the hila, fading to the periphery
+    markings = _smooth_noise(rng, size, 2.2)
+    for side in (-1, 1):
+        hx, hy = side * 0.18, -0.05
+        r = np.sqrt((x - hx) ** 2 + (y - hy) ** 2)
+        density += lungs * np.clip(0.08 - 0.08 * r, 0, None) * (0.85 + 0.3 * markings)
+    density += lungs * 0.012 * markings
+
+    # mediastinum, heart, spine
+    mediastinum = _band(x, anatomy["mediastinum"] * 1.1, 0.04) * (y > -0.85) * (y < anatomy["heart_y"])
+    density += 0.18 * mediastinum * ~lungs
+    density += 0.24 * np.clip((1.0 - heart_q) * 5.0, 0, 1) * (1.0 - 0.25 * lungs)
+    spine = _band(x, 0.065, 0.015) * (y > -0.9)
+    vertebrae = 0.5 + 0.5 * np.cos(2 * np.pi * (y + 1) / anatomy["rib_spacing"])
+    density += spine * (0.07 + 0.04 * vertebrae)
+
+    # ribs: posterior arcs dropping laterally, anterior ones fainter and sloping medially
+    for k in range(10):
+        y0 = anatomy["lung_top"] - 0.04 + k * anatomy["rib_spacing"]
+        d = np.abs(x) - 0.06
+        y_post = y0 - 0.22 * d + 0.7 * d**2
+        density += 0.13 * _band(y - y_post, 0.022, 0.012) * (d > 0) * (d < 0.9) * body
+        y_ant = y0 + 0.12 + 0.35 * (0.75 - np.clip(d, 0, 0.75)) ** 1.5 - 0.05
+        density += 0.05 * _band(y - y_ant, 0.018, 0.015) * (d > 0.15) * (d < 0.8) * body
+    # clavicles
+    for side in (-1, 1):
+        x0, y0, x1, y1 = side * 0.08, anatomy["lung_top"] + 0.02, side * 0.68, anatomy["lung_top"] - 0.12
+        t = np.clip(((x - x0) * (x1 - x0) + (y - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
+        dist = np.sqrt((x - (x0 + t * (x1 - x0))) ** 2 + (y - (y0 + t * (y1 - y0))) ** 2)
+        density += 0.22 * _band(dist, 0.03, 0.012)
+
+    # --- pathology: patchy/lobar opacities inside the lungs ---
+    opacity = np.zeros_like(density)
+    if pneumonia:
+        patch = _smooth_noise(rng, size, 3.0)
+        n_foci = rng.integers(1, 4)
+        lobar = rng.random() < 0.35
+        for _ in range(n_foci):
+            side = rng.choice([-1, 1])
+            fx = side * rng.uniform(0.2, 0.55)
+            fy = rng.uniform(-0.3, 0.4) if not lobar else rng.uniform(0.1, 0.35)
+            radius = rng.uniform(0.12, 0.22) * (1.6 if lobar else 1.0)
+            r2 = ((x - fx) ** 2 + (y - fy) ** 2) / radius**2
+            strength = rng.uniform(0.12, 0.3)
+            opacity += strength * np.exp(-r2) * np.clip(0.7 + 0.5 * patch, 0, None)
+        opacity *= lungs
+    density += opacity
+
+    # --- acquisition ---
+    density = gaussian_filter(density, sigma=profile.blur * size / 256.0)
+    image = np.clip(density * profile.contrast + profile.exposure, 0.0, 1.0) ** profile.gamma
+    image = image + rng.normal(0.0, profile.noise, size=image.shape)
+    # burned-in side marker ("L") in a site-specific corner: a realistic shortcut to avoid
+    m = max(3, size // 20)
+    r0, c0 = [(m, m), (m, size - 3 * m), (size - 3 * m, m), (size - 3 * m, size - 3 * m)][profile.marker_corner]
+    image[r0 : r0 + 2 * m, c0 : c0 + m // 2 + 1] = 0.95
+    image[r0 + 2 * m - m // 2 - 1 : r0 + 2 * m, c0 : c0 + m + 1] = 0.95
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+
+    opacity_mask = ((opacity > 0.06) & lungs).astype(np.uint8)
+    return Phantom(image=image, lung_mask=lungs.astype(np.uint8), opacity_mask=opacity_mask,
+                   label=CLASSES[1] if pneumonia else CLASSES[0])
+
+
+def sample_anatomy(rng: np.random.Generator) -> dict:
+    """One patient's body habitus."""
+    return {
+        "body_width": rng.uniform(0.8, 0.95),
+        "lung_top": rng.uniform(-0.78, -0.68),
+        "lung_base": rng.uniform(0.42, 0.58),
+        "lung_width": rng.uniform(0.5, 0.62),
+        "mediastinum": rng.uniform(0.1, 0.14),
+        "dome": rng.uniform(0.08, 0.16),
+        "heart_x": rng.uniform(0.12, 0.2),
+        "heart_y": rng.uniform(0.28, 0.34),
+        "heart_rx": rng.uniform(0.3, 0.38),
+        "heart_ry": rng.uniform(0.22, 0.28),
+        "rib_spacing": rng.uniform(0.13, 0.16),
+    }
+
+
+def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, test_size: int | None = None,
+                     size: int = 256, seed: int = 0, val_fraction: float = 0.2,
+                     follow_up_rate: float = 0.1) -> dict:
+    """Write a multi-site data root (site-1..N + test) of phantoms; returns its dataset info.
+
+    About follow_up_rate of patients get a second image (same anatomy and label, new
+    positioning), so splitting has to respect patients.
+    """
+    if sites < 1 or per_site < 2 or size < 32:
+        raise ValueError("need sites >= 1, per_site >= 2 and size >= 32")
+    out = Path(out)
+    profiles = site_profiles(sites, seed)
+    test_size = per_site if test_size is None else test_size
+
+    def make_set(folder_name, count, pick_profile, prevalence, split_for_patient, stream):
+        folder = out / folder_name
+        rng = np.random.default_rng([seed, stream])
+        records = []
+        index = 0
+        patient = 0
+        while index < count:
+            patient += 1
+            pid = f"{folder_name}-p{patient:05d}"
+            profile = pick_profile(rng)
+            pneumonia = bool(rng.random() < (profile.prevalence if prevalence is None else prevalence))
+            anatomy = sample_anatomy(rng)
+            n_images = 2 if (rng.random() < follow_up_rate and index + 1 < count) else 1
+            split = split_for_patient(rng)
+            for k in range(n_images):
+                ph = render_phantom(rng, profile, size, pneumonia, anatomy)
+                stem = f"{pid}-{k}"
+                write_png(folder / "images" / f"{stem}.png", ph.image)
+                write_png(folder / "masks" / f"{stem}.png", ph.lung_mask, mask=True)
+                opacity = ""
+                if pneumonia:
+                    opacity = f"opacity/{stem}.png"
+                    write_png(folder / opacity, ph.opacity_mask, mask=True)
+                records.append(Record(image=f"images/{stem}.png", mask=f"masks/{stem}.png", label=ph.label,
+                                      patient_id=pid, split=split, site=profile.name, opacity=opacity))
+                index += 1
+        write_manifest(folder / MANIFEST_NAME, records)
+        return records
+
+    summary = {}
+    for i, profile in enumerate(profiles):
+        records = make_set(profile.name, per_site, lambda rng, p=profile: p, None,
+                           lambda rng: "val" if rng.random() < val_fraction else "train", stream=i + 1)
+        summary[profile.name] = _counts(records)
+    test_records = make_set(TEST_SITE, test_size, lambda rng: profiles[rng.integers(len(profiles))], 0.5,
+                            lambda rng: "test", stream=10_000)
+    summary[TEST_SITE] = _counts(test_records)
+    info = {
+        "classes": CLASSES,
+        "source": "synthetic-phantom",
+        "generator": {"sites": sites, "per_site": per_site, "test_size": test_size, "size": size, "seed": seed,
+                      "val_fraction": val_fraction, "follow_up_rate": follow_up_rate},
+        "site_profiles": [asdict(p) for p in profiles],
+        "counts": summary,
+    }
+    write_json(out / DATASET_JSON, info)
+    return info
+
+
+def _counts(records: list[Record]) -> dict:
+    counts: dict = {}
+    for r in records:
+        key = f"{r.split}/{r.label}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,86 @@
+"""MONAI dictionary transforms: a deterministic part (cached once) and a random part (every epoch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensity,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    Resized,
+)
+
+ROI_MODES = ("mask", "crop")
+
+
+class ApplyLungROId(MapTransform):
+    """Restrict the image to the lung region: zero the background ('mask', as CXR-FL did) or
+    crop to the lungs' bounding box and resize back ('crop'). Written here because MONAI's
+    CropForegroundd would change the output size and MaskIntensityd has no threshold."""
+
+    def __init__(self, image_key="image", mask_key="roi_mask", mode="mask", threshold=0.5, margin=0.05):
+        super().__init__([image_key])
+        if mode not in ROI_MODES:
+            raise ValueError(f"roi mode must be one of {ROI_MODES}, got {mode!r}")
+        self.image_key, self.mask_key, self.mode = image_key, mask_key, mode
+        self.threshold, self.margin = threshold, margin
+
+    def __call__(self, data):
+        d = dict(data)
+        image = torch.as_tensor(d[self.image_key])
+        lung = torch.as_tensor(d[self.mask_key]) > self.threshold
+        if not bool(lung.any()):
+            return d  # no lungs found: leave the image whole rather than feed a blank
+        if self.mode == "mask":
+            d[self.image_key] = image * lung.to(image.dtype)
+            return d
+        _, h, w = image.shape
+        rows = torch.where(lung.any(dim=-1)[0])[0]
+        cols = torch.where(lung.any(dim=-2)[0])[0]
+        mr, mc = int(self.margin * h), int(self.margin * w)
+        r0, r1 = max(int(rows[0]) - mr, 0), min(int(rows[-1]) + mr + 1, h)
+        c0, c1 = max(int(cols[0]) - mc, 0), min(int(cols[-1]) + mc + 1, w)
+        crop = image[:, r0:r1, c0:c1]
+        d[self.image_key] = torch.nn.functional.interpolate(crop[None], size=(h, w), mode="bilinear",
+                                                            align_corners=False)[0]
+        return d
+
+
+def deterministic_transforms(image_size: int, with_mask: bool) -> Compose:
+    """Resize image (area) and lung mask (nearest) to a square; run once per item and cached."""
+    keys = ["image", "mask"] if with_mask else ["image"]
+    modes = ["area", "nearest"] if with_mask else ["area"]
+    return Compose([
+        EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32, track_meta=False),
+        Resized(keys=keys, spatial_size=(image_size, image_size), mode=modes),
+    ])
+
+
+def train_augmentation(with_mask: bool, seed: int) -> Compose:
+    """Mild geometric and photometric jitter, the variation real sites show."""
+    keys = ["image", "mask"] if with_mask else ["image"]
+    modes = ["bilinear", "nearest"] if with_mask else ["bilinear"]
+    t = Compose([
+        RandAffined(keys=keys, prob=0.7, rotate_range=np.deg2rad(8), scale_range=0.08, translate_range=(0.04, 0.04),
+                    mode=modes, padding_mode="zeros"),
+        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.8, 1.25)),
+        RandGaussianNoised(keys="image", prob=0.2, std=0.015),
+    ])
+    t.set_random_state(seed=seed)
+    return t
+
+
+def normalize() -> NormalizeIntensityd:
+    """Per-image standardisation: removes most site exposure/contrast offsets."""
+    return NormalizeIntensityd(keys="image")
+
+
+def normalize_image() -> NormalizeIntensity:
+    """The same standardisation on a bare [C,H,W] image (inference paths)."""
+    return NormalizeIntensity()

@@ -1,0 +1,52 @@
+"""Network factories. Each network is built from plain arguments so the same call rebuilds it
+anywhere (checkpoint, NVFlare job config)."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DenseNet121, FlexibleUNet, UNet
+from torch import nn
+
+CLASSIFIERS = ("densenet121", "cnn5")
+SEGMENTERS = ("unet", "flexunet-b4")
+
+
+class CNN5(nn.Module):
+    """The Sáinz-Pardo & López García pneumonia CNN: 5 conv blocks (32-64-64-128-256) with
+    BatchNorm, MaxPool and Dropout 0.1/0.2, a 128-unit dense layer, designed for 150x150 input.
+    Not in MONAI, so defined here; global pooling makes it accept any input size."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2):
+        super().__init__()
+        blocks, channels = [], [in_channels, 32, 64, 64, 128, 256]
+        dropouts = [0.0, 0.1, 0.0, 0.2, 0.2]
+        for c_in, c_out, p in zip(channels[:-1], channels[1:], dropouts):
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(c_out)]
+            if p:
+                blocks.append(nn.Dropout(p))
+            blocks.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 128), nn.ReLU(inplace=True),
+                                  nn.Dropout(0.2), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_classifier(name: str, num_classes: int) -> nn.Module:
+    if name == "densenet121":
+        return DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_classes)
+    if name == "cnn5":
+        return CNN5(in_channels=1, num_classes=num_classes)
+    raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(CLASSIFIERS)}")
+
+
+def build_segmenter(name: str) -> nn.Module:
+    if name == "unet":
+        return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32, 64, 128, 256),
+                    strides=(2, 2, 2, 2), num_res_units=2, norm="batch")
+    if name == "flexunet-b4":
+        # CXR-FL's encoder; weights start random because nothing can be downloaded at run time.
+        return FlexibleUNet(in_channels=1, out_channels=1, backbone="efficientnet-b4", pretrained=False,
+                            spatial_dims=2)
+    raise ValueError(f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTERS)}")

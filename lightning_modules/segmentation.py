@@ -1,0 +1,89 @@
+"""`LungSegmentation`: MONAI U-Net (or FlexibleUNet/EfficientNet-B4) for binary lung masks."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+from lightning_modules.data.transforms import normalize_image
+
+from lightning_modules.networks import build_segmenter
+
+
+class LungSegmentation(pl.LightningModule):
+    """Owns the network, Dice+CE loss, Dice / Jaccard (IoU) / HD95 metrics and the optimizer."""
+
+    def __init__(self, arch: str = "unet", lr: float = 1e-3, weight_decay: float = 1e-5, threshold: float = 0.5):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_segmenter(arch)
+        self.loss_fn = DiceCELoss(sigmoid=True)
+        self.metrics = {
+            "dice": DiceMetric(include_background=True, reduction="mean"),
+            "iou": MeanIoU(include_background=True, reduction="mean"),
+            "hd95": HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean"),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss_fn(self(batch["image"]), batch["mask"])
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def _eval_step(self, batch, stage: str):
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
+        pred = (torch.sigmoid(logits) > self.hparams.threshold).float()
+        target = batch["mask"]
+        for metric in self.metrics.values():
+            metric(y_pred=pred, y=target)
+
+    def _eval_epoch_end(self, stage: str):
+        for name, metric in self.metrics.items():
+            # HD95 is NaN when every prediction in the epoch is empty; it is logged as such.
+            value = torch.as_tensor(metric.aggregate(), dtype=torch.float32)
+            self.log(f"{stage}_{name}", value.to(self.device), prog_bar=name == "dice")
+            metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    @torch.no_grad()
+    def predict_masks(self, images: torch.Tensor, postprocess: bool = True) -> torch.Tensor:
+        """Lung probability maps [N,1,H,W] for images [N,1,H,W] in [0,1] at any size.
+
+        Post-processing keeps the two largest components and fills holes (MONAI transforms);
+        pixels outside the kept lungs get probability 0.
+        """
+        self.eval()
+        h, w = images.shape[-2:]
+        standardise = normalize_image()  # what the data module applies before the network
+        x = torch.stack([torch.as_tensor(standardise(im)) for im in images.float()]).to(self.device)
+        probs = torch.sigmoid(self(x)).cpu()
+        if probs.shape[-2:] != (h, w):
+            probs = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+        if postprocess:
+            keep = KeepLargestConnectedComponent(applied_labels=[1], num_components=2)
+            fill = FillHoles(applied_labels=[1])
+            for i in range(len(probs)):
+                lungs = fill(keep((probs[i] > self.hparams.threshold).float()))
+                probs[i] = probs[i] * torch.as_tensor(lungs, dtype=probs.dtype)
+        return probs
