@@ -6,7 +6,8 @@ import pytorch_lightning as pl
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
-from monai.transforms import FillHoles, KeepLargestConnectedComponent
+from monai.transforms import Compose, FillHoles, KeepLargestConnectedComponent
+from monai.utils import convert_to_tensor
 
 from lightning_modules.data.transforms import normalize_image
 
@@ -67,23 +68,24 @@ class LungSegmentation(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     @torch.no_grad()
-    def predict_masks(self, images: torch.Tensor, postprocess: bool = True) -> torch.Tensor:
-        """Lung probability maps [N,1,H,W] for images [N,1,H,W] in [0,1] at any size.
+    def predict_masks(self, images: torch.Tensor, threshold: float | None = None, postprocess: bool = True) -> torch.Tensor:
+        """Lung masks [N,1,H,W] for images [N,1,H,W] in [0,1] at any size.
 
-        Post-processing keeps the two largest components and fills holes (MONAI transforms);
-        pixels outside the kept lungs get probability 0.
+        With postprocess (default) the probabilities are thresholded (default: the module's
+        threshold), only the two largest components are kept and holes are filled (MONAI
+        transforms), giving a {0,1} mask; without it the raw probabilities are returned.
         """
         self.eval()
         h, w = images.shape[-2:]
         standardise = normalize_image()  # what the data module applies before the network
-        x = torch.stack([torch.as_tensor(standardise(im)) for im in images.float()]).to(self.device)
-        probs = torch.sigmoid(self(x)).cpu()
+        x = torch.stack([convert_to_tensor(standardise(im), track_meta=False) for im in images.float()])
+        probs = torch.sigmoid(self(x.to(self.device))).cpu()
         if probs.shape[-2:] != (h, w):
             probs = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        if postprocess:
-            keep = KeepLargestConnectedComponent(applied_labels=[1], num_components=2)
-            fill = FillHoles(applied_labels=[1])
-            for i in range(len(probs)):
-                lungs = fill(keep((probs[i] > self.hparams.threshold).float()))
-                probs[i] = probs[i] * torch.as_tensor(lungs, dtype=probs.dtype)
-        return probs
+        if not postprocess:
+            return probs
+        threshold = self.hparams.threshold if threshold is None else threshold
+        clean = Compose([KeepLargestConnectedComponent(applied_labels=[1], num_components=2),
+                         FillHoles(applied_labels=[1])])
+        masks = [convert_to_tensor(clean((p > threshold).float()), track_meta=False) for p in probs]
+        return torch.stack(masks).float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import math
 import os
@@ -120,7 +121,8 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
     pl.seed_everything(args.seed, workers=True)
     mask_predictor = None
     if args.segmenter is not None:
-        mask_predictor = LungSegmentation.load_from_checkpoint(args.segmenter, map_location="cpu").predict_masks
+        segmenter = LungSegmentation.load_from_checkpoint(args.segmenter, map_location="cpu")
+        mask_predictor = functools.partial(segmenter.predict_masks, threshold=args.roi_threshold)
     dm = CXRDataModule(data_root, task=args.task, image_size=args.image_size, batch_size=args.batch_size,
                        num_workers=args.workers, roi=args.roi, roi_threshold=args.roi_threshold,
                        mask_predictor=mask_predictor, seed=args.seed, limit=args.limit)

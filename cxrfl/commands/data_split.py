@@ -21,7 +21,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "test and no further test patients are drawn. Writes dataset.json and split_summary.csv/.md "
             "into --out and prints the summary table."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--manifest", required=True, type=Path, metavar="FILE",
                         help="manifest.csv to split (columns image, mask, label, patient_id, split, site, ...); "
@@ -34,21 +33,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="iid",
                         help="iid: equal sizes and label mixes; dirichlet: label skew, per class the site "
                         "shares ~ Dirichlet(--alpha); quantity: unequal site sizes (lognormal, "
-                        "--quantity-sigma), labels IID; source: one site per value of --source-column")
+                        "--quantity-sigma), labels IID; source: one site per value of --source-column (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.5, metavar="A",
                         help="dirichlet mode: concentration > 0; smaller = stronger label skew (0.1 very skewed, "
-                        "100 close to iid)")
+                        "100 close to iid; default: %(default)s)")
     parser.add_argument("--quantity-sigma", type=float, default=1.0, metavar="S",
-                        help="quantity mode: sigma >= 0 of the lognormal site-size weights; larger = more unequal sizes")
+                        help="quantity mode: sigma >= 0 of the lognormal site-size weights; larger = more unequal sizes (default: %(default)s)")
     parser.add_argument("--source-column", default="site", metavar="COL",
-                        help="source mode: manifest column whose distinct values become the sites")
+                        help="source mode: manifest column whose distinct values become the sites (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
-                        help="fraction in [0, 1) of each site's patients used for validation (stratified by label)")
+                        help="fraction in [0, 1) of each site's patients used for validation (stratified by label; default: %(default)s)")
     parser.add_argument("--test-fraction", type=float, default=0.15, metavar="F",
                         help="fraction in [0, 1) of patients held out as the test set (stratified by label); "
-                        "ignored when the manifest already has split=test rows")
+                        "ignored when the manifest already has split=test rows (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, metavar="K",
-                        help="random seed; the same seed and inputs always give the same split")
+                        help="random seed; the same seed and inputs always give the same split (default: %(default)s)")
     parser.set_defaults(func=run)
     return parser
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +93,11 @@ def _check_exists(path: Path) -> None:
         raise ImageReadError(path, "zero-byte file")
 
 
+def _shown(path: Path) -> str:
+    """How a file is named in a problem: the resolved cell, with ``..`` folded for reading."""
+    return os.path.normpath(str(path))
+
+
 def check_record(
     folder: Path, record: Record, classes: Sequence[str] | None = None, require_mask: bool = False, decode: bool = True
 ) -> list[Problem]:
@@ -103,7 +107,7 @@ def check_record(
     image_path = resolve(folder, record.image)
     if classes is not None and record.label and record.label not in classes:
         problems.append(
-            Problem(str(image_path), f"unknown label {record.label!r} (dataset.json classes: {', '.join(classes)})")
+            Problem(_shown(image_path), f"unknown label {record.label!r} (dataset.json classes: {', '.join(classes)})")
         )
     image = None
     try:
@@ -112,13 +116,13 @@ def check_record(
         else:
             _check_exists(image_path)
     except ImageReadError as exc:
-        problems.append(Problem(str(image_path), exc.reason))
+        problems.append(Problem(_shown(image_path), exc.reason))
 
     for column, what in (("mask", "mask"), ("opacity", "opacity mask")):
         value = getattr(record, column)
         if not value:
             if column == "mask" and require_mask:
-                problems.append(Problem(str(image_path), "no mask given (segmentation needs a lung mask per image)"))
+                problems.append(Problem(_shown(image_path), "no mask given (segmentation needs a lung mask per image)"))
             continue
         mask_path = resolve(folder, value)
         try:
@@ -127,17 +131,17 @@ def check_record(
                 continue
             mask = read_mask(mask_path)
         except ImageReadError as exc:
-            problems.append(Problem(str(mask_path), f"{what} unusable: {exc.reason}"))
+            problems.append(Problem(_shown(mask_path), f"{what} unusable: {exc.reason}"))
             continue
         if image is not None and mask.shape != image.shape:
             problems.append(
                 Problem(
-                    str(mask_path),
+                    _shown(mask_path),
                     f"{what} size {_size(mask)} differs from image size {_size(image)} ({image_path.name})",
                 )
             )
         elif column == "mask" and not mask.any():
-            problems.append(Problem(str(mask_path), "mask is empty (all zero)"))
+            problems.append(Problem(_shown(mask_path), "mask is empty (all zero)"))
     return problems
 
 
@@ -173,7 +177,7 @@ def usable_records(
         key = os.path.normpath(str(resolve(folder, record.image)))
         if key in first_row:
             found = found + [
-                Problem(str(resolve(folder, record.image)), f"duplicate row: image already listed (row {first_row[key] + 1})")
+                Problem(_shown(resolve(folder, record.image)), "duplicate row: image already listed in an earlier row")
             ]
         else:
             first_row[key] = i
@@ -255,7 +259,7 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
             listed = read_dataset_info(path).get("sites") or []
         except ManifestError:
             listed = []  # already reported by _load_classes
-        listed = [str(s) for s in listed] if isinstance(listed, list) else []
+        listed = [s for s in listed if isinstance(s, str)] if isinstance(listed, list) else []
         subdirs = sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name))
         for name in listed:
             if not (path / name).is_dir():
@@ -294,7 +298,7 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
                 expected = "train or val" if splits == SITE_SPLITS else "test or empty"
                 problems.append(
                     Problem(
-                        str(resolve(folder, r.image)),
+                        _shown(resolve(folder, r.image)),
                         f"split {r.split!r} in {name}/{MANIFEST_NAME} is ignored by the loader (expected {expected})",
                     )
                 )
@@ -322,7 +326,7 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
             elif seen_images[img][0] != name and seen_images[img][1] != key:
                 # same file under another patient elsewhere (same patient: reported as leakage below)
                 problems.append(
-                    Problem(str(resolve(folder, r.image)), f"duplicate image: also listed in {seen_images[img][0]}/{MANIFEST_NAME}")
+                    Problem(_shown(resolve(folder, r.image)), f"duplicate image: also listed in {seen_images[img][0]}/{MANIFEST_NAME}")
                 )
 
     # Patient leakage across sites / splits (the rows the loader reads, usable or not).
@@ -381,7 +385,10 @@ def format_report(report: CheckReport) -> str:
     lines = [str(p) for p in report.problems]
     parts = []
     for name, splits in report.counts.items():
-        parts.append(name + " " + " ".join(f"{s} {u}/{n}" for s, (u, n) in splits.items()))
+        if list(splits) == [name]:
+            parts.append(f"{name} {splits[name][0]}/{splits[name][1]}")
+        else:
+            parts.append(name + " " + " ".join(f"{s} {u}/{n}" for s, (u, n) in splits.items()))
     n_err, n_warn = len(report.errors), len(report.warnings)
     verdict = "usable" if report.usable else "NOT usable"
     usable_txt = "; ".join(parts) if parts else "none"

@@ -191,10 +191,10 @@ def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pn
             side = rng.choice([-1, 1])
             fx = side * rng.uniform(0.2, 0.55)
             fy = rng.uniform(-0.3, 0.4) if not lobar else rng.uniform(0.1, 0.35)
-            radius = rng.uniform(0.12, 0.22) * (1.6 if lobar else 1.0)
+            radius = rng.uniform(0.14, 0.24) * (1.5 if lobar else 1.0)
             r2 = ((x - fx) ** 2 + (y - fy) ** 2) / radius**2
-            strength = rng.uniform(0.12, 0.3)
-            opacity += strength * np.exp(-r2) * np.clip(0.7 + 0.5 * patch, 0, None)
+            strength = rng.uniform(0.16, 0.34)
+            opacity += strength * np.exp(-r2) * np.clip(0.85 + 0.35 * patch, 0, None)
         opacity *= lungs
     density += opacity
 

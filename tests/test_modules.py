@@ -1,0 +1,92 @@
+"""Networks and LightningModules: shapes, metrics, and no NVFlare dependency."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_modules.classification import CXRClassifier, bootstrap_auroc
+from lightning_modules.networks import CNN5, build_classifier, build_segmenter
+from lightning_modules.segmentation import LungSegmentation
+
+
+def test_cnn5_matches_the_seed_paper_layout():
+    net = CNN5(in_channels=1, num_classes=2)
+    convs = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [32, 64, 64, 128, 256]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 5
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) == 5
+    assert sorted({m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)}) == [0.1, 0.2]
+    assert any(isinstance(m, torch.nn.Linear) and m.out_features == 128 for m in net.modules())
+    assert net(torch.rand(2, 1, 150, 150)).shape == (2, 2)
+
+
+@pytest.mark.parametrize("name,classes", [("densenet121", 2), ("densenet121", 3), ("cnn5", 3)])
+def test_classifiers_take_one_channel(name, classes):
+    net = build_classifier(name, classes).eval()
+    assert net(torch.rand(2, 1, 64, 64)).shape == (2, classes)
+
+
+@pytest.mark.parametrize("name", ["unet", "flexunet-b4"])
+def test_segmenters_output_one_channel_at_input_size(name):
+    net = build_segmenter(name).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_unknown_network_names_are_refused():
+    with pytest.raises(ValueError, match="unknown classifier"):
+        build_classifier("resnet9000", 2)
+    with pytest.raises(ValueError, match="unknown segmenter"):
+        build_segmenter("nope")
+
+
+def test_bootstrap_interval_brackets_the_auroc():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 2, (200,), generator=gen)
+    probs = (target.float() * 0.6 + torch.rand(200, generator=gen) * 0.7).clamp(0, 1)
+    from torchmetrics.functional.classification import binary_auroc
+
+    point = float(binary_auroc(probs, target))
+    low, high = bootstrap_auroc(probs, target, n_boot=300)
+    assert low < point < high and high - low < 0.2
+
+
+def test_classifier_step_logs_all_metrics_binary_and_multiclass():
+    for classes in (2, 3):
+        module = CXRClassifier(model="cnn5", num_classes=classes, class_weights=[1.0] * classes)
+        batch = {"image": torch.rand(6, 1, 48, 48), "label": torch.tensor([0, 1, 0, 1, classes - 1, 0])}
+        module.val_metrics.update(module._scores(module(batch["image"])), batch["label"])
+        names = set(module.val_metrics.compute())
+        assert {"val_acc", "val_balanced_acc", "val_auroc", "val_f1", "val_sensitivity", "val_specificity"} <= names
+
+
+def test_segmentation_prediction_keeps_two_largest_components():
+    module = LungSegmentation(arch="unet")
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            out = torch.full_like(x, -10.0)
+            out[..., 10:40, 5:25] = 10.0  # lung 1
+            out[..., 10:40, 35:60] = 10.0  # lung 2
+            out[..., 50:52, 50:52] = 10.0  # speck: removed
+            out[..., 20:24, 10:14] = -10.0  # hole: filled
+            return out
+
+    module.net = Fixed()
+    masks = module.predict_masks(torch.rand(1, 1, 64, 64))
+    assert type(masks) is torch.Tensor and set(masks.unique().tolist()) == {0.0, 1.0}
+    mask = masks[0, 0] > 0.5
+    assert mask[50:52, 50:52].sum() == 0
+    assert mask[20:24, 10:14].all()
+    assert mask[10:40, 5:25].all() and mask[10:40, 35:60].all()
+
+
+def test_lightning_modules_do_not_import_nvflare():
+    code = ("import sys, lightning_modules.classification, lightning_modules.segmentation, "
+            "lightning_modules.data.datamodule; print(any(m.startswith('nvflare') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
