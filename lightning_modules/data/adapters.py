@@ -48,7 +48,7 @@ from lightning_modules.data.manifest import (
     MANIFEST_NAME,
     ManifestError,
     Record,
-    _natural_key,
+    natural_key,
     write_json,
     write_manifest,
 )
@@ -162,7 +162,7 @@ def probe(path: str | os.PathLike) -> tuple[int, int]:
 
 def _visible_files(folder: Path) -> list[Path]:
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: _natural_key(p.name))
+    return sorted(files, key=lambda p: natural_key(p.name))
 
 
 def _find_root(src: Path, ok: Callable[[Path], bool], what: str) -> Path:

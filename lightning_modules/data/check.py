@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from lightning_modules.data.imageio import ImageReadError, read_image, read_mask
+import numpy as np
+
+from lightning_modules.data.imageio import ImageReadError, check_file, read_image, read_mask
 from lightning_modules.data.manifest import (
     DATASET_JSON,
     MANIFEST_NAME,
@@ -31,6 +33,7 @@ from lightning_modules.data.manifest import (
     ManifestError,
     Record,
     read_dataset_info,
+    natural_key,
     read_manifest,
     resolve,
 )
@@ -83,25 +86,18 @@ def _size(arr) -> str:
     return f"{arr.shape[1]}x{arr.shape[0]}"
 
 
-def _check_exists(path: Path) -> None:
-    """Cheap stand-in for read_image when not decoding: existence and emptiness only."""
-    if not path.exists():
-        raise ImageReadError(path, "file does not exist")
-    if path.is_dir():
-        raise ImageReadError(path, "is a directory, not an image")
-    if path.stat().st_size == 0:
-        raise ImageReadError(path, "zero-byte file")
-
-
 def _shown(path: Path) -> str:
     """How a file is named in a problem: the resolved cell, with ``..`` folded for reading."""
     return os.path.normpath(str(path))
 
 
-def check_record(
-    folder: Path, record: Record, classes: Sequence[str] | None = None, require_mask: bool = False, decode: bool = True
-) -> list[Problem]:
-    """Problems (all warnings) of one manifest row; [] when the row is usable."""
+def inspect_record(
+    folder: Path, record: Record, classes: Sequence[str] | None = None, require_mask: bool = False,
+    decode: bool = True, use_masks: bool = True,
+) -> tuple[list[Problem], np.ndarray | None, np.ndarray | None]:
+    """(problems, image, lung mask) of one manifest row: the one place that decides whether a
+    row is usable, shared by `data check` and the training loader. Arrays are None when not
+    decoded; ``use_masks=False`` ignores the mask and opacity columns (whole-image classification)."""
     folder = Path(folder)
     problems: list[Problem] = []
     image_path = resolve(folder, record.image)
@@ -109,16 +105,16 @@ def check_record(
         problems.append(
             Problem(_shown(image_path), f"unknown label {record.label!r} (dataset.json classes: {', '.join(classes)})")
         )
-    image = None
+    image = lung_mask = None
     try:
         if decode:
             image = read_image(image_path)
         else:
-            _check_exists(image_path)
+            check_file(image_path)
     except ImageReadError as exc:
         problems.append(Problem(_shown(image_path), exc.reason))
 
-    for column, what in (("mask", "mask"), ("opacity", "opacity mask")):
+    for column, what in (("mask", "mask"), ("opacity", "opacity mask")) if use_masks else ():
         value = getattr(record, column)
         if not value:
             if column == "mask" and require_mask:
@@ -127,7 +123,7 @@ def check_record(
         mask_path = resolve(folder, value)
         try:
             if not decode:
-                _check_exists(mask_path)
+                check_file(mask_path)
                 continue
             mask = read_mask(mask_path)
         except ImageReadError as exc:
@@ -142,7 +138,16 @@ def check_record(
             )
         elif column == "mask" and not mask.any():
             problems.append(Problem(_shown(mask_path), "mask is empty (all zero)"))
-    return problems
+        elif column == "mask":
+            lung_mask = mask
+    return problems, image, lung_mask
+
+
+def check_record(
+    folder: Path, record: Record, classes: Sequence[str] | None = None, require_mask: bool = False, decode: bool = True
+) -> list[Problem]:
+    """Problems (all warnings) of one manifest row; [] when the row is usable."""
+    return inspect_record(folder, record, classes, require_mask, decode)[0]
 
 
 def usable_records(
@@ -260,7 +265,7 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
         except ManifestError:
             listed = []  # already reported by _load_classes
         listed = [s for s in listed if isinstance(s, str)] if isinstance(listed, list) else []
-        subdirs = sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name))
+        subdirs = sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
         for name in listed:
             if not (path / name).is_dir():
                 problems.append(Problem(str(path / name), "site folder missing (listed in dataset.json)", ERROR))
@@ -374,10 +379,6 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
 def _split_order(split: str) -> tuple[int, str]:
     order = {"train": 0, "val": 1, "test": 2}
     return (order.get(split, 3), split)
-
-
-def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def format_report(report: CheckReport) -> str:

@@ -14,7 +14,7 @@ from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped
 from torch.utils.data import DataLoader
 
-from lightning_modules.data.imageio import ImageReadError, read_image, read_mask
+from lightning_modules.data.check import inspect_record
 from lightning_modules.data.manifest import ManifestError, Record, class_names, load_split, resolve
 from lightning_modules.data.transforms import ApplyLungROId, deterministic_transforms, normalize, train_augmentation
 
@@ -26,24 +26,21 @@ TASKS = ("segment", "classify")
 MaskPredictor = Callable[[torch.Tensor], torch.Tensor]
 
 
-def load_item(folder: Path, record: Record, *, classes: Sequence[str] | None, need_mask: bool) -> dict:
-    """Decode one manifest row into {'image', 'mask'?, 'label'?}; raises ImageReadError naming the file."""
-    image_path = resolve(folder, record.image)
-    image = read_image(image_path)
-    item = {"image": image[None], "id": str(image_path)}
+def load_item(folder: Path, record: Record, *, classes: Sequence[str] | None, need_mask: bool) -> tuple[dict | None, list[str]]:
+    """Decode one manifest row into {'image', 'mask'?, 'label'?}, or (None, reasons) when the row
+    is unusable, for the same reasons `cxrfl data check` reports."""
+    problems, image, mask = inspect_record(folder, record, classes, require_mask=need_mask, use_masks=need_mask)
+    reasons = [f"{p.file}: {p.reason}" for p in problems]
+    if classes is not None and not record.label:
+        reasons.append(f"{resolve(folder, record.image)}: no label")
+    if reasons:
+        return None, reasons
+    item = {"image": image[None], "id": str(resolve(folder, record.image))}
     if classes is not None:
-        if record.label not in classes:
-            raise ImageReadError(image_path, f"unknown label {record.label!r} (classes: {', '.join(classes)})")
-        item["label"] = classes.index(record.label)
+        item["label"] = list(classes).index(record.label)
     if need_mask:
-        if not record.mask:
-            raise ImageReadError(image_path, "no lung mask in the manifest")
-        mask_path = resolve(folder, record.mask)
-        mask = read_mask(mask_path)
-        if mask.shape != image.shape:
-            raise ImageReadError(mask_path, f"mask size {mask.shape[::-1]} differs from image size {image.shape[::-1]}")
         item["mask"] = mask[None].astype(np.float32)
-    return item
+    return item, []
 
 
 class CXRDataModule(pl.LightningDataModule):
@@ -84,14 +81,13 @@ class CXRDataModule(pl.LightningDataModule):
         prepare = deterministic_transforms(self.image_size, with_mask=self._need_mask())
         items = []
         for folder, record in rows:
-            try:
-                item = prepare(load_item(folder, record, classes=classes, need_mask=self._need_mask()))
-            except ImageReadError as exc:
-                self.skipped.append(str(exc))
-                log.warning("skipping %s", exc)
+            item, reasons = load_item(folder, record, classes=classes, need_mask=self._need_mask())
+            if item is None:
+                self.skipped.extend(reasons)
+                for reason in reasons:
+                    log.warning("skipping %s", reason)
                 continue
-            item["id"] = str(resolve(folder, record.image))
-            items.append(item)
+            items.append(prepare(item))
         if self.roi is not None and items:
             items = self._apply_roi(items)
         return items

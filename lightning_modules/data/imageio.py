@@ -43,8 +43,8 @@ def is_dicom(path: str | os.PathLike) -> bool:
         return False
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Return a 2-D float32 array in [0, 1] (air dark, bone bright)."""
+def check_file(path: str | os.PathLike) -> Path:
+    """The cheap checks before decoding: the file exists, is a file and is not empty."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(path, "file does not exist")
@@ -52,6 +52,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(path, "is a directory, not an image")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "zero-byte file")
+    return path
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Return a 2-D float32 array in [0, 1] (air dark, bone bright)."""
+    path = check_file(path)
     if is_dicom(path):
         return _read_dicom(path)
     return _read_raster(path)

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,7 @@ def site_dirs(root: str | os.PathLike) -> list[Path]:
         raise ManifestError(f"{root}: data root does not exist")
     sites = sorted(
         (p for p in root.iterdir() if p.is_dir() and p.name != TEST_SITE and (p / MANIFEST_NAME).is_file()),
-        key=lambda p: _natural_key(p.name),
+        key=lambda p: natural_key(p.name),
     )
     if not sites:
         raise ManifestError(
@@ -164,9 +165,8 @@ def site_dirs(root: str | os.PathLike) -> list[Path]:
     return sites
 
 
-def _natural_key(name: str):
-    import re
-
+def natural_key(name: str):
+    """Sort key that puts site-2 before site-10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
