@@ -16,11 +16,17 @@ def _epoch_losses(run_dir, key="train_loss"):
         return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
 
 
-def test_central_segmentation_learns_lungs(synthetic_root, tmp_path):
-    run = tmp_path / "seg"
+@pytest.fixture(scope="module")
+def segmentation_run(synthetic_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("central") / "seg"
     rc = main(["central", "--task", "segment", "--data", str(synthetic_root), "--image-size", "64",
                "--epochs", "4", "--batch-size", "8", "--lr", "3e-3", "--out", str(run)])
     assert rc == 0
+    return run
+
+
+def test_central_segmentation_learns_lungs(segmentation_run):
+    run = segmentation_run
     metrics = json.loads((run / "metrics.json").read_text())
     losses = _epoch_losses(run)
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
@@ -73,3 +79,40 @@ def test_central_refuses_unwritable_run_folder(synthetic_root, tmp_path, capsys)
     blocker.write_text("x")
     assert main(["central", "--task", "segment", "--data", str(synthetic_root), "--out", str(blocker / "run")]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_roi_classification_with_masks_from_the_segmentation_checkpoint(segmentation_run, synthetic_root, tmp_path):
+    run = tmp_path / "roi"
+    rc = main(["central", "--task", "classify", "--model", "cnn5", "--roi", "crop", "--segmenter",
+               str(segmentation_run / "checkpoints" / "best.ckpt"), "--data", str(synthetic_root),
+               "--image-size", "64", "--epochs", "1", "--out", str(run)])
+    assert rc == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert metrics["roi"] == "crop" and config["segmenter"].endswith("best.ckpt")
+    assert 0.0 <= metrics["test"]["test_auroc"] <= 1.0
+
+
+def test_three_class_classification(synthetic_root, tmp_path):
+    """The RSNA setting: three classes, macro AUROC."""
+    import shutil
+
+    from lightning_modules.data.manifest import read_manifest, write_json, write_manifest
+
+    root = tmp_path / "three"
+    shutil.copytree(synthetic_root, root)
+    classes = ["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"]
+    for manifest in root.glob("*/manifest.csv"):
+        rows = read_manifest(manifest)
+        for i, r in enumerate(rows):
+            r.label = classes[2] if r.label == "pneumonia" else classes[i % 2]
+        write_manifest(manifest, rows)
+    write_json(root / "dataset.json", {"classes": classes})
+    run = tmp_path / "run"
+    assert main(["central", "--task", "classify", "--model", "cnn5", "--data", str(root), "--image-size", "48",
+                 "--epochs", "1", "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["test_auroc_ci_low"] <= metrics["test"]["test_auroc"] <= metrics["test"]["test_auroc_ci_high"]
+    with open(run / "test_predictions.csv") as f:
+        header = next(csv.reader(f))
+    assert header[3:] == [f"p_{c}" for c in classes]
