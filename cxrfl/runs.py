@@ -23,11 +23,12 @@ class RunDirError(RuntimeError):
 
 
 def new_run_dir(out: str | os.PathLike | None, kind: str) -> Path:
-    """The given folder, or a new timestamped folder under runs/; checked writable with free space."""
+    """The given folder, or a new timestamped folder under runs/, as an absolute path; checked
+    writable with free space before any training starts."""
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = RUNS_DIR / f"{stamp}-{kind}"
-    out = Path(out)
+    out = Path(out).absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")

@@ -93,8 +93,8 @@ def test_roi_classification_with_masks_from_the_segmentation_checkpoint(segmenta
     assert 0.0 <= metrics["test"]["test_auroc"] <= 1.0
 
 
-def test_three_class_classification(synthetic_root, tmp_path):
-    """The RSNA setting: three classes, macro AUROC."""
+def test_three_class_classification_into_the_default_run_folder(synthetic_root, tmp_path, monkeypatch):
+    """The RSNA setting: three classes, macro AUROC; no --out: a timestamped folder under runs/."""
     import shutil
 
     from lightning_modules.data.manifest import read_manifest, write_json, write_manifest
@@ -108,9 +108,10 @@ def test_three_class_classification(synthetic_root, tmp_path):
             r.label = classes[2] if r.label == "pneumonia" else classes[i % 2]
         write_manifest(manifest, rows)
     write_json(root / "dataset.json", {"classes": classes})
-    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
     assert main(["central", "--task", "classify", "--model", "cnn5", "--data", str(root), "--image-size", "48",
-                 "--epochs", "1", "--out", str(run)]) == 0
+                 "--epochs", "1"]) == 0
+    [run] = list((tmp_path / "runs").glob("*-central-classify"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["test_auroc_ci_low"] <= metrics["test"]["test_auroc"] <= metrics["test"]["test_auroc_ci_high"]
     with open(run / "test_predictions.csv") as f:
