@@ -23,9 +23,7 @@ Each adapter returns an ``ImportResult``: a ``list`` of ``Record`` that also car
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
 import json
 import logging
 import os
@@ -49,6 +47,7 @@ from lightning_modules.data.manifest import (
     ManifestError,
     Record,
     natural_key,
+    read_csv,
     write_json,
     write_manifest,
 )
@@ -178,30 +177,6 @@ def _find_root(src: Path, ok: Callable[[Path], bool], what: str) -> Path:
     raise ManifestError(f"{src}: not a {what} folder (expected {_LAYOUT_SHORT.get(what, what)})")
 
 
-def _read_csv(path: Path, required: Iterable[str]) -> tuple[list[str], list[tuple[int, dict]]]:
-    """(header, [(line number, row)]) of a CSV; ManifestError if absent or missing columns."""
-    if not path.is_file():
-        raise ManifestError(f"{path}: CSV file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: cannot read CSV ({exc})") from None
-    reader = csv.DictReader(io.StringIO(text))
-    header = [(h or "").strip() for h in (reader.fieldnames or [])]
-    if not header:
-        raise ManifestError(f"{path}: empty CSV (no header row)")
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise ManifestError(
-            f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} "
-            f"(columns found: {', '.join(repr(c) for c in header)})"
-        )
-    rows = []
-    for line_no, raw in enumerate(reader, start=2):
-        rows.append((line_no, {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}))
-    return header, rows
-
-
 # ----------------------------------------------------------------------------------------- Kermany
 
 _KERMANY_CLASSES = ["normal", "pneumonia"]
@@ -286,7 +261,7 @@ def rsna(src: str | os.PathLike, out: str | os.PathLike, classes: str = "three")
     if not image_dir.is_dir():
         raise ManifestError(f"{image_dir}: image folder not found")
 
-    _, rows = _read_csv(labels_csv, ["patientId", "x", "y", "width", "height", "Target"])
+    _, rows = read_csv(labels_csv, ["patientId", "x", "y", "width", "height", "Target"])
     targets: dict[str, int] = {}
     boxes: dict[str, list[str]] = {}
     for line_no, row in rows:
@@ -304,7 +279,7 @@ def rsna(src: str | os.PathLike, out: str | os.PathLike, classes: str = "three")
 
     detailed: dict[str, str] | None = None
     if class_csv.is_file() or classes == "three":
-        _, class_rows = _read_csv(class_csv, ["patientId", "class"])
+        _, class_rows = read_csv(class_csv, ["patientId", "class"])
         detailed = {}
         for line_no, row in class_rows:
             pid, cls = row["patientId"], row["class"]
@@ -607,7 +582,7 @@ def generic_csv(
     run = _Import("csv", src, out, src_is_file=True)
     csv_path = run.src
     explicit = [c for c in (image_col, label_col, mask_col, patient_col, split_col) if c]
-    header, rows = _read_csv(csv_path, explicit)
+    header, rows = read_csv(csv_path, explicit)
     label_col = label_col or ("label" if "label" in header else None)
     mask_col = mask_col or ("mask" if "mask" in header else None)
     patient_col = patient_col or ("patient_id" if "patient_id" in header else None)

@@ -65,28 +65,39 @@ def resolve(base: Path, value: str) -> Path | None:
     return p if p.is_absolute() else base / p
 
 
-def read_manifest(path: str | os.PathLike) -> list[Record]:
-    """Parse a manifest; raises ManifestError naming the file, line and problem."""
+def read_csv(path: str | os.PathLike, required: Iterable[str] = (), what: str = "CSV") -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(line number, stripped row)]) of a CSV; ManifestError naming the file when it is
+    absent, unreadable, has no header, duplicate or missing required columns, or a ragged row."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
+        raise ManifestError(f"{path}: {what} not found")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
+        raise ManifestError(f"{path}: cannot read {what} ({exc})") from None
     reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise ManifestError(f"{path}: empty manifest (no header row)")
-    header = [h.strip() for h in reader.fieldnames]
-    if "image" not in header:
-        raise ManifestError(f"{path}: missing required column 'image' (columns: {', '.join(header)})")
+    header = [(h or "").strip() for h in (reader.fieldnames or [])]
+    if not header:
+        raise ManifestError(f"{path}: empty {what} (no header row)")
     if len(set(header)) != len(header):
         raise ManifestError(f"{path}: duplicate column names in header")
-    records = []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} "
+                            f"(columns found: {', '.join(repr(c) for c in header)})")
+    rows = []
     for line_no, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         if None in raw:
             raise ManifestError(f"{path}:{line_no}: more cells than header columns")
+        rows.append((line_no, {(k or "").strip(): (v or "").strip() for k, v in raw.items()}))
+    return header, rows
+
+
+def read_manifest(path: str | os.PathLike) -> list[Record]:
+    """Parse a manifest; raises ManifestError naming the file, line and problem."""
+    _, rows = read_csv(path, required=["image"], what="manifest")
+    records = []
+    for line_no, row in rows:
         if not row.get("image"):
             raise ManifestError(f"{path}:{line_no}: empty 'image' cell")
         split = row.get("split", "")
