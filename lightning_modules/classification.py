@@ -16,9 +16,9 @@ from lightning_modules.networks import build_classifier
 def _metrics(num_classes: int) -> torchmetrics.MetricCollection:
     if num_classes == 2:
         c = torchmetrics.classification
+        # balanced accuracy is derived from sensitivity and specificity in `compute_metrics`
         return torchmetrics.MetricCollection({
             "acc": c.BinaryAccuracy(),
-            "balanced_acc": c.MulticlassRecall(num_classes=2, average="macro"),
             "auroc": c.BinaryAUROC(),
             "f1": c.BinaryF1Score(),
             "sensitivity": c.BinaryRecall(),
@@ -33,6 +33,16 @@ def _metrics(num_classes: int) -> torchmetrics.MetricCollection:
         "sensitivity": c.MulticlassRecall(num_classes=num_classes, average="macro"),
         "specificity": c.MulticlassSpecificity(num_classes=num_classes, average="macro"),
     })
+
+
+def compute_metrics(metrics: torchmetrics.MetricCollection) -> dict[str, torch.Tensor]:
+    """compute() plus, for binary tasks, balanced accuracy = (sensitivity + specificity) / 2
+    (torchmetrics has no binary balanced accuracy on probabilities)."""
+    values = dict(metrics.compute())
+    prefix = metrics.prefix or ""
+    if f"{prefix}balanced_acc" not in values:
+        values[f"{prefix}balanced_acc"] = (values[f"{prefix}sensitivity"] + values[f"{prefix}specificity"]) / 2
+    return values
 
 
 def bootstrap_auroc(probs: torch.Tensor, target: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -98,14 +108,14 @@ class CXRClassifier(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self):
-        self.log_dict(self.train_metrics.compute())
+        self.log_dict(compute_metrics(self.train_metrics))
         self.train_metrics.reset()
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self):
-        computed = self.val_metrics.compute()
+        computed = compute_metrics(self.val_metrics)
         self.log("val_auroc", computed.pop("val_auroc"), prog_bar=True)
         self.log_dict(computed)
         self.val_metrics.reset()
@@ -120,7 +130,7 @@ class CXRClassifier(pl.LightningModule):
         self.test_outputs["probs"].append(torch.softmax(logits.float(), dim=1).cpu())
 
     def on_test_epoch_end(self):
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(compute_metrics(self.test_metrics))
         self.test_metrics.reset()
         target = torch.cat(self.test_outputs["target"])
         probs = torch.cat(self.test_outputs["probs"])

@@ -55,6 +55,7 @@ def test_central_classification_beats_chance_with_wandb_offline(synthetic_root, 
     assert test["test_auroc"] > 0.65 and test["test_auroc_ci_low"] > 0.5  # better than chance, with 95 % confidence
     assert test["test_auroc_ci_low"] <= test["test_auroc"] <= test["test_auroc_ci_high"]
     assert {"test_acc", "test_balanced_acc", "test_f1", "test_sensitivity", "test_specificity"} <= set(test)
+    assert test["test_balanced_acc"] == pytest.approx((test["test_sensitivity"] + test["test_specificity"]) / 2, abs=1e-5)
     config = json.loads((run / "config.json").read_text())
     assert config["classes"] == ["normal", "pneumonia"] and config["model"] is None
     with open(run / "test_predictions.csv") as f:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lightning_modules.classification import CXRClassifier, bootstrap_auroc
+from lightning_modules.classification import CXRClassifier, bootstrap_auroc, compute_metrics
 from lightning_modules.networks import CNN5, build_classifier, build_segmenter
 from lightning_modules.segmentation import LungSegmentation
 
@@ -55,13 +55,26 @@ def test_bootstrap_interval_brackets_the_auroc():
     assert low < point < high and high - low < 0.2
 
 
-def test_classifier_step_logs_all_metrics_binary_and_multiclass():
+def test_classifier_metrics_binary_and_multiclass():
     for classes in (2, 3):
         module = CXRClassifier(model="cnn5", num_classes=classes, class_weights=[1.0] * classes)
         batch = {"image": torch.rand(6, 1, 48, 48), "label": torch.tensor([0, 1, 0, 1, classes - 1, 0])}
         module.val_metrics.update(module._scores(module(batch["image"])), batch["label"])
-        names = set(module.val_metrics.compute())
+        names = set(compute_metrics(module.val_metrics))
         assert {"val_acc", "val_balanced_acc", "val_auroc", "val_f1", "val_sensitivity", "val_specificity"} <= names
+
+
+def test_binary_metrics_match_hand_computed_values():
+    module = CXRClassifier(model="cnn5", num_classes=2)
+    # 8 negatives (6 right), 2 positives (both right): sensitivity 1, specificity 0.75
+    logits = torch.tensor([[2.0, -2.0]] * 6 + [[-2.0, 2.0]] * 2 + [[-1.0, 1.0]] * 2)
+    target = torch.tensor([0] * 8 + [1] * 2)
+    module.test_metrics.update(module._scores(logits), target)
+    m = compute_metrics(module.test_metrics)
+    assert float(m["test_acc"]) == pytest.approx(0.8)
+    assert float(m["test_sensitivity"]) == pytest.approx(1.0)
+    assert float(m["test_specificity"]) == pytest.approx(0.75)
+    assert float(m["test_balanced_acc"]) == pytest.approx(0.875)
 
 
 def test_segmentation_prediction_keeps_two_largest_components():
