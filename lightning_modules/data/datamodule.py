@@ -21,8 +21,8 @@ from lightning_modules.data.transforms import ApplyLungROId, deterministic_trans
 log = logging.getLogger("cxrfl.data")
 TASKS = ("segment", "classify")
 
-# A function (images [N,1,H,W] in [0,1]) -> lung probability maps [N,1,H,W]; see
-# lightning_modules.segmentation.LungSegmentation.mask_predictor.
+# A function (images [N,1,H,W] in [0,1]) -> lung masks or probabilities [N,1,H,W]; e.g.
+# lightning_modules.segmentation.LungSegmentation.predict_masks.
 MaskPredictor = Callable[[torch.Tensor], torch.Tensor]
 
 
