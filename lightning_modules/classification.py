@@ -77,8 +77,10 @@ class CXRClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_classifier(model, num_classes)
+        # Not persistent: class weights are a site's own (its label counts); they must not enter
+        # the state_dict that federated averaging combines.
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        self.register_buffer("class_weights", weight, persistent=False)
         self.train_metrics = _metrics(num_classes).clone(prefix="train_")
         self.val_metrics = _metrics(num_classes).clone(prefix="val_")
         self.test_metrics = _metrics(num_classes).clone(prefix="test_")
@@ -98,7 +100,7 @@ class CXRClassifier(pl.LightningModule):
     def _step(self, batch, metrics: torchmetrics.MetricCollection, stage: str):
         logits = self(batch["image"])
         target = batch["label"].long()
-        loss = self.loss_fn(logits, target)
+        loss = nn.functional.cross_entropy(logits, target, weight=self.class_weights)
         metrics.update(self._scores(logits.detach()), target)
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(target))
         return loss, logits

@@ -19,6 +19,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from cxrfl.commands.options import add_training_options, positive_int, resolve_data_root
 from cxrfl.runs import AtomicCheckpointIO, RunDirError, new_run_dir, save_config
 from lightning_modules.classification import CXRClassifier
+from lightning_modules.factory import build_module
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import ManifestError, atomic_write_text, write_json
 from lightning_modules.data.transforms import ROI_MODES
@@ -104,18 +105,6 @@ def _loggers(args, run_dir: Path) -> list:
     return loggers
 
 
-def build_module(args, dm: CXRDataModule) -> pl.LightningModule:
-    if args.task == "segment":
-        return LungSegmentation(arch=args.model or "unet", lr=args.lr)
-    weights = None
-    if args.class_weights == "balanced":
-        counts = dm.class_counts("train")
-        total = sum(counts)
-        weights = [total / (len(counts) * c) if c else 0.0 for c in counts]
-    return CXRClassifier(model=args.model or "densenet121", num_classes=len(dm.classes), class_names=dm.classes,
-                         lr=args.lr, class_weights=weights)
-
-
 def train_central(args, data_root: Path, run_dir: Path) -> dict:
     pl.seed_everything(args.seed, workers=True)
     mask_predictor = None
@@ -126,7 +115,8 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
                        num_workers=args.workers, roi=args.roi, roi_threshold=args.roi_threshold,
                        mask_predictor=mask_predictor, seed=args.seed, limit=args.limit)
     dm.setup("fit")
-    module = build_module(args, dm)
+    module = build_module(args.task, args.model, lr=args.lr, classes=dm.classes,
+                          class_counts=dm.class_counts("train") if args.task == "classify" and args.class_weights == "balanced" else None)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     config.update(data=str(data_root), classes=dm.classes, num_train=dm.num_train_samples,
                   num_val=len(dm.items["val"]), skipped=dm.skipped, torch=torch.__version__)
