@@ -10,7 +10,7 @@ from cxrfl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrfl.commands import central, data
+    from cxrfl.commands import central, data, export, sim
 
     parser = argparse.ArgumentParser(
         prog="cxrfl",
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data.add_parser(sub)
     central.add_parser(sub)
+    sim.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

@@ -67,6 +67,23 @@ class LungSegmentation(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
+    @classmethod
+    def from_checkpoint(cls, path, arch: str = "unet", map_location="cpu") -> "LungSegmentation":
+        """Load a Lightning checkpoint (central runs) or an NVFlare PyTorch persistor file
+        (`{"model": state_dict, ...}`, federated runs; `arch` names its network)."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        if isinstance(ckpt, dict) and "state_dict" in ckpt and "hyper_parameters" in ckpt:
+            return cls.load_from_checkpoint(path, map_location=map_location)
+        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: not a segmentation checkpoint (expected a Lightning or NVFlare model file)")
+        module = cls(arch=arch)
+        try:
+            module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: weights do not fit a {arch!r} segmentation network ({exc})") from None
+        return module
+
     @torch.no_grad()
     def predict_masks(self, images: torch.Tensor, threshold: float | None = None, postprocess: bool = True) -> torch.Tensor:
         """Lung masks [N,1,H,W] for images [N,1,H,W] in [0,1] at any size.

@@ -1,0 +1,112 @@
+"""NVFlare client script: one site trains and evaluates the plain LightningModules from
+`lightning_modules` under the Lightning Client API (`flare.patch(trainer)`).
+
+Per task from the server:
+- train: validate the received global model on the local validation split (these `val_*` metrics
+  drive the server's best-model selection), train `--local-epochs`, send the weights with the
+  number of local training samples as the aggregation weight.
+- validate (cross-site evaluation): evaluate the received model on the local validation split.
+- submit_model (cross-site evaluation): send this site's own last local model.
+
+The site finds its data as `<data root>/<site name>/manifest.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import nvflare.client.lightning as flare
+import pytorch_lightning as pl
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
+from nvflare.client import is_evaluate, is_submit_model, send
+from pytorch_lightning.callbacks import Timer
+
+from lightning_modules.data.datamodule import CXRDataModule
+from lightning_modules.data.manifest import MANIFEST_NAME
+from lightning_modules.factory import build_module
+from lightning_modules.segmentation import LungSegmentation
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--task", choices=["segment", "classify"], required=True)
+    p.add_argument("--data-root", required=True, help="folder holding one sub-folder per site")
+    p.add_argument("--model", default=None)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--roi", choices=["mask", "crop"], default=None)
+    p.add_argument("--roi-threshold", type=float, default=0.5)
+    p.add_argument("--segmenter", default=None, help="segmentation checkpoint for ROI masks (else ground truth)")
+    p.add_argument("--class-weights", choices=["none", "balanced"], default="balanced")
+    p.add_argument("--time-budget", type=float, default=0.0, help="max seconds of local training per round (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--limit", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def site_data_module(args, site: str) -> CXRDataModule:
+    site_dir = Path(args.data_root) / site
+    if not (site_dir / MANIFEST_NAME).is_file():
+        sys.exit(f"cxrfl client {site}: no data for this site: {site_dir / MANIFEST_NAME} does not exist "
+                 f"(the data root {args.data_root} must hold one folder per site name)")
+    mask_predictor = None
+    if args.roi and args.segmenter:
+        segmenter = LungSegmentation.from_checkpoint(args.segmenter)
+        mask_predictor = lambda images: segmenter.predict_masks(images, threshold=args.roi_threshold)  # noqa: E731
+    dm = CXRDataModule(args.data_root, task=args.task, sites=[site], image_size=args.image_size,
+                       batch_size=args.batch_size, num_workers=args.workers, roi=args.roi,
+                       roi_threshold=args.roi_threshold, mask_predictor=mask_predictor, seed=args.seed,
+                       limit=args.limit)
+    dm.setup("fit")
+    return dm
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    flare.init()
+    site = flare.get_site_name()
+    pl.seed_everything(args.seed, workers=True)
+    dm = site_data_module(args, site)
+    counts = dm.class_counts("train") if args.task == "classify" and args.class_weights == "balanced" else None
+    module = build_module(args.task, args.model, lr=args.lr, classes=dm.classes, class_counts=counts)
+    # FedAvg weight: this site's number of training samples (not batches), read by the aggregator.
+    module.__fl_meta__ = {MetaKey.NUM_STEPS_CURRENT_ROUND: dm.num_train_samples}
+
+    callbacks = []
+    if args.time_budget > 0:
+        callbacks.append(Timer(duration={"seconds": args.time_budget}, interval="step"))
+    trainer = pl.Trainer(max_epochs=args.local_epochs, accelerator=args.accelerator, devices=1,
+                         logger=flare.logger(), callbacks=callbacks, enable_checkpointing=False,
+                         log_every_n_steps=5, enable_model_summary=False, num_sanity_val_steps=0)
+    flare.patch(trainer)
+
+    local_params = None  # this site's own model after its last training round
+    while flare.is_running():
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        if is_submit_model():
+            if local_params is None:
+                local_params = copy.deepcopy(module.cpu().state_dict())
+            send(FLModel(params=local_params, meta={"site": site}))
+            continue
+        if is_evaluate():
+            trainer.validate(module, datamodule=dm)  # the patched trainer loads the model and sends metrics
+            continue
+        trainer.validate(module, datamodule=dm)  # metrics of the received global model, for model selection
+        trainer.fit(module, datamodule=dm)
+        local_params = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Server-side record of every round: the global model at each round's end and who contributed.
+
+Written here because NVFlare's persistor keeps only the last and the best global model, and no
+stock widget logs per-round contributors. Files go to `<server app dir>/rounds/`:
+- `global_round_NNN.pt`: `{"model": state_dict, "round": N}`, written atomically;
+- `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted); the sites'
+  metrics per round are in NVFlare's own `metrics/round_metrics.jsonl`;
+- with `save_contributions=True` also `SITE_round_NNN.pt`, the weights each site sent
+  (an audit aid; off by default since it stores every site's plaintext update).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.abstract.fl_model import MetaKey
+
+ROUNDS_DIR = "rounds"
+ROUND_LOG = "round_log.jsonl"
+
+
+def _to_tensors(weights: dict) -> dict:
+    return {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v.detach().cpu()
+            for k, v in weights.items()}
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RoundRecorder(FLComponent):
+    def __init__(self, save_contributions: bool = False):
+        super().__init__()
+        self.save_contributions = save_contributions
+        self._dir = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self._dir = os.path.join(fl_ctx.get_prop(FLContextKey.APP_ROOT), ROUNDS_DIR)
+            os.makedirs(self._dir, exist_ok=True)
+        elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
+            self._record_contribution(fl_ctx)
+        elif event_type == AppEventType.ROUND_DONE:
+            self._save_global(fl_ctx)
+
+    def _record_contribution(self, fl_ctx: FLContext) -> None:
+        result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
+        round_num = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer else "?"
+        entry = {"round": round_num, "site": site, "accepted": bool(fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED))}
+        try:
+            dxo = from_shareable(result)
+            entry["weight"] = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
+            entry["data_kind"] = dxo.data_kind
+            if self.save_contributions and isinstance(dxo.data, dict):
+                atomic_torch_save({"model": _to_tensors(dxo.data), "round": round_num, "site": site,
+                                   "weight": entry["weight"], "data_kind": dxo.data_kind},
+                                  os.path.join(self._dir, f"{site}_round_{round_num:03d}.pt"))
+        except Exception as exc:  # a malformed result is the aggregator's to reject; log it here too
+            entry["error"] = str(exc)
+        with open(os.path.join(self._dir, ROUND_LOG), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _save_global(self, fl_ctx: FLContext) -> None:
+        model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        round_num = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if not model or round_num is None:
+            return
+        weights = model[ModelLearnableKey.WEIGHTS]
+        atomic_torch_save({"model": _to_tensors(weights), "round": round_num},
+                          os.path.join(self._dir, f"global_round_{round_num:03d}.pt"))

@@ -1,0 +1,84 @@
+"""Options of every federated command (`sim`, `export`), turned into one FLConfig."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cxrfl.commands.options import add_training_options, positive_float, positive_int, resolve_data_root
+from cxrfl.fl_job import AGGREGATIONS, TASKS, FLConfig
+from lightning_modules.data.manifest import ManifestError, class_names, load_split, site_dirs
+from lightning_modules.data.transforms import ROI_MODES
+from lightning_modules.networks import CLASSIFIERS, SEGMENTERS
+
+
+def add_fl_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=TASKS, required=True,
+                   help="segment: lung U-Net; classify: full-image classifier; roi: classifier on the lung region")
+    g = p.add_argument_group("federation")
+    g.add_argument("--sites", type=positive_int, default=None,
+                   help="number of sites: the first N site folders of the data root (default: all)")
+    g.add_argument("--rounds", type=positive_int, default=5, help="federated rounds (default 5)")
+    g.add_argument("--local-epochs", type=positive_int, default=1, help="local epochs per round (default 1)")
+    g.add_argument("--min-clients", type=positive_int, default=None,
+                   help="sites that must answer before a round is aggregated (default: all)")
+    g.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="stop a site's local training after this many seconds in a round (0: no limit)")
+    g.add_argument("--aggregation", choices=list(AGGREGATIONS), default="fedavg",
+                   help="server-side aggregation: FedAvg (sample-weighted mean) or FedOpt with Adam/Yogi/Adagrad")
+    g.add_argument("--server-lr", type=positive_float, default=None,
+                   help="server learning rate for fedadam/fedyogi/fedadagrad (default 0.01; FedAvg ignores it)")
+    g.add_argument("--no-cross-site-eval", action="store_true", help="skip the final cross-site evaluation")
+    g.add_argument("--record-contributions", action="store_true",
+                   help="keep every site's update of every round on the server (audit; off by default)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help=f"network: classify/roi {'|'.join(CLASSIFIERS)} (default densenet121), "
+                   f"segment {'|'.join(SEGMENTERS)} (default unet)")
+    m.add_argument("--roi-mode", choices=ROI_MODES, default="mask",
+                   help="roi task: 'mask' zeroes the background, 'crop' crops to the lungs (default mask)")
+    m.add_argument("--segmenter", type=Path, default=None, metavar="CKPT",
+                   help="roi task: lung masks from this segmentation model (a federated run's "
+                   "models/global_best.pt or a central best.ckpt); default: ground-truth masks")
+    m.add_argument("--roi-threshold", type=float, default=0.5, help="roi task: lung probability threshold")
+    m.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
+                   help="class-weighted cross-entropy from each site's own label counts (default balanced)")
+    m.add_argument("--limit", type=int, default=None, help="use at most this many images per site and split")
+    add_training_options(p, image_size=128, batch_size=16, lr=1e-3)
+
+
+def config_from_args(args) -> FLConfig:
+    """Validate the options against the data root and build the FLConfig (ValueError on bad input)."""
+    data_root = resolve_data_root(args.data)
+    try:
+        available = [p.name for p in site_dirs(data_root)]
+    except ManifestError as exc:
+        raise ValueError(str(exc)) from None
+    n = args.sites or len(available)
+    if n > len(available):
+        raise ValueError(f"--sites {n}: the data root {data_root} has only {len(available)} site folders "
+                         f"({', '.join(available)}); lower --sites or split the data into more sites")
+    sites = available[:n]
+    if args.min_clients and args.min_clients > n:
+        raise ValueError(f"--min-clients {args.min_clients} is more than the {n} sites")
+    kind = "segment" if args.task == "segment" else "classify"
+    valid = SEGMENTERS if kind == "segment" else CLASSIFIERS
+    if args.model and args.model not in valid:
+        raise ValueError(f"--model {args.model!r} does not fit --task {args.task}; choose one of {', '.join(valid)}")
+    if args.segmenter and args.task != "roi":
+        raise ValueError("--segmenter applies to --task roi only")
+    if args.segmenter and not args.segmenter.is_file():
+        raise ValueError(f"--segmenter {args.segmenter}: file not found")
+    if args.time_budget < 0:
+        raise ValueError("--time-budget must be >= 0")
+    classes = class_names(data_root, (r for _, r in load_split(data_root, "train", sites))) if kind == "classify" else []
+    return FLConfig(
+        task=args.task, data_root=str(data_root.absolute()), sites=sites, rounds=args.rounds,
+        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+        model=args.model, classes=classes, roi=args.roi_mode, roi_threshold=args.roi_threshold,
+        segmenter=str(args.segmenter.absolute()) if args.segmenter else None, min_clients=args.min_clients,
+        time_budget=args.time_budget, aggregation=args.aggregation,
+        server_lr=args.server_lr if args.server_lr is not None else (1.0 if args.aggregation == "fedavg" else 0.01),
+        seed=args.seed, class_weights=args.class_weights, accelerator=args.accelerator, limit=args.limit,
+        cross_site_eval=not args.no_cross_site_eval, wandb=args.wandb, record_contributions=args.record_contributions,
+    )

@@ -1,0 +1,168 @@
+"""Build the NVFlare job for one task: ScatterAndGather over the Lightning client script.
+
+Server: PyTorch persistor (last + best global model), in-time weighted aggregator (weights =
+each site's training-sample count), FedAvg or a FedOpt server optimizer, IntimeModelSelector on
+the sites' validation metric, per-round recorder, TensorBoard (and optionally W&B) receivers,
+then cross-site evaluation. Clients: a ScriptRunner running `app_custom/cxrfl_client.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nvflare.apis.dxo import DataKind
+from nvflare.app_common.aggregators import InTimeAccumulateWeightedAggregator
+from nvflare.app_common.shareablegenerators import FullModelShareableGenerator
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
+from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
+from nvflare.app_opt.pt.fedopt import PTFedOptModelShareableGenerator
+from nvflare.app_opt.pt.job_config.model import PTModel
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
+from nvflare.client.config import ExchangeFormat, TransferType
+from nvflare.job_config.base_fed_job import BaseFedJob
+from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+
+import app_custom
+from app_custom.global_model import GlobalModel
+from app_custom.round_recorder import RoundRecorder
+
+TASKS = ("segment", "classify", "roi")
+# Server-side aggregation: FedAvg, or FedOpt with a server optimizer (Reddi et al. 2021).
+AGGREGATIONS = {
+    "fedavg": None,
+    "fedadam": "torch.optim.Adam",
+    "fedadagrad": "torch.optim.Adagrad",
+    "fedyogi": "app_custom.yogi.Yogi",
+}
+# Relative to the folder holding the app_custom package: the exported job then finds the script in
+# its own custom/ folder on any machine (see `from_package_root`).
+CLIENT_SCRIPT = "app_custom/cxrfl_client.py"
+PACKAGE_ROOT = Path(app_custom.__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def from_package_root():
+    """Build and export jobs from the package root, where CLIENT_SCRIPT resolves."""
+    cwd = os.getcwd()
+    os.chdir(PACKAGE_ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+@dataclass
+class FLConfig:
+    """Everything a federated run depends on; recorded in the run folder."""
+
+    task: str = "classify"
+    data_root: str = "data/synthetic"
+    sites: list[str] = field(default_factory=lambda: ["site-1", "site-2", "site-3"])
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    image_size: int = 128
+    model: str | None = None
+    classes: list[str] = field(default_factory=lambda: ["normal", "pneumonia"])
+    roi: str = "mask"  # roi task: "mask" or "crop"
+    roi_threshold: float = 0.5
+    segmenter: str | None = None  # roi task: segmentation checkpoint (None: ground-truth masks)
+    min_clients: int | None = None  # None: all sites
+    time_budget: float = 0.0  # seconds of local training per round, 0: no limit
+    aggregation: str = "fedavg"
+    server_lr: float = 1.0
+    seed: int = 0
+    class_weights: str = "balanced"
+    accelerator: str = "auto"
+    limit: int | None = None
+    cross_site_eval: bool = True
+    wandb: bool = False
+    wandb_project: str = "cxr-fl"
+    record_contributions: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "segment" if self.task == "segment" else "classify"
+
+    @property
+    def key_metric(self) -> str:
+        return "val_dice" if self.kind == "segment" else "val_auroc"
+
+    @property
+    def job_name(self) -> str:
+        return f"cxrfl_{self.task}"
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
+        if not self.sites:
+            raise ValueError("need at least one site")
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError("rounds and local epochs must be >= 1")
+        if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
+            raise ValueError(f"min_clients must be between 1 and the number of sites ({len(self.sites)})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def client_args(self) -> str:
+        args = ["--task", self.kind, "--data-root", str(Path(self.data_root).absolute()),
+                "--image-size", self.image_size, "--batch-size", self.batch_size, "--lr", self.lr,
+                "--local-epochs", self.local_epochs, "--class-weights", self.class_weights, "--seed", self.seed,
+                "--accelerator", self.accelerator, "--time-budget", self.time_budget]
+        if self.model:
+            args += ["--model", self.model]
+        if self.task == "roi":
+            args += ["--roi", self.roi, "--roi-threshold", self.roi_threshold]
+            if self.segmenter:
+                args += ["--segmenter", str(Path(self.segmenter).absolute())]
+        if self.limit:
+            args += ["--limit", self.limit]
+        return shlex.join(str(a) for a in args)
+
+
+def build_job(cfg: FLConfig) -> BaseFedJob:
+    cfg.validate()
+    min_clients = cfg.min_clients or len(cfg.sites)
+    job = BaseFedJob(name=cfg.job_name, min_clients=min_clients, key_metric=cfg.key_metric,
+                     analytics_receiver=TBAnalyticsReceiver(tb_folder="tb_events"))
+    if cfg.wandb:
+        from nvflare.app_opt.tracking.wandb.wandb_receiver import WandBReceiver
+
+        job.to_server(WandBReceiver(wandb_args={"project": cfg.wandb_project, "name": cfg.job_name,
+                                                "job_type": "federated", "config": cfg.as_dict()},
+                                    mode="offline"), id="wandb_receiver")
+
+    model_name = cfg.model or ("unet" if cfg.kind == "segment" else "densenet121")
+    global_model = GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes))
+    ids = job.to_server(PTModel(model=global_model, allow_numpy_conversion=False))  # tensors end to end
+    optimizer = AGGREGATIONS[cfg.aggregation]
+    if optimizer is None:
+        generator, data_kind, transfer = FullModelShareableGenerator(), DataKind.WEIGHTS, TransferType.FULL
+    else:
+        generator = PTFedOptModelShareableGenerator(
+            optimizer_args={"path": optimizer, "args": {"lr": cfg.server_lr}}, source_model=global_model,
+            device="cpu")
+        data_kind, transfer = DataKind.WEIGHT_DIFF, TransferType.DIFF
+    generator_id = job.to_server(generator, id="shareable_generator")
+    aggregator_id = job.to_server(InTimeAccumulateWeightedAggregator(expected_data_kind=data_kind), id="aggregator")
+    job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
+    job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds, start_round=0,
+                                   wait_time_after_min_received=0, aggregator_id=aggregator_id,
+                                   persistor_id=ids["persistor_id"], shareable_generator_id=generator_id,
+                                   train_task_name="train", train_timeout=0))
+    if cfg.cross_site_eval:
+        job.to_server(CrossSiteModelEval(model_locator_id=ids["locator_id"], submit_model_timeout=600,
+                                         validation_timeout=6000))
+
+    runner = ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
+                          server_expected_format=ExchangeFormat.PYTORCH, params_transfer_type=transfer)
+    job.to_clients(runner)
+    return job

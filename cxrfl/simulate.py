@@ -1,0 +1,184 @@
+"""Run a federated job in the NVFlare simulator and turn its workspace into a run folder.
+
+Run folder::
+
+    RUN/config.json                 the FLConfig
+    RUN/job/<job name>/             the exported job (what `nvflare job submit -j` takes)
+    RUN/workspace/                  the simulator workspace (server and site logs)
+    RUN/simulator.log
+    RUN/models/global_final.pt      last global model   } NVFlare persistor format:
+    RUN/models/global_best.pt       best by val metric  } {"model": state_dict, ...}
+    RUN/models/rounds/global_round_NNN.pt, round_log.jsonl
+    RUN/models/local_<site>.pt      each site's last local model (from cross-site evaluation)
+    RUN/metrics/round_metrics.jsonl per round, per site validation metrics of the global model
+    RUN/tb/<site>/                  streamed training/validation curves (TensorBoard)
+    RUN/cross_site.json|csv         model x (each site's val split + held-out test) matrix
+    RUN/metrics.json                summary: test metrics of the best and final global model, wall time
+
+The simulator exits 0 even when a client crashes, so success is judged from the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from cxrfl.fl_job import FLConfig, build_job, from_package_root
+from lightning_modules.data.datamodule import CXRDataModule
+from lightning_modules.data.manifest import atomic_write_text, write_json
+from lightning_modules.factory import build_module
+from lightning_modules.segmentation import LungSegmentation
+
+
+class SimulationError(RuntimeError):
+    """The simulated job did not produce its results; the message says where to look."""
+
+
+def export_job(cfg: FLConfig, out_dir: Path) -> Path:
+    """Write the job folder for `nvflare job submit -j` / `submit_job`; returns its path."""
+    out_dir = Path(out_dir).absolute()
+    with from_package_root():
+        build_job(cfg).export_job(str(out_dir))
+    return out_dir / cfg.job_name
+
+
+def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> dict:
+    run_dir = Path(run_dir).absolute()
+    write_json(run_dir / "config.json", cfg.as_dict())
+    job_dir = export_job(cfg, run_dir / "job")
+    workspace = run_dir / "workspace"
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if cfg.wandb:
+        env.setdefault("WANDB_MODE", "offline" if not env.get("WANDB_API_KEY") else "online")
+        env["WANDB_DIR"] = str(run_dir)
+    nvflare = Path(sys.executable).parent / "nvflare"
+    command = [str(nvflare) if nvflare.exists() else "nvflare", "simulator", str(job_dir), "-w", str(workspace),
+               "-n", str(len(cfg.sites)), "-t", str(threads or len(cfg.sites)), "-c", ",".join(cfg.sites)]
+    start = time.time()
+    with open(run_dir / "simulator.log", "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
+    wall = time.time() - start
+    collected = collect_results(cfg, workspace, run_dir)
+    if proc.returncode != 0:
+        raise SimulationError(f"nvflare simulator exited with {proc.returncode}; see {run_dir / 'simulator.log'}")
+    summary = evaluate_run(cfg, run_dir, collected)
+    summary.update(wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
+    write_json(run_dir / "metrics.json", summary)
+    return summary
+
+
+def collect_results(cfg: FLConfig, workspace: Path, run_dir: Path) -> dict:
+    server = workspace / "server" / "simulate_job"
+    app = server / "app_server"
+    models = run_dir / "models"
+    (models / "rounds").mkdir(parents=True, exist_ok=True)
+    final = app / "FL_global_model.pt"
+    if not final.is_file():
+        raise SimulationError(f"the simulated job wrote no global model ({final} missing); a site probably "
+                              f"crashed: see {run_dir / 'simulator.log'} and {workspace}/site-*/log.txt")
+    shutil.copy2(final, models / "global_final.pt")
+    best = app / "best_FL_global_model.pt"
+    if best.is_file():  # NVFlare's model selector skips round 0: a 1-round job has no best model
+        shutil.copy2(best, models / "global_best.pt")
+    for f in sorted((app / "rounds").glob("*")):
+        shutil.copy2(f, models / "rounds" / f.name)
+    if (server / "metrics").is_dir():
+        shutil.copytree(server / "metrics", run_dir / "metrics", dirs_exist_ok=True)
+    if (server / "tb_events").is_dir():
+        shutil.copytree(server / "tb_events", run_dir / "tb", dirs_exist_ok=True)
+    local = _local_models(server / "cross_site_val" / "model_shareables", cfg.sites)
+    for site, params in local.items():
+        torch.save({"model": params}, models / f"local_{site}.pt")
+    cse = server / "cross_site_val" / "cross_val_results.json"
+    return {"local_sites": sorted(local), "cse": cse if cse.is_file() else None}
+
+
+def _local_models(folder: Path, sites: list[str]) -> dict:
+    """Each site's own model, as it submitted it for cross-site evaluation."""
+    from nvflare.app_opt.pt.decomposers import TensorDecomposer
+    from nvflare.fuel.utils import fobs
+
+    fobs.register(TensorDecomposer)
+    found = {}
+    for site in sites:
+        path = folder / site
+        if path.is_file():
+            found[site] = {k: torch.as_tensor(v) for k, v in fobs.loads(path.read_bytes()).data.items()}
+    return found
+
+
+def load_state(path: Path) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}
+
+
+def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict) -> dict:
+    """Test-set metrics of every model of the run, and the cross-site matrix."""
+    import json
+
+    models = run_dir / "models"
+    candidates = {"global_final": models / "global_final.pt", "global_best": models / "global_best.pt"}
+    candidates.update({f"local_{s}": models / f"local_{s}.pt" for s in collected["local_sites"]})
+    candidates = {k: v for k, v in candidates.items() if v.is_file()}
+    test_metrics = {name: evaluate_on_test(cfg, load_state(path)) for name, path in candidates.items()}
+
+    # cross-site evaluation: NVFlare's names -> ours
+    cse = json.loads(collected["cse"].read_text()) if collected["cse"] else {}
+    rename = {"SRV_FL_global_model.pt": "global_final", "SRV_best_FL_global_model.pt": "global_best"}
+    matrix: dict[str, dict[str, dict]] = {name: {} for name in candidates}
+    for data_site, by_model in cse.items():
+        for model_name, metrics in by_model.items():
+            name = rename.get(model_name, f"local_{model_name}")
+            matrix.setdefault(name, {})[data_site] = metrics
+    for name, metrics in test_metrics.items():
+        matrix[name]["test"] = metrics
+    write_json(run_dir / "cross_site.json", {"key_metric": cfg.key_metric, "matrix": matrix})
+    _write_matrix_csv(run_dir / "cross_site.csv", matrix, cfg)
+    main = "global_best" if "global_best" in test_metrics else "global_final"
+    return {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
+            "test": test_metrics[main], "test_by_model": test_metrics}
+
+
+def _write_matrix_csv(path: Path, matrix: dict, cfg: FLConfig) -> None:
+    metric = cfg.key_metric.removeprefix("val_")
+    columns = list(cfg.sites) + ["test"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["model"] + [f"{c} {metric}" for c in columns])
+    for name, row in matrix.items():
+        cells = []
+        for c in columns:
+            m = row.get(c, {})
+            value = m.get(f"val_{metric}", m.get(f"test_{metric}"))
+            cells.append("" if value is None else f"{value:.4f}")
+        w.writerow([name] + cells)
+    atomic_write_text(path, buf.getvalue())
+
+
+def evaluate_on_test(cfg: FLConfig, state: dict) -> dict:
+    """Load a state_dict into the task's module and run it on the held-out test set."""
+    mask_predictor = None
+    if cfg.task == "roi" and cfg.segmenter:
+        segmenter = LungSegmentation.from_checkpoint(cfg.segmenter)
+        mask_predictor = lambda images: segmenter.predict_masks(images, threshold=cfg.roi_threshold)  # noqa: E731
+    dm = CXRDataModule(cfg.data_root, task=cfg.kind, sites=cfg.sites, image_size=cfg.image_size,
+                       batch_size=cfg.batch_size, roi=cfg.roi if cfg.task == "roi" else None,
+                       roi_threshold=cfg.roi_threshold, mask_predictor=mask_predictor, limit=cfg.limit)
+    dm.setup("test")
+    module = build_module(cfg.kind, cfg.model, lr=cfg.lr, classes=cfg.classes)
+    module.load_state_dict(state)
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    results = trainer.test(module, datamodule=dm, verbose=False)[0]
+    return {k: float(v) for k, v in results.items()}
