@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default); set when sites share one machine")
     return p.parse_args(argv)
 
 
@@ -71,6 +73,8 @@ def site_data_module(args, site: str) -> CXRDataModule:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)  # sites sharing cores: oversubscription stalls OpenMP
     flare.init()
     site = flare.get_site_name()
     pl.seed_everything(args.seed, workers=True)

@@ -84,6 +84,7 @@ class FLConfig:
     wandb: bool = False
     wandb_project: str = "cxr-fl"
     record_contributions: bool = False
+    torch_threads: int = 0  # per-site CPU threads; 0: torch's default (one site per machine)
 
     @property
     def kind(self) -> str:
@@ -125,6 +126,8 @@ class FLConfig:
                 args += ["--segmenter", str(Path(self.segmenter).absolute())]
         if self.limit:
             args += ["--limit", self.limit]
+        if self.torch_threads:
+            args += ["--torch-threads", self.torch_threads]
         return shlex.join(str(a) for a in args)
 
 

@@ -52,7 +52,11 @@ def export_job(cfg: FLConfig, out_dir: Path) -> Path:
 
 
 def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> dict:
+    """Run the job with `threads` sites in parallel (default: all), sharing this machine's cores."""
     run_dir = Path(run_dir).absolute()
+    threads = threads or len(cfg.sites)
+    if not cfg.torch_threads:
+        cfg.torch_threads = max(1, (os.cpu_count() or 1) // threads)
     write_json(run_dir / "config.json", cfg.as_dict())
     job_dir = export_job(cfg, run_dir / "job")
     workspace = run_dir / "workspace"
@@ -64,7 +68,7 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> 
         env["WANDB_DIR"] = str(run_dir)
     nvflare = Path(sys.executable).parent / "nvflare"
     command = [str(nvflare) if nvflare.exists() else "nvflare", "simulator", str(job_dir), "-w", str(workspace),
-               "-n", str(len(cfg.sites)), "-t", str(threads or len(cfg.sites)), "-c", ",".join(cfg.sites)]
+               "-n", str(len(cfg.sites)), "-t", str(threads), "-c", ",".join(cfg.sites)]
     start = time.time()
     with open(run_dir / "simulator.log", "w") as log:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
@@ -131,7 +135,8 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict) -> dict:
     candidates = {"global_final": models / "global_final.pt", "global_best": models / "global_best.pt"}
     candidates.update({f"local_{s}": models / f"local_{s}.pt" for s in collected["local_sites"]})
     candidates = {k: v for k, v in candidates.items() if v.is_file()}
-    test_metrics = {name: evaluate_on_test(cfg, load_state(path)) for name, path in candidates.items()}
+    dm = test_data_module(cfg)
+    test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path)) for name, path in candidates.items()}
 
     # cross-site evaluation: NVFlare's names -> ours
     cse = json.loads(collected["cse"].read_text()) if collected["cse"] else {}
@@ -166,8 +171,8 @@ def _write_matrix_csv(path: Path, matrix: dict, cfg: FLConfig) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def evaluate_on_test(cfg: FLConfig, state: dict) -> dict:
-    """Load a state_dict into the task's module and run it on the held-out test set."""
+def test_data_module(cfg: FLConfig) -> CXRDataModule:
+    """The held-out test set, prepared the way the run's clients prepare their data."""
     mask_predictor = None
     if cfg.task == "roi" and cfg.segmenter:
         segmenter = LungSegmentation.from_checkpoint(cfg.segmenter)
@@ -176,6 +181,11 @@ def evaluate_on_test(cfg: FLConfig, state: dict) -> dict:
                        batch_size=cfg.batch_size, roi=cfg.roi if cfg.task == "roi" else None,
                        roi_threshold=cfg.roi_threshold, mask_predictor=mask_predictor, limit=cfg.limit)
     dm.setup("test")
+    return dm
+
+
+def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict) -> dict:
+    """Load a state_dict into the task's module and run it on the held-out test set."""
     module = build_module(cfg.kind, cfg.model, lr=cfg.lr, classes=cfg.classes)
     module.load_state_dict(state)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,

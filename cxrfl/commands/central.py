@@ -109,7 +109,7 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
     pl.seed_everything(args.seed, workers=True)
     mask_predictor = None
     if args.segmenter is not None:
-        segmenter = LungSegmentation.load_from_checkpoint(args.segmenter, map_location="cpu")
+        segmenter = LungSegmentation.from_checkpoint(args.segmenter)
         mask_predictor = functools.partial(segmenter.predict_masks, threshold=args.roi_threshold)
     dm = CXRDataModule(data_root, task=args.task, image_size=args.image_size, batch_size=args.batch_size,
                        num_workers=args.workers, roi=args.roi, roi_threshold=args.roi_threshold,
