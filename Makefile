@@ -16,8 +16,7 @@ $(BIN)/cxrfl: pyproject.toml
 install: $(BIN)/cxrfl
 
 demo: install
-	$(BIN)/cxrfl central --task segment
-	$(BIN)/cxrfl central --task classify
+	$(BIN)/cxrfl demo
 
 test: install
 	$(BIN)/python -m pytest -q

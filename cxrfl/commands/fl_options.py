@@ -12,8 +12,9 @@ from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS
 
 
-def add_fl_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=TASKS, required=True,
+def add_fl_options(p: argparse.ArgumentParser, task: str | None = None) -> None:
+    """All federated options; `task` fixes the task (a job.py of one task) instead of asking for it."""
+    p.add_argument("--task", choices=TASKS, required=task is None, default=task,
                    help="segment: lung U-Net; classify: full-image classifier; roi: classifier on the lung region")
     g = p.add_argument_group("federation")
     g.add_argument("--sites", type=positive_int, default=None,

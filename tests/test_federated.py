@@ -1,0 +1,220 @@
+"""Federated jobs in the NVFlare simulator, end to end on tiny synthetic data (2 sites, 1-2 rounds).
+
+The simulator exits 0 even when a client crashes, so every test checks the files it produced.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from app_custom.yogi import Yogi
+from cxrfl.cli import main
+from lightning_modules.classification import CXRClassifier
+from lightning_modules.data.manifest import read_manifest, write_manifest
+from lightning_modules.data.phantom import generate_dataset
+from lightning_modules.segmentation import LungSegmentation
+
+COMMON = ["--sites", "2", "--image-size", "32", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def fl_root(tmp_path_factory):
+    """Two sites of different sizes (so sample weighting matters) plus a test set."""
+    root = tmp_path_factory.mktemp("fl-data")
+    generate_dataset(root, sites=2, per_site=30, test_size=16, size=48, seed=3)
+    manifest = root / "site-2" / "manifest.csv"
+    rows = read_manifest(manifest)
+    keep = [r for r in rows if r.split == "val"] + [r for r in rows if r.split == "train"][:10]
+    write_manifest(manifest, keep)
+    return root
+
+
+def _train_count(root, site):
+    return sum(1 for r in read_manifest(root / site / "manifest.csv") if r.split == "train")
+
+
+def _load(path):
+    return {k: torch.as_tensor(v) for k, v in torch.load(path, map_location="cpu", weights_only=False)["model"].items()}
+
+
+@pytest.fixture(scope="module")
+def classify_run(fl_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fl") / "classify"
+    rc = main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
+               "--record-contributions", "--wandb", "--out", str(run)] + COMMON)
+    assert rc == 0
+    return run
+
+
+def test_classification_job_writes_models_metrics_and_logs(classify_run):
+    run = classify_run
+    for name in ("global_final.pt", "global_best.pt", "rounds/global_round_000.pt", "rounds/global_round_001.pt"):
+        module = CXRClassifier(model="cnn5", num_classes=2)
+        module.load_state_dict(_load(run / "models" / name))  # strict: every key fits the LightningModule
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["selected_model"] == "global_best" and 0 <= summary["test"]["test_auroc"] <= 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["rounds"] == 2 and config["sites"] == ["site-1", "site-2"] and config["aggregation"] == "fedavg"
+    rounds = [json.loads(line) for line in (run / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
+    assert {(r["round"], s["name"]) for r in rounds for s in r["sites"]} == {
+        (0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")}
+    assert all("val_auroc" in {m["name"] for m in s["metrics"]} for r in rounds for s in r["sites"])
+    assert list((run / "tb" / "site-1").glob("events.out.tfevents*"))
+    assert (run / "job" / "cxrfl_classify" / "meta.json").is_file()
+    assert (run / "simulator.log").stat().st_size > 0
+
+
+def test_global_model_is_the_sample_weighted_mean_of_the_sites(classify_run, fl_root):
+    rounds = classify_run / "models" / "rounds"
+    log = [json.loads(line) for line in (rounds / "round_log.jsonl").read_text().splitlines()]
+    weights = {(e["round"], e["site"]): e["weight"] for e in log}
+    # aggregation weight = the site's number of training samples, not its number of batches
+    for site in ("site-1", "site-2"):
+        assert weights[(1, site)] == _train_count(fl_root, site)
+    assert weights[(1, "site-1")] != weights[(1, "site-2")]
+
+    sent = {site: _load(rounds / f"{site}_round_001.pt") for site in ("site-1", "site-2")}
+    expected_total = sum(weights[(1, s)] for s in sent)
+    global_1 = _load(rounds / "global_round_001.pt")
+    global_0 = _load(rounds / "global_round_000.pt")
+    for key, value in global_1.items():
+        if not value.is_floating_point():
+            continue
+        mean = sum(weights[(1, s)] * sent[s][key].double() for s in sent) / expected_total
+        torch.testing.assert_close(value.double(), mean, rtol=1e-5, atol=1e-6)
+    changed = [k for k in global_1 if global_1[k].is_floating_point() and not torch.equal(global_1[k], global_0[k])]
+    assert len(changed) > len(global_1) // 2  # the global model moved between rounds
+
+
+def test_cross_site_matrix_has_every_cell(classify_run):
+    data = json.loads((classify_run / "cross_site.json").read_text())
+    matrix = data["matrix"]
+    assert set(matrix) == {"global_final", "global_best", "local_site-1", "local_site-2"}
+    for model, row in matrix.items():
+        assert set(row) == {"site-1", "site-2", "test"}, model
+        assert "val_auroc" in row["site-1"] and "test_auroc" in row["test"]
+    lines = (classify_run / "cross_site.csv").read_text().splitlines()
+    assert lines[0] == "model,site-1 auroc,site-2 auroc,test auroc" and len(lines) == 5
+    assert all("" not in line.split(",") for line in lines)
+
+
+def test_wandb_offline_run_holds_the_streamed_metrics(classify_run):
+    runs = list((classify_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one W&B run per site
+    for run in runs:
+        [history] = list(run.glob("*.wandb"))
+        data = history.read_bytes()
+        assert b"val_auroc" in data and b"train_loss" in data
+
+
+@pytest.fixture(scope="module")
+def segment_run(fl_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fl") / "segment"
+    assert main(["sim", "--task", "segment", "--data", str(fl_root), "--rounds", "2", "--lr", "3e-3",
+                 "--out", str(run)] + COMMON) == 0
+    return run
+
+
+def test_segmentation_job_end_to_end(segment_run):
+    segmenter = LungSegmentation.from_checkpoint(segment_run / "models" / "global_best.pt")
+    masks = segmenter.predict_masks(torch.rand(2, 1, 32, 32))
+    assert masks.shape == (2, 1, 32, 32)
+    matrix = json.loads((segment_run / "cross_site.json").read_text())["matrix"]
+    assert "val_dice" in matrix["global_best"]["site-2"] and "test_dice" in matrix["local_site-1"]["test"]
+    assert json.loads((segment_run / "metrics.json").read_text())["key_metric"] == "val_dice"
+
+
+def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
+    run = tmp_path / "roi"
+    segmenter = segment_run / "models" / "global_best.pt"
+    assert main(["sim", "--task", "roi", "--data", str(fl_root), "--rounds", "1", "--model", "cnn5",
+                 "--segmenter", str(segmenter), "--roi-mode", "crop", "--no-cross-site-eval",
+                 "--out", str(run)] + COMMON) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["segmenter"] == str(segmenter) and config["roi"] == "crop"
+    client_config = (run / "job" / "cxrfl_roi" / "app" / "config" / "config_fed_client.json").read_text()
+    assert "--segmenter" in client_config and "--roi crop" in client_config
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["selected_model"] == "global_final"  # one round: NVFlare selects no best model
+    assert 0 <= summary["test"]["test_auroc"] <= 1
+    assert not (run / "cross_site.csv").read_text().splitlines()[1].endswith(",,")  # test column filled
+
+
+def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_path):
+    run = tmp_path / "yogi"
+    assert main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
+                 "--aggregation", "fedyogi", "--server-lr", "0.01", "--no-cross-site-eval",
+                 "--out", str(run)] + COMMON) == 0
+    server = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
+    assert "app_custom.yogi.Yogi" in server and "WEIGHT_DIFF" in server
+    log = [json.loads(line) for line in (run / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]
+    assert {e["data_kind"] for e in log} == {"WEIGHT_DIFF"} and all(e["accepted"] for e in log)
+    g0, g1 = (_load(run / "models" / "rounds" / f"global_round_00{i}.pt") for i in (0, 1))
+    assert all(torch.isfinite(v.float()).all() for v in g1.values())
+    assert any(not torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_yogi_step_matches_hand_computation():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = Yogi([p], lr=0.1, betas=(0.9, 0.99), eps=1e-3, initial_accumulator=1e-6)
+    p.grad = torch.tensor([0.5, -1.0])
+    opt.step()
+    g = torch.tensor([0.5, -1.0])
+    m = 0.1 * g
+    v = 1e-6 - 0.01 * torch.sign(1e-6 - g * g) * g * g
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0]) - 0.1 * m / (v.sqrt() + 1e-3))
+
+
+def test_exported_job_passes_nvflare_validation(fl_root, tmp_path):
+    from nvflare.fuel.utils.zip_utils import zip_directory_to_bytes
+    from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
+
+    out = tmp_path / "export"
+    assert main(["export", "--task", "segment", "--data", str(fl_root), "--rounds", "3", "--out", str(out)]) == 0
+    job = out / "cxrfl_segment"
+    valid, error, meta = JobMetaValidator().validate("cxrfl_segment", zip_directory_to_bytes(str(out), "cxrfl_segment"))
+    assert valid, error
+    assert meta["min_clients"] == 2
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    executor = client["executors"][0]["executor"]["args"]
+    assert executor["task_script_path"] == "app_custom/cxrfl_client.py"  # relative: portable to any site
+    assert (job / "app" / "custom" / "app_custom" / "cxrfl_client.py").is_file()
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    assert server["workflows"][0]["path"].endswith("ScatterAndGather")
+    assert server["workflows"][0]["args"]["num_rounds"] == 3
+
+
+def test_federated_arguments_fail_fast(fl_root, capsys):
+    assert main(["sim", "--task", "classify", "--data", str(fl_root), "--sites", "5"]) == 2
+    assert "only 2 site folders" in capsys.readouterr().err
+    assert main(["sim", "--task", "segment", "--data", str(fl_root), "--model", "cnn5"]) == 2
+    assert "does not fit --task segment" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sim", "--task", "classify", "--rounds", "0"])
+
+
+def test_client_without_site_data_names_the_missing_path(fl_root):
+    from app_custom.cxrfl_client import parse_args, site_data_module
+
+    args = parse_args(["--task", "classify", "--data-root", str(fl_root)])
+    with pytest.raises(SystemExit, match=r"site-7.*manifest\.csv does not exist"):
+        site_data_module(args, "site-7")
+
+
+@pytest.mark.parametrize("task", ["segment", "classify", "roi"])
+def test_each_job_py_exports_its_job(task, fl_root, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job_py = Path(__file__).resolve().parents[1] / "jobs" / task / "job.py"
+    out = subprocess.run([sys.executable, str(job_py), "--data", str(fl_root), "--rounds", "2",
+                          "--export-dir", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    server = json.loads((tmp_path / f"cxrfl_{task}" / "app" / "config" / "config_fed_server.json").read_text())
+    assert server["workflows"][0]["path"].endswith("ScatterAndGather")
+    client = (tmp_path / f"cxrfl_{task}" / "app" / "config" / "config_fed_client.json").read_text()
+    assert ("--roi mask" in client) == (task == "roi")
