@@ -23,8 +23,8 @@ import pytorch_lightning as pl
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.client import is_evaluate, is_submit_model, send
-from pytorch_lightning.callbacks import Timer
 
+from lightning_modules.callbacks import RoundTimeBudget
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import MANIFEST_NAME
 from lightning_modules.factory import build_module
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
 
     callbacks = []
     if args.time_budget > 0:
-        callbacks.append(Timer(duration={"seconds": args.time_budget}, interval="step"))
+        callbacks.append(RoundTimeBudget(args.time_budget))
     trainer = pl.Trainer(max_epochs=args.local_epochs, accelerator=args.accelerator, devices=1,
                          logger=flare.logger(), callbacks=callbacks, enable_checkpointing=False,
                          log_every_n_steps=5, enable_model_summary=False, num_sanity_val_steps=0)

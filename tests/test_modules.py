@@ -103,3 +103,38 @@ def test_lightning_modules_do_not_import_nvflare():
             "lightning_modules.data.datamodule; print(any(m.startswith('nvflare') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_round_time_budget_bounds_every_fit_call():
+    """Each federated round is one fit(); the budget must restart with each of them."""
+    import time
+
+    import pytorch_lightning as pl
+
+    from lightning_modules.callbacks import RoundTimeBudget
+
+    class Slow(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.02)
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(200, 4)), batch_size=1)
+    budget = RoundTimeBudget(0.3)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[budget], logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    module = Slow()
+    steps = []
+    for round_ in range(2):
+        trainer.fit_loop.max_epochs = round_ + 1
+        before = trainer.global_step
+        trainer.fit(module, data)
+        steps.append(trainer.global_step - before)
+        assert budget.stopped_early
+    assert all(0 < s < 200 for s in steps), steps  # both rounds trained, both were cut short
