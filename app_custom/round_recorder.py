@@ -36,7 +36,9 @@ def _to_tensors(weights: dict) -> dict:
             for k, v in weights.items()}
 
 
-def atomic_torch_save(obj, path: str) -> None:
+def atomic_torch_save(obj, path) -> None:
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    path = str(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -139,9 +139,11 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     if cfg.wandb:
         from nvflare.app_opt.tracking.wandb.wandb_receiver import WandBReceiver
 
+        # Offline (files under the run folder) unless the user has set a W&B key; metrics only.
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         job.to_server(WandBReceiver(wandb_args={"project": cfg.wandb_project, "name": cfg.job_name,
                                                 "job_type": "federated", "config": cfg.as_dict()},
-                                    mode="offline"), id="wandb_receiver")
+                                    mode=mode), id="wandb_receiver")
 
     model_name = cfg.model or ("unet" if cfg.kind == "segment" else "densenet121")
     global_model = GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes))

@@ -8,10 +8,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from app_custom.round_recorder import atomic_torch_save
 from lightning_modules.data.manifest import write_json
 
 RUNS_DIR = Path("runs")
@@ -52,13 +52,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     mid-save never leaves a truncated checkpoint (Lightning's default writes in place)."""
 
     def save_checkpoint(self, checkpoint: dict, path: _PATH, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(checkpoint, path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from app_custom.round_recorder import atomic_torch_save
 from cxrfl.fl_job import FLConfig, build_job, from_package_root
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import atomic_write_text, write_json
@@ -70,16 +72,30 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> 
     command = [str(nvflare) if nvflare.exists() else "nvflare", "simulator", str(job_dir), "-w", str(workspace),
                "-n", str(len(cfg.sites)), "-t", str(threads), "-c", ",".join(cfg.sites)]
     start = time.time()
-    with open(run_dir / "simulator.log", "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
+    returncode = _run_logged(command, run_dir / "simulator.log", env, cwd=run_dir)
     wall = time.time() - start
     collected = collect_results(cfg, workspace, run_dir)
-    if proc.returncode != 0:
-        raise SimulationError(f"nvflare simulator exited with {proc.returncode}; see {run_dir / 'simulator.log'}")
+    if returncode != 0:
+        raise SimulationError(f"nvflare simulator exited with {returncode}; see {run_dir / 'simulator.log'}")
     summary = evaluate_run(cfg, run_dir, collected)
     summary.update(wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
     write_json(run_dir / "metrics.json", summary)
     return summary
+
+
+# Simulator lines worth showing on the terminal while the job runs.
+PROGRESS = re.compile(r"Round \d+ (started|finished)|Finished ScatterAndGather|Start cross site|ERROR - .*(Error|rror:)")
+
+
+def _run_logged(command: list[str], log_path: Path, env: dict, cwd: Path) -> int:
+    """Run the simulator, keeping its whole output in the log and echoing progress lines."""
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      env=env, cwd=cwd, text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if PROGRESS.search(line):
+                print("  " + line.strip()[:200], flush=True)
+        return proc.wait()
 
 
 def collect_results(cfg: FLConfig, workspace: Path, run_dir: Path) -> dict:
@@ -97,13 +113,17 @@ def collect_results(cfg: FLConfig, workspace: Path, run_dir: Path) -> dict:
         shutil.copy2(best, models / "global_best.pt")
     for f in sorted((app / "rounds").glob("*")):
         shutil.copy2(f, models / "rounds" / f.name)
+    done = len(list((models / "rounds").glob("global_round_*.pt")))
+    if done < cfg.rounds:
+        raise SimulationError(f"only {done} of {cfg.rounds} rounds completed; a site probably crashed: "
+                              f"see {run_dir / 'simulator.log'} and {workspace}/site-*/log.txt")
     if (server / "metrics").is_dir():
         shutil.copytree(server / "metrics", run_dir / "metrics", dirs_exist_ok=True)
     if (server / "tb_events").is_dir():
         shutil.copytree(server / "tb_events", run_dir / "tb", dirs_exist_ok=True)
     local = _local_models(server / "cross_site_val" / "model_shareables", cfg.sites)
     for site, params in local.items():
-        torch.save({"model": params}, models / f"local_{site}.pt")
+        atomic_torch_save({"model": params}, models / f"local_{site}.pt")
     cse = server / "cross_site_val" / "cross_val_results.json"
     return {"local_sites": sorted(local), "cse": cse if cse.is_file() else None}
 
