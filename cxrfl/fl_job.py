@@ -20,7 +20,8 @@ from nvflare.app_common.shareablegenerators import FullModelShareableGenerator
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.pt.fedopt import PTFedOptModelShareableGenerator
-from nvflare.app_opt.pt.job_config.model import PTModel
+from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.job_config.base_fed_job import BaseFedJob
@@ -146,25 +147,29 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
                                     mode=mode), id="wandb_receiver")
 
     model_name = cfg.model or ("unet" if cfg.kind == "segment" else "densenet121")
-    global_model = GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes))
-    ids = job.to_server(PTModel(model=global_model, allow_numpy_conversion=False))  # tensors end to end
+    # One model component shared by the persistor and the FedOpt optimizer, so the server
+    # optimizer steps from the current global weights.
+    model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes)), id="model")
+    persistor_id = job.to_server(PTFileModelPersistor(model=model_id, allow_numpy_conversion=False), id="persistor")
+    locator_id = job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="locator")
     optimizer = AGGREGATIONS[cfg.aggregation]
     if optimizer is None:
         generator, data_kind, transfer = FullModelShareableGenerator(), DataKind.WEIGHTS, TransferType.FULL
     else:
+        # config_type "dict": NVFlare's config loader must pass these arguments on, not build them
         generator = PTFedOptModelShareableGenerator(
-            optimizer_args={"path": optimizer, "args": {"lr": cfg.server_lr}}, source_model=global_model,
-            device="cpu")
+            optimizer_args={"path": optimizer, "args": {"lr": cfg.server_lr}, "config_type": "dict"},
+            source_model=model_id, device="cpu")
         data_kind, transfer = DataKind.WEIGHT_DIFF, TransferType.DIFF
     generator_id = job.to_server(generator, id="shareable_generator")
     aggregator_id = job.to_server(InTimeAccumulateWeightedAggregator(expected_data_kind=data_kind), id="aggregator")
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
     job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds, start_round=0,
                                    wait_time_after_min_received=0, aggregator_id=aggregator_id,
-                                   persistor_id=ids["persistor_id"], shareable_generator_id=generator_id,
+                                   persistor_id=persistor_id, shareable_generator_id=generator_id,
                                    train_task_name="train", train_timeout=0))
     if cfg.cross_site_eval:
-        job.to_server(CrossSiteModelEval(model_locator_id=ids["locator_id"], submit_model_timeout=600,
+        job.to_server(CrossSiteModelEval(model_locator_id=locator_id, submit_model_timeout=600,
                                          validation_timeout=6000))
 
     runner = ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,

@@ -24,4 +24,4 @@ def test_quick_demo_prints_the_comparison_table(tmp_path, capsys):
     assert roi_config["segmenter"] == str(run / "fl-segment" / "models" / "global_best.pt")
     out = capsys.readouterr().out
     assert "| lung segmentation | FL | test_dice |" in out
-    assert (run / "summary.md").read_text().count("\n") == 7
+    assert (run / "summary.md").read_text().count("\n") == 8  # header, rule, 6 rows

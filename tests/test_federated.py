@@ -149,7 +149,8 @@ def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_p
                  "--aggregation", "fedyogi", "--server-lr", "0.01", "--no-cross-site-eval",
                  "--out", str(run)] + COMMON) == 0
     server = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
-    assert "app_custom.yogi.Yogi" in server and "WEIGHT_DIFF" in server
+    client = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
+    assert "app_custom.yogi.Yogi" in server and '"params_transfer_type": "DIFF"' in client
     log = [json.loads(line) for line in (run / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]
     assert {e["data_kind"] for e in log} == {"WEIGHT_DIFF"} and all(e["accepted"] for e in log)
     g0, g1 = (_load(run / "models" / "rounds" / f"global_round_00{i}.pt") for i in (0, 1))
