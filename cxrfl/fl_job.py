@@ -176,3 +176,24 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
                           server_expected_format=ExchangeFormat.PYTORCH, params_transfer_type=transfer)
     job.to_clients(runner)
     return job
+
+
+def job_main(task: str, description: str, argv: list[str] | None = None) -> None:
+    """The command line of a `jobs/<task>/job.py`: build the task's job, export it or simulate it."""
+    import argparse
+
+    from cxrfl.commands.fl_options import add_fl_options, config_from_args
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fl_options(parser, task=task)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--export-dir", help="write the job folder here")
+    target.add_argument("--simulate", metavar="WORKSPACE", help="run the job in the NVFlare simulator")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    with from_package_root():
+        job = build_job(cfg)
+        if args.export_dir:
+            job.export_job(str(Path(args.export_dir).absolute()))
+        else:
+            job.simulator_run(str(Path(args.simulate).absolute()), clients=cfg.sites, threads=len(cfg.sites))
