@@ -18,7 +18,7 @@ def test_quick_demo_prints_the_comparison_table(tmp_path, capsys):
         ("classification (lung ROI)", "FL"), ("classification (lung ROI)", "central")]
     assert all(r["value"] is not None and 0 <= r["value"] <= 1 and r["wall_seconds"] > 0 for r in rows)
     fl_segmentation = rows[0]["value"]
-    assert fl_segmentation > 0.5  # the federated U-Net learned lungs in 3 rounds
+    assert fl_segmentation > 0.5  # the federated U-Net learned lungs in 3 rounds (random masks: ~0.3)
     # the ROI runs used the federated segmentation model
     roi_config = json.loads((run / "fl-roi" / "config.json").read_text())
     assert roi_config["segmenter"] == str(run / "fl-segment" / "models" / "global_best.pt")

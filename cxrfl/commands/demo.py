@@ -16,10 +16,10 @@ from lightning_modules.data.phantom import generate_dataset
 # Sized to finish in about 12 minutes on 2 CPU cores (full) and about 2 minutes (--quick).
 # Central training gets the same sample-epochs as FL: rounds x local epochs.
 PRESETS = {
-    "full": {"synth": DEFAULT_SYNTH, "seg_size": 128, "cls_size": 96, "model": "densenet121",
+    "full": {"synth": DEFAULT_SYNTH, "seg_size": 128, "cls_size": 96, "model": "densenet121", "seg_lr": 1e-3,
              "rounds": 5, "local_epochs": 1, "batch_size": 16},
-    "quick": {"synth": {"sites": 2, "per_site": 48, "test_size": 30, "size": 64, "seed": 0},
-              "seg_size": 64, "cls_size": 64, "model": "cnn5", "rounds": 3, "local_epochs": 2, "batch_size": 8},
+    "quick": {"synth": {"sites": 2, "per_site": 48, "test_size": 30, "size": 64, "seed": 0}, "seg_lr": 3e-3,
+              "seg_size": 64, "cls_size": 64, "model": "cnn5", "rounds": 3, "local_epochs": 3, "batch_size": 8},
 }
 
 
@@ -88,9 +88,10 @@ def run(args) -> int:
         return metrics["test"], time.time() - start
 
     cls_extra = ["--model", preset["model"]]
+    seg_extra = ["--lr", str(preset["seg_lr"])]
     steps = [
-        ("lung segmentation", "FL", "test_dice", lambda: fl("segment", preset["seg_size"], [])),
-        ("lung segmentation", "central", "test_dice", lambda: central_run("segment", preset["seg_size"], [],
+        ("lung segmentation", "FL", "test_dice", lambda: fl("segment", preset["seg_size"], seg_extra)),
+        ("lung segmentation", "central", "test_dice", lambda: central_run("segment", preset["seg_size"], seg_extra,
                                                                           "central-segment")),
         ("classification (full image)", "FL", "test_auroc", lambda: fl("classify", preset["cls_size"], cls_extra)),
         ("classification (full image)", "central", "test_auroc",
