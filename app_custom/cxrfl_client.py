@@ -8,13 +8,16 @@ Per task from the server:
 - validate (cross-site evaluation): evaluate the received model on the local validation split.
 - submit_model (cross-site evaluation): send this site's own last local model.
 
-The site finds its data as `<data root>/<site name>/manifest.csv`.
+A site finds its data through its own local configuration, `local/cxrfl_site.json` in its
+workspace (`{"data_dir": "/path/to/this/site"}`, the folder with its manifest.csv), so no data
+path travels in the job; without one (the simulator) it reads `<--data-root>/<site name>/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -34,7 +37,8 @@ from lightning_modules.segmentation import LungSegmentation
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--task", choices=["segment", "classify"], required=True)
-    p.add_argument("--data-root", required=True, help="folder holding one sub-folder per site")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding one sub-folder per site (used when the site has no local/cxrfl_site.json)")
     p.add_argument("--model", default=None)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -54,16 +58,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def site_data_module(args, site: str) -> CXRDataModule:
-    site_dir = Path(args.data_root) / site
+SITE_CONFIG = Path("local") / "cxrfl_site.json"
+
+
+def site_config(start: Path) -> tuple[Path | None, dict]:
+    """The site's local/cxrfl_site.json, found in a folder above `start` (the site workspace)."""
+    for folder in [start, *start.parents]:
+        path = folder / SITE_CONFIG
+        if path.is_file():
+            try:
+                return path, json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                sys.exit(f"cxrfl client: {path}: unreadable site configuration ({exc})")
+    return None, {}
+
+
+def site_data_dir(args, site: str) -> Path:
+    config_path, config = site_config(Path(__file__).resolve().parent)
+    if config.get("data_dir"):
+        site_dir = Path(config["data_dir"])
+        where = f"data_dir in {config_path}"
+    elif args.data_root:
+        site_dir = Path(args.data_root) / site
+        where = f"the data root {args.data_root} must hold one folder per site name"
+    else:
+        sys.exit(f"cxrfl client {site}: no data configured: put {{\"data_dir\": ...}} in the site's {SITE_CONFIG}")
     if not (site_dir / MANIFEST_NAME).is_file():
-        sys.exit(f"cxrfl client {site}: no data for this site: {site_dir / MANIFEST_NAME} does not exist "
-                 f"(the data root {args.data_root} must hold one folder per site name)")
+        sys.exit(f"cxrfl client {site}: no data for this site: {site_dir / MANIFEST_NAME} does not exist ({where})")
+    return site_dir
+
+
+def site_data_module(args, site: str) -> CXRDataModule:
+    site_dir = site_data_dir(args, site)
     mask_predictor = None
     if args.roi and args.segmenter:
         segmenter = LungSegmentation.from_checkpoint(args.segmenter)
         mask_predictor = lambda images: segmenter.predict_masks(images, threshold=args.roi_threshold)  # noqa: E731
-    dm = CXRDataModule(args.data_root, task=args.task, sites=[site], image_size=args.image_size,
+    dm = CXRDataModule(site_dir.parent, task=args.task, sites=[site_dir.name], image_size=args.image_size,
                        batch_size=args.batch_size, num_workers=args.workers, roi=args.roi,
                        roi_threshold=args.roi_threshold, mask_predictor=mask_predictor, seed=args.seed,
                        limit=args.limit)

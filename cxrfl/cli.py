@@ -10,7 +10,7 @@ from cxrfl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrfl.commands import central, data, demo, export, sim
+    from cxrfl.commands import central, data, demo, export, poc, sim
 
     parser = argparse.ArgumentParser(
         prog="cxrfl",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_parser(sub)
     sim.add_parser(sub)
     export.add_parser(sub)
+    poc.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

@@ -61,7 +61,7 @@ class FLConfig:
     """Everything a federated run depends on; recorded in the run folder."""
 
     task: str = "classify"
-    data_root: str = "data/synthetic"
+    data_root: str | None = "data/synthetic"  # None: each site reads its local/cxrfl_site.json
     sites: list[str] = field(default_factory=lambda: ["site-1", "site-2", "site-3"])
     rounds: int = 5
     local_epochs: int = 1
@@ -115,10 +115,11 @@ class FLConfig:
         return asdict(self)
 
     def client_args(self) -> str:
-        args = ["--task", self.kind, "--data-root", str(Path(self.data_root).absolute()),
-                "--image-size", self.image_size, "--batch-size", self.batch_size, "--lr", self.lr,
+        args = ["--task", self.kind, "--image-size", self.image_size, "--batch-size", self.batch_size, "--lr", self.lr,
                 "--local-epochs", self.local_epochs, "--class-weights", self.class_weights, "--seed", self.seed,
                 "--accelerator", self.accelerator, "--time-budget", self.time_budget]
+        if self.data_root:
+            args += ["--data-root", str(Path(self.data_root).absolute())]
         if self.model:
             args += ["--model", self.model]
         if self.task == "roi":

@@ -74,7 +74,7 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> 
     start = time.time()
     returncode = _run_logged(command, run_dir / "simulator.log", env, cwd=run_dir)
     wall = time.time() - start
-    collected = collect_results(cfg, workspace, run_dir)
+    collected = collect_server_results(cfg, workspace / "server" / "simulate_job", run_dir)
     if returncode != 0:
         raise SimulationError(f"nvflare simulator exited with {returncode}; see {run_dir / 'simulator.log'}")
     summary = evaluate_run(cfg, run_dir, collected)
@@ -98,15 +98,15 @@ def _run_logged(command: list[str], log_path: Path, env: dict, cwd: Path) -> int
         return proc.wait()
 
 
-def collect_results(cfg: FLConfig, workspace: Path, run_dir: Path) -> dict:
-    server = workspace / "server" / "simulate_job"
+def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path) -> dict:
+    """Copy a finished job's server-side results (the folder holding app_server/) into the run folder."""
     app = server / "app_server"
+    logs = f"{run_dir / 'simulator.log'} and the site logs" if (run_dir / "simulator.log").exists() else "the site logs"
     models = run_dir / "models"
     (models / "rounds").mkdir(parents=True, exist_ok=True)
     final = app / "FL_global_model.pt"
     if not final.is_file():
-        raise SimulationError(f"the simulated job wrote no global model ({final} missing); a site probably "
-                              f"crashed: see {run_dir / 'simulator.log'} and {workspace}/site-*/log.txt")
+        raise SimulationError(f"the job wrote no global model ({final} missing); a site probably crashed: see {logs}")
     shutil.copy2(final, models / "global_final.pt")
     best = app / "best_FL_global_model.pt"
     if best.is_file():  # NVFlare's model selector skips round 0: a 1-round job has no best model
@@ -115,8 +115,7 @@ def collect_results(cfg: FLConfig, workspace: Path, run_dir: Path) -> dict:
         shutil.copy2(f, models / "rounds" / f.name)
     done = len(list((models / "rounds").glob("global_round_*.pt")))
     if done < cfg.rounds:
-        raise SimulationError(f"only {done} of {cfg.rounds} rounds completed; a site probably crashed: "
-                              f"see {run_dir / 'simulator.log'} and {workspace}/site-*/log.txt")
+        raise SimulationError(f"only {done} of {cfg.rounds} rounds completed; a site probably crashed: see {logs}")
     if (server / "metrics").is_dir():
         shutil.copytree(server / "metrics", run_dir / "metrics", dirs_exist_ok=True)
     if (server / "tb_events").is_dir():
@@ -197,9 +196,10 @@ def test_data_module(cfg: FLConfig) -> CXRDataModule:
     if cfg.task == "roi" and cfg.segmenter:
         segmenter = LungSegmentation.from_checkpoint(cfg.segmenter)
         mask_predictor = lambda images: segmenter.predict_masks(images, threshold=cfg.roi_threshold)  # noqa: E731
-    dm = CXRDataModule(cfg.data_root, task=cfg.kind, sites=cfg.sites, image_size=cfg.image_size,
+    dm = CXRDataModule(cfg.data_root, task=cfg.kind, sites=None, image_size=cfg.image_size,
                        batch_size=cfg.batch_size, roi=cfg.roi if cfg.task == "roi" else None,
                        roi_threshold=cfg.roi_threshold, mask_predictor=mask_predictor, limit=cfg.limit)
+    dm.classes = list(cfg.classes)  # the job's classes; the test set lives at the coordinator, not a site
     dm.setup("test")
     return dm
 

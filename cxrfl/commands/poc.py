@@ -1,0 +1,113 @@
+"""`cxrfl poc up|submit|wait|down`: a provisioned deployment (server + hospital sites) on this machine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cxrfl.commands.fl_options import add_fl_options, config_from_args
+from cxrfl.commands.options import positive_int, resolve_data_root
+from cxrfl.poc import PocError, load_state, poc_down, poc_submit, poc_up, poc_wait
+from cxrfl.runs import RunDirError, new_run_dir
+from cxrfl.simulate import SimulationError
+from lightning_modules.data.manifest import ManifestError
+
+DEFAULT_WORKSPACE = Path("poc-workspace")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "poc",
+        help="provisioned POC: start server and hospital sites, submit jobs through the admin API",
+        description="Run the federation as a provisioned deployment on this machine: `up` provisions a "
+        "server, N hospital sites and admins from provision/project.yml (mutual TLS startup kits), starts them "
+        "and waits until every site is connected; `submit` exports a job and submits it as the project admin; "
+        "`wait` follows it, downloads its results and evaluates them into a run folder like `cxrfl sim`'s; "
+        "`down` stops every process (`--clean` also removes the workspace).",
+    )
+    sub = p.add_subparsers(dest="poc_command", metavar="{up,submit,wait,down}", required=True)
+
+    up = sub.add_parser("up", help="provision and start server + sites", description="Provision and start the POC.")
+    up.add_argument("--sites", type=positive_int, default=3, help="number of hospital sites (default 3)")
+    up.add_argument("--he", action="store_true", help="provision TenSEAL HE contexts into the kits (HEBuilder)")
+    up.add_argument("--port", type=int, default=None, help="server port (default: a free port)")
+    up.add_argument("--data", type=Path, default=None,
+                    help="data root; site i reads folder i of it (written into each site's local/cxrfl_site.json)")
+    _workspace(up)
+    up.set_defaults(func=run_up)
+
+    submit = sub.add_parser("submit", help="export a job and submit it through the admin API",
+                            description="Export the task's job (as `cxrfl export`) for the POC's sites and submit it.")
+    add_fl_options(submit)
+    _workspace(submit)
+    submit.set_defaults(func=run_submit)
+
+    wait = sub.add_parser("wait", help="follow a job to its end and download its results into a run folder",
+                          description="Wait for JOB, download its results and evaluate them (cross-site matrix, "
+                          "held-out test metrics) into --out.")
+    wait.add_argument("job_id", metavar="JOB")
+    wait.add_argument("--out", type=Path, default=None, metavar="RUN_DIR", help="run folder (default: under runs/)")
+    wait.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    _workspace(wait)
+    wait.set_defaults(func=run_wait)
+
+    down = sub.add_parser("down", help="stop every POC process", description="Stop server and sites.")
+    down.add_argument("--clean", action="store_true", help="also delete the POC workspace")
+    _workspace(down)
+    down.set_defaults(func=run_down)
+
+
+def _workspace(p) -> None:
+    p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE,
+                   help=f"POC workspace (default {DEFAULT_WORKSPACE})")
+
+
+def _fail(exc: Exception) -> int:
+    print(f"cxrfl poc: {exc}", file=sys.stderr)
+    return 2
+
+
+def run_up(args) -> int:
+    try:
+        state = poc_up(args.workspace, args.sites, resolve_data_root(args.data), he=args.he, port=args.port)
+    except (PocError, ManifestError) as exc:
+        return _fail(exc)
+    print(f"POC up on localhost:{state['port']} with sites {', '.join(state['sites'])}")
+    print(f"admin kit: {state['admin_kit']}")
+    print(f"admin console: {state['admin_kit']}/startup/fl_admin.sh")
+    return 0
+
+
+def run_submit(args) -> int:
+    try:
+        state = load_state(args.workspace)
+        cfg = config_from_args(args)
+        cfg.sites, cfg.data_root = state["sites"], None  # sites read their data from their local config
+        cfg.validate()
+        job_id = poc_submit(state, cfg)
+    except (PocError, ValueError, ManifestError) as exc:
+        return _fail(exc)
+    print(job_id)
+    return 0
+
+
+def run_wait(args) -> int:
+    try:
+        state = load_state(args.workspace)
+        run_dir = new_run_dir(args.out, "poc")
+        summary = poc_wait(state, args.job_id, run_dir, timeout=args.timeout)
+    except (PocError, SimulationError, RunDirError) as exc:
+        return _fail(exc)
+    print(f"job {args.job_id}: {summary['status']}; run folder: {run_dir}")
+    for key, value in sorted(summary["test"].items()):
+        print(f"  {key:>24}: {value:.4f}")
+    return 0
+
+
+def run_down(args) -> int:
+    try:
+        poc_down(args.workspace, clean=args.clean)
+    except PocError as exc:
+        return _fail(exc)
+    print("POC stopped" + (" and removed" if args.clean else ""))
+    return 0
