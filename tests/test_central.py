@@ -45,19 +45,20 @@ def test_central_classification_beats_chance_with_wandb_offline(synthetic_root, 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "cls"
-    rc = main(["central", "--task", "classify", "--data", str(synthetic_root), "--image-size", "64",
-               "--epochs", "5", "--batch-size", "16", "--lr", "1e-3", "--out", str(run), "--wandb"])
+    # CNN5 learns this reliably in seconds; DenseNet121 trains in the three-class test below
+    rc = main(["central", "--task", "classify", "--model", "cnn5", "--data", str(synthetic_root), "--image-size", "64",
+               "--epochs", "8", "--batch-size", "16", "--lr", "1e-3", "--out", str(run), "--wandb"])
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
     losses = _epoch_losses(run)
     assert losses[-1] < losses[0]
     test = metrics["test"]
-    assert test["test_auroc"] > 0.65 and test["test_auroc_ci_low"] > 0.5  # better than chance, with 95 % confidence
+    assert test["test_auroc"] > 0.75 and test["test_auroc_ci_low"] > 0.6  # better than chance, with 95 % confidence
     assert test["test_auroc_ci_low"] <= test["test_auroc"] <= test["test_auroc_ci_high"]
     assert {"test_acc", "test_balanced_acc", "test_f1", "test_sensitivity", "test_specificity"} <= set(test)
     assert test["test_balanced_acc"] == pytest.approx((test["test_sensitivity"] + test["test_specificity"]) / 2, abs=1e-5)
     config = json.loads((run / "config.json").read_text())
-    assert config["classes"] == ["normal", "pneumonia"] and config["model"] is None
+    assert config["classes"] == ["normal", "pneumonia"] and config["model"] == "cnn5"
     with open(run / "test_predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == metrics["num_test"] == 60
@@ -110,10 +111,10 @@ def test_three_class_classification_into_the_default_run_folder(synthetic_root, 
         write_manifest(manifest, rows)
     write_json(root / "dataset.json", {"classes": classes})
     monkeypatch.chdir(tmp_path)
-    assert main(["central", "--task", "classify", "--model", "cnn5", "--data", str(root), "--image-size", "48",
-                 "--epochs", "1"]) == 0
+    assert main(["central", "--task", "classify", "--data", str(root), "--image-size", "48", "--epochs", "1"]) == 0
     [run] = list((tmp_path / "runs").glob("*-central-classify"))
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model"] == "densenet121"
     assert metrics["test"]["test_auroc_ci_low"] <= metrics["test"]["test_auroc"] <= metrics["test"]["test_auroc_ci_high"]
     with open(run / "test_predictions.csv") as f:
         header = next(csv.reader(f))
