@@ -20,6 +20,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import nvflare.client.lightning as flare
 import pytorch_lightning as pl
@@ -40,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None,
                    help="folder holding one sub-folder per site (used when the site has no local/cxrfl_site.json)")
     p.add_argument("--model", default=None)
+    p.add_argument("--classes", type=lambda text: json.loads(unquote(text)), default=None,
+                   help="the job's class names as a URL-quoted JSON list (NVFlare splits script arguments "
+                   "on spaces): every site uses the same label indices")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -98,6 +102,8 @@ def site_data_module(args, site: str) -> CXRDataModule:
                        batch_size=args.batch_size, num_workers=args.workers, roi=args.roi,
                        roi_threshold=args.roi_threshold, mask_predictor=mask_predictor, seed=args.seed,
                        limit=args.limit)
+    if args.classes:
+        dm.classes = list(args.classes)  # a site missing a class must still agree on num_classes
     dm.setup("fit")
     return dm
 

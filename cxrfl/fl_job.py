@@ -9,10 +9,11 @@ then cross-site evaluation. Clients: a ScriptRunner running `app_custom/cxrfl_cl
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from nvflare.apis.dxo import DataKind
 from nvflare.app_common.aggregators import InTimeAccumulateWeightedAggregator
@@ -122,6 +123,8 @@ class FLConfig:
             args += ["--data-root", str(Path(self.data_root).absolute())]
         if self.model:
             args += ["--model", self.model]
+        if self.kind == "classify":
+            args += ["--classes", quote(json.dumps(self.classes))]  # NVFlare splits script args on spaces
         if self.task == "roi":
             args += ["--roi", self.roi, "--roi-threshold", self.roi_threshold]
             if self.segmenter:
@@ -130,7 +133,10 @@ class FLConfig:
             args += ["--limit", self.limit]
         if self.torch_threads:
             args += ["--torch-threads", self.torch_threads]
-        return shlex.join(str(a) for a in args)
+        for a in args:
+            if " " in str(a):
+                raise ValueError(f"{a!r}: NVFlare passes client arguments split on spaces; use a path without spaces")
+        return " ".join(str(a) for a in args)
 
 
 def build_job(cfg: FLConfig) -> BaseFedJob:

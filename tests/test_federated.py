@@ -219,3 +219,31 @@ def test_each_job_py_exports_its_job(task, fl_root, tmp_path):
     assert server["workflows"][0]["path"].endswith("ScatterAndGather")
     client = (tmp_path / f"cxrfl_{task}" / "app" / "config" / "config_fed_client.json").read_text()
     assert ("--roi mask" in client) == (task == "roi")
+
+
+def test_client_uses_the_job_classes_even_when_its_site_lacks_one(fl_root, tmp_path):
+    import shutil
+
+    from app_custom.cxrfl_client import parse_args, site_data_module
+
+    root = tmp_path / "root"
+    shutil.copytree(fl_root, root)
+    (root / "dataset.json").unlink()  # no class list at the site: its labels alone would decide
+    rows = [r for r in read_manifest(root / "site-1" / "manifest.csv") if r.label == "pneumonia"]
+    write_manifest(root / "site-1" / "manifest.csv", rows)
+    from urllib.parse import quote
+
+    args = parse_args(["--task", "classify", "--data-root", str(root), "--classes", quote('["normal", "pneumonia"]')])
+    dm = site_data_module(args, "site-1")
+    assert dm.classes == ["normal", "pneumonia"] and dm.class_counts("train")[0] == 0
+
+
+def test_client_arguments_survive_nvflare_splitting_on_spaces():
+    from app_custom.cxrfl_client import parse_args
+    from cxrfl.fl_job import FLConfig
+
+    cfg = FLConfig(classes=["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"], data_root="/data/x")
+    args = parse_args(cfg.client_args().split(" "))  # what NVFlare's in-process runner does
+    assert args.classes == cfg.classes and args.data_root == "/data/x" and args.task == "classify"
+    with pytest.raises(ValueError, match="without spaces"):
+        FLConfig(data_root="/my data").client_args()
