@@ -98,7 +98,6 @@ def _loggers(args, run_dir: Path) -> list:
     if args.wandb:
         from pytorch_lightning.loggers import WandbLogger
 
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
         offline = not os.environ.get("WANDB_API_KEY")
         loggers.append(WandbLogger(project="cxr-fl", name=run_dir.name, save_dir=str(run_dir), offline=offline,
                                    job_type=f"central-{args.task}"))
@@ -115,8 +114,9 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
                        num_workers=args.workers, roi=args.roi, roi_threshold=args.roi_threshold,
                        mask_predictor=mask_predictor, seed=args.seed, limit=args.limit)
     dm.setup("fit")
+    balanced = args.task == "classify" and args.class_weights == "balanced"
     module = build_module(args.task, args.model, lr=args.lr, classes=dm.classes,
-                          class_counts=dm.class_counts("train") if args.task == "classify" and args.class_weights == "balanced" else None)
+                          class_counts=dm.class_counts("train") if balanced else None)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     config.update(data=str(data_root), classes=dm.classes, num_train=dm.num_train_samples,
                   num_val=len(dm.items["val"]), skipped=dm.skipped, torch=torch.__version__)
