@@ -32,8 +32,16 @@ ROUND_LOG = "round_log.jsonl"
 
 
 def _to_tensors(weights: dict) -> dict:
-    return {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v.detach().cpu()
-            for k, v in weights.items()}
+    """Tensors for plaintext arrays; anything else (serialised HE ciphertexts) is kept as it is."""
+    out = {}
+    for k, v in weights.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().cpu()
+        elif isinstance(v, np.ndarray) or np.isscalar(v):
+            out[k] = torch.as_tensor(np.asarray(v))
+        else:
+            out[k] = v.serialize() if hasattr(v, "serialize") else v
+    return out
 
 
 def atomic_torch_save(obj, path) -> None:

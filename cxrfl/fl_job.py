@@ -87,6 +87,7 @@ class FLConfig:
     wandb_project: str = "cxr-fl"
     record_contributions: bool = False
     torch_threads: int = 0  # per-site CPU threads; 0: torch's default (one site per machine)
+    he: bool = False  # homomorphic encryption of the weight exchange (needs HE contexts in the kits)
 
     @property
     def kind(self) -> str:
@@ -109,6 +110,11 @@ class FLConfig:
             raise ValueError("need at least one site")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local epochs must be >= 1")
+        if self.he and self.aggregation != "fedavg":
+            raise ValueError("homomorphic encryption works with FedAvg only (the server cannot run an optimizer on ciphertexts)")
+        if self.he and self.cross_site_eval:
+            raise ValueError("cross-site evaluation is not available with HE (NVFlare cannot broadcast ciphertext "
+                             "models); pass --no-cross-site-eval")
         if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
             raise ValueError(f"min_clients must be between 1 and the number of sites ({len(self.sites)})")
 
@@ -157,6 +163,8 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     # One model component shared by the persistor and the FedOpt optimizer, so the server
     # optimizer steps from the current global weights.
     model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes)), id="model")
+    if cfg.he:
+        return _build_he(job, cfg, model_id, min_clients)
     persistor_id = job.to_server(PTFileModelPersistor(model=model_id, allow_numpy_conversion=False), id="persistor")
     locator_id = job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="locator")
     optimizer = AGGREGATIONS[cfg.aggregation]
@@ -182,6 +190,34 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     runner = ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
                           server_expected_format=ExchangeFormat.PYTORCH, params_transfer_type=transfer)
     job.to_clients(runner)
+    return job
+
+
+def _build_he(job: BaseFedJob, cfg: FLConfig, model_id: str, min_clients: int) -> BaseFedJob:
+    """NVFlare's HE wiring: sites encrypt what they send (weighted by their sample count) and decrypt what
+    they receive; the server adds ciphertexts and persists them serialised, never holding plaintext weights."""
+    from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
+    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
+    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+    from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
+    from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
+    from nvflare.job_config.defs import FilterType
+
+    job.to_server(HEModelSerializeFilter(), id="model_serialize_filter")
+    persistor_id = job.to_server(PTFileModelPersistor(model=model_id, filter_id="model_serialize_filter"),
+                                 id="persistor")
+    generator_id = job.to_server(HEModelShareableGenerator(), id="shareable_generator")
+    aggregator_id = job.to_server(HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS,
+                                                                       weigh_by_local_iter=False), id="aggregator")
+    job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
+    job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds, wait_time_after_min_received=0,
+                                   aggregator_id=aggregator_id, persistor_id=persistor_id,
+                                   shareable_generator_id=generator_id, train_task_name="train", train_timeout=0))
+    # No cross-site evaluation: NVFlare's CrossSiteModelEval cannot copy ciphertext models for broadcast.
+    job.to_clients(ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
+                                server_expected_format=ExchangeFormat.NUMPY, params_transfer_type=TransferType.FULL))
+    job.to_clients(HEModelDecryptor(), tasks=["train", "validate"], filter_type=FilterType.TASK_DATA)
+    job.to_clients(HEModelEncryptor(weigh_by_local_iter=True), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     return job
 
 

@@ -120,7 +120,8 @@ def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path) -> dict:
         shutil.copytree(server / "metrics", run_dir / "metrics", dirs_exist_ok=True)
     if (server / "tb_events").is_dir():
         shutil.copytree(server / "tb_events", run_dir / "tb", dirs_exist_ok=True)
-    local = _local_models(server / "cross_site_val" / "model_shareables", cfg.sites)
+    # under HE the server holds the sites' models only as ciphertexts
+    local = {} if cfg.he else _local_models(server / "cross_site_val" / "model_shareables", cfg.sites)
     for site, params in local.items():
         atomic_torch_save({"model": params}, models / f"local_{site}.pt")
     cse = server / "cross_site_val" / "cross_val_results.json"
@@ -154,8 +155,11 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict) -> dict:
     candidates = {"global_final": models / "global_final.pt", "global_best": models / "global_best.pt"}
     candidates.update({f"local_{s}": models / f"local_{s}.pt" for s in collected["local_sites"]})
     candidates = {k: v for k, v in candidates.items() if v.is_file()}
-    dm = test_data_module(cfg)
-    test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path)) for name, path in candidates.items()}
+    if cfg.he:  # the server's models are ciphertexts it cannot decrypt: no held-out test evaluation here
+        test_metrics = {}
+    else:
+        dm = test_data_module(cfg)
+        test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path)) for name, path in candidates.items()}
 
     # cross-site evaluation: NVFlare's names -> ours
     cse = json.loads(collected["cse"].read_text()) if collected["cse"] else {}
@@ -166,12 +170,12 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict) -> dict:
             name = rename.get(model_name, f"local_{model_name}")
             matrix.setdefault(name, {})[data_site] = metrics
     for name, metrics in test_metrics.items():
-        matrix[name]["test"] = metrics
+        matrix.setdefault(name, {})["test"] = metrics
     write_json(run_dir / "cross_site.json", {"key_metric": cfg.key_metric, "matrix": matrix})
     _write_matrix_csv(run_dir / "cross_site.csv", matrix, cfg)
-    main = "global_best" if "global_best" in test_metrics else "global_final"
+    main = "global_best" if "global_best" in candidates else "global_final"
     return {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
-            "test": test_metrics[main], "test_by_model": test_metrics}
+            "test": test_metrics.get(main, {}), "test_by_model": test_metrics}
 
 
 def _write_matrix_csv(path: Path, matrix: dict, cfg: FLConfig) -> None:

@@ -247,3 +247,17 @@ def test_client_arguments_survive_nvflare_splitting_on_spaces():
     assert args.classes == cfg.classes and args.data_root == "/data/x" and args.task == "classify"
     with pytest.raises(ValueError, match="without spaces"):
         FLConfig(data_root="/my data").client_args()
+
+
+def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
+    out = tmp_path / "he"
+    assert main(["export", "--task", "classify", "--he", "--data", str(fl_root), "--out", str(out)]) == 0
+    server = (out / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
+    client = (out / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
+    for component in ("HEModelShareableGenerator", "HEInTimeAccumulateWeightedAggregator", "HEModelSerializeFilter"):
+        assert component in server
+    assert "CrossSiteModelEval" not in server  # ciphertext models cannot be broadcast for evaluation
+    assert "HEModelEncryptor" in client and "HEModelDecryptor" in client
+    assert main(["export", "--task", "classify", "--he", "--aggregation", "fedyogi", "--data", str(fl_root),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "FedAvg only" in capsys.readouterr().err

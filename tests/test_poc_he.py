@@ -1,0 +1,92 @@
+"""Homomorphic encryption on a provisioned POC: the server adds ciphertexts it cannot decrypt, and
+what the sites decrypt is the sample-weighted mean of their updates within CKKS precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+
+from cxrfl.cli import main
+from cxrfl.poc import poc_down, poc_up, workspace_processes
+from lightning_modules.data.phantom import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def he_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("poc-he")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HOME", str(base / "home"))
+    patch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    data = base / "data"
+    generate_dataset(data, sites=2, per_site=16, test_size=8, size=32, seed=2)
+    workspace = base / "ws"
+    try:
+        state = poc_up(workspace, 2, data, he=True)
+        ws = str(workspace)
+        import io
+        from contextlib import redirect_stdout
+
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert main(["poc", "submit", "--task", "classify", "--he", "--record-contributions", "--model", "cnn5",
+                         "--rounds", "2", "--image-size", "32", "--batch-size", "8", "--data", str(data),
+                         "--workspace", ws]) == 0
+        job_id = out.getvalue().strip().splitlines()[-1]
+        run = base / "run"
+        assert main(["poc", "wait", job_id, "--workspace", ws, "--out", str(run), "--timeout", "600"]) == 0
+        yield {"state": state, "run": run}
+    finally:
+        poc_down(workspace, clean=True)
+        patch.undo()
+    assert workspace_processes(workspace) == []
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_server_holds_only_ciphertexts_and_no_secret_key(he_run):
+    kits = Path(he_run["state"]["kits"])
+    server_ctx = ts.context_from((kits / "localhost" / "startup" / "server_context.tenseal").read_bytes())
+    client_ctx = ts.context_from((kits / "st-mary-hospital" / "startup" / "client_context.tenseal").read_bytes())
+    assert not server_ctx.is_private() and client_ctx.is_private()
+    rounds = he_run["run"] / "models" / "rounds"
+    for path in [he_run["run"] / "models" / "global_final.pt", rounds / "global_round_001.pt",
+                 rounds / "st-mary-hospital_round_001.pt"]:
+        params = _load(path)
+        assert params and all(isinstance(v, bytes) for v in params.values()), path  # serialised CKKS vectors
+    vector = ts.ckks_vector_from(server_ctx, next(iter(_load(rounds / "global_round_001.pt").values())))
+    with pytest.raises(Exception):
+        vector.decrypt()  # the server's context has no secret key
+    summary = json.loads((he_run["run"] / "metrics.json").read_text())
+    assert summary["status"] == "FINISHED:COMPLETED"
+
+
+def test_decrypted_aggregate_is_the_sample_weighted_mean(he_run):
+    kits = Path(he_run["state"]["kits"])
+    ctx = ts.context_from((kits / "st-mary-hospital" / "startup" / "client_context.tenseal").read_bytes())
+    rounds = he_run["run"] / "models" / "rounds"
+    log = [json.loads(line) for line in (rounds / "round_log.jsonl").read_text().splitlines()]
+    sites = he_run["state"]["sites"]
+    weights = {e["site"]: e["weight"] for e in log if e["round"] == 1}
+    assert set(weights) == set(sites) and all(w > 0 for w in weights.values())
+    global_1 = _load(rounds / "global_round_001.pt")
+    sent = {s: _load(rounds / f"{s}_round_001.pt") for s in sites}
+
+    def decrypt(blob):
+        return np.array(ts.ckks_vector_from(ctx, blob).decrypt())
+
+    checked = 0
+    for key in list(global_1)[:6]:
+        # each site encrypted its weights already multiplied by its sample count
+        expected = sum(decrypt(sent[s][key]) for s in sites) / sum(weights.values())
+        np.testing.assert_allclose(decrypt(global_1[key]), expected, atol=1e-3)
+        checked += 1
+    assert checked == 6
