@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from lightning_modules.data.phantom import generate_dataset
@@ -13,3 +18,26 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(root, sites=3, per_site=80, test_size=60, size=64, seed=0)
     return root
+
+
+@contextlib.contextmanager
+def running_poc(base, sites: int = 2, he: bool = False):
+    """A POC (server + `sites` hospitals) on a free local port with its own HOME; always torn down.
+
+    Yields (state, data root). After it: no POC process is left and the workspace is gone.
+    """
+    from cxrfl.poc import poc_down, poc_up, workspace_processes
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HOME", str(base / "home"))  # nvflare registers admin kits under ~/.nvflare
+    patch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fl_admin.sh's python3
+    data = base / "data"
+    generate_dataset(data, sites=sites, per_site=16, test_size=8, size=32, seed=1)
+    workspace = base / "ws"
+    try:
+        yield poc_up(workspace, sites, data, he=he), data
+    finally:
+        poc_down(workspace, clean=True)
+        patch.undo()
+    assert workspace_processes(workspace) == []
+    assert not workspace.exists()

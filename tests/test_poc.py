@@ -7,17 +7,15 @@ removed, even when a test fails.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import running_poc
 
 from cxrfl.cli import main
-from cxrfl.poc import load_state, poc_down, poc_up, session, workspace_processes
-from lightning_modules.data.phantom import generate_dataset
+from cxrfl.poc import load_state, session, workspace_processes
 
 JOB = ["--task", "classify", "--model", "cnn5", "--rounds", "2", "--image-size", "32", "--batch-size", "8"]
 
@@ -25,20 +23,8 @@ JOB = ["--task", "classify", "--model", "cnn5", "--rounds", "2", "--image-size",
 @pytest.fixture(scope="module")
 def poc(tmp_path_factory):
     base = tmp_path_factory.mktemp("poc")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("HOME", str(base / "home"))  # nvflare registers admin kits under ~/.nvflare
-    patch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    data = base / "data"
-    generate_dataset(data, sites=2, per_site=16, test_size=8, size=32, seed=1)
-    workspace = base / "ws"
-    try:
-        state = poc_up(workspace, 2, data)
-        yield {"state": state, "data": data, "workspace": workspace, "base": base}
-    finally:
-        poc_down(workspace, clean=True)
-        patch.undo()
-    assert workspace_processes(workspace) == []  # every server/site process is gone
-    assert not workspace.exists()
+    with running_poc(base) as (state, data):
+        yield {"state": state, "data": data, "workspace": Path(state["workspace"]), "base": base}
 
 
 def test_sites_are_hospitals_with_their_own_data_config(poc):

@@ -3,36 +3,25 @@ what the sites decrypt is the sample-weighted mean of their updates within CKKS 
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tenseal as ts
 import torch
+from conftest import running_poc
 
 from cxrfl.cli import main
-from cxrfl.poc import poc_down, poc_up, workspace_processes
-from lightning_modules.data.phantom import generate_dataset
 
 
 @pytest.fixture(scope="module")
 def he_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("poc-he")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("HOME", str(base / "home"))
-    patch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    data = base / "data"
-    generate_dataset(data, sites=2, per_site=16, test_size=8, size=32, seed=2)
-    workspace = base / "ws"
-    try:
-        state = poc_up(workspace, 2, data, he=True)
-        ws = str(workspace)
-        import io
-        from contextlib import redirect_stdout
-
+    with running_poc(base, he=True) as (state, data):
+        ws = state["workspace"]
         out = io.StringIO()
         with redirect_stdout(out):
             assert main(["poc", "submit", "--task", "classify", "--he", "--record-contributions", "--model", "cnn5",
@@ -42,10 +31,6 @@ def he_run(tmp_path_factory):
         run = base / "run"
         assert main(["poc", "wait", job_id, "--workspace", ws, "--out", str(run), "--timeout", "600"]) == 0
         yield {"state": state, "run": run}
-    finally:
-        poc_down(workspace, clean=True)
-        patch.undo()
-    assert workspace_processes(workspace) == []
 
 
 def _load(path):
