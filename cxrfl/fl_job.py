@@ -29,6 +29,7 @@ from nvflare.job_config.base_fed_job import BaseFedJob
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
 import app_custom
+from lightning_modules.factory import DEFAULT_MODEL
 from app_custom.global_model import GlobalModel
 from app_custom.round_recorder import RoundRecorder
 
@@ -159,66 +160,67 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
                                                 "job_type": "federated", "config": cfg.as_dict()},
                                     mode=mode), id="wandb_receiver")
 
-    model_name = cfg.model or ("unet" if cfg.kind == "segment" else "densenet121")
     # One model component shared by the persistor and the FedOpt optimizer, so the server
     # optimizer steps from the current global weights.
+    model_name = cfg.model or DEFAULT_MODEL[cfg.kind]
     model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes)), id="model")
     if cfg.he:
-        return _build_he(job, cfg, model_id, min_clients)
-    persistor_id = job.to_server(PTFileModelPersistor(model=model_id, allow_numpy_conversion=False), id="persistor")
-    locator_id = job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="locator")
-    optimizer = AGGREGATIONS[cfg.aggregation]
-    if optimizer is None:
-        generator, data_kind, transfer = FullModelShareableGenerator(), DataKind.WEIGHTS, TransferType.FULL
+        persistor, generator, aggregator, exchange, transfer = _he_server_components(job, model_id)
     else:
-        # config_type "dict": NVFlare's config loader must pass these arguments on, not build them
-        generator = PTFedOptModelShareableGenerator(
-            optimizer_args={"path": optimizer, "args": {"lr": cfg.server_lr}, "config_type": "dict"},
-            source_model=model_id, device="cpu")
-        data_kind, transfer = DataKind.WEIGHT_DIFF, TransferType.DIFF
+        persistor = PTFileModelPersistor(model=model_id, allow_numpy_conversion=False)  # tensors end to end
+        exchange = ExchangeFormat.PYTORCH
+        optimizer = AGGREGATIONS[cfg.aggregation]
+        if optimizer is None:
+            generator, data_kind, transfer = FullModelShareableGenerator(), DataKind.WEIGHTS, TransferType.FULL
+        else:
+            # config_type "dict": NVFlare's config loader must pass these arguments on, not build them
+            generator = PTFedOptModelShareableGenerator(
+                optimizer_args={"path": optimizer, "args": {"lr": cfg.server_lr}, "config_type": "dict"},
+                source_model=model_id, device="cpu")
+            data_kind, transfer = DataKind.WEIGHT_DIFF, TransferType.DIFF
+        aggregator = InTimeAccumulateWeightedAggregator(expected_data_kind=data_kind)
+    persistor_id = job.to_server(persistor, id="persistor")
     generator_id = job.to_server(generator, id="shareable_generator")
-    aggregator_id = job.to_server(InTimeAccumulateWeightedAggregator(expected_data_kind=data_kind), id="aggregator")
+    aggregator_id = job.to_server(aggregator, id="aggregator")
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
     job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds, start_round=0,
                                    wait_time_after_min_received=0, aggregator_id=aggregator_id,
                                    persistor_id=persistor_id, shareable_generator_id=generator_id,
                                    train_task_name="train", train_timeout=0))
-    if cfg.cross_site_eval:
+    if cfg.cross_site_eval:  # never with HE (FLConfig.validate): ciphertext models cannot be broadcast
+        locator_id = job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="locator")
         job.to_server(CrossSiteModelEval(model_locator_id=locator_id, submit_model_timeout=600,
                                          validation_timeout=6000))
 
-    runner = ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
-                          server_expected_format=ExchangeFormat.PYTORCH, params_transfer_type=transfer)
-    job.to_clients(runner)
+    job.to_clients(ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
+                                server_expected_format=exchange, params_transfer_type=transfer))
+    if cfg.he:
+        _add_he_client_filters(job)
     return job
 
 
-def _build_he(job: BaseFedJob, cfg: FLConfig, model_id: str, min_clients: int) -> BaseFedJob:
-    """NVFlare's HE wiring: sites encrypt what they send (weighted by their sample count) and decrypt what
-    they receive; the server adds ciphertexts and persists them serialised, never holding plaintext weights."""
+def _he_server_components(job: BaseFedJob, model_id: str):
+    """NVFlare's HE server side: add ciphertexts, persist them serialised; never plaintext weights.
+    Returns (persistor, shareable generator, aggregator, exchange format, transfer type)."""
     from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
-    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
-    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
     from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
     from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
-    from nvflare.job_config.defs import FilterType
 
     job.to_server(HEModelSerializeFilter(), id="model_serialize_filter")
-    persistor_id = job.to_server(PTFileModelPersistor(model=model_id, filter_id="model_serialize_filter"),
-                                 id="persistor")
-    generator_id = job.to_server(HEModelShareableGenerator(), id="shareable_generator")
-    aggregator_id = job.to_server(HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS,
-                                                                       weigh_by_local_iter=False), id="aggregator")
-    job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
-    job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds, wait_time_after_min_received=0,
-                                   aggregator_id=aggregator_id, persistor_id=persistor_id,
-                                   shareable_generator_id=generator_id, train_task_name="train", train_timeout=0))
-    # No cross-site evaluation: NVFlare's CrossSiteModelEval cannot copy ciphertext models for broadcast.
-    job.to_clients(ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
-                                server_expected_format=ExchangeFormat.NUMPY, params_transfer_type=TransferType.FULL))
+    # sites weight their update before encrypting it (HEModelEncryptor), so the server must not weight again
+    aggregator = HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False)
+    return (PTFileModelPersistor(model=model_id, filter_id="model_serialize_filter"), HEModelShareableGenerator(),
+            aggregator, ExchangeFormat.NUMPY, TransferType.FULL)
+
+
+def _add_he_client_filters(job: BaseFedJob) -> None:
+    """Sites decrypt what they receive and encrypt what they send, weighted by their sample count."""
+    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
+    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+    from nvflare.job_config.defs import FilterType
+
     job.to_clients(HEModelDecryptor(), tasks=["train", "validate"], filter_type=FilterType.TASK_DATA)
     job.to_clients(HEModelEncryptor(weigh_by_local_iter=True), tasks=["train"], filter_type=FilterType.TASK_RESULT)
-    return job
 
 
 def job_main(task: str, description: str, argv: list[str] | None = None) -> None:
