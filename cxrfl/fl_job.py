@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -89,6 +90,7 @@ class FLConfig:
     record_contributions: bool = False
     torch_threads: int = 0  # per-site CPU threads; 0: torch's default (one site per machine)
     he: bool = False  # homomorphic encryption of the weight exchange (needs HE contexts in the kits)
+    he_encrypt_layers: str | None = None  # regex of tensor names to encrypt; None: every float tensor
 
     @property
     def kind(self) -> str:
@@ -113,6 +115,13 @@ class FLConfig:
             raise ValueError("rounds and local epochs must be >= 1")
         if self.he and self.aggregation != "fedavg":
             raise ValueError("homomorphic encryption works with FedAvg only (the server cannot run an optimizer on ciphertexts)")
+        if self.he_encrypt_layers and not self.he:
+            raise ValueError("--he-encrypt-layers needs --he")
+        if self.he_encrypt_layers:
+            try:
+                re.compile(self.he_encrypt_layers)
+            except re.error as exc:
+                raise ValueError(f"--he-encrypt-layers {self.he_encrypt_layers!r} is not a valid regular expression: {exc}") from None
         if self.he and self.cross_site_eval:
             raise ValueError("cross-site evaluation is not available with HE (NVFlare cannot broadcast ciphertext "
                              "models); pass --no-cross-site-eval")
@@ -195,7 +204,7 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     job.to_clients(ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
                                 server_expected_format=exchange, params_transfer_type=transfer))
     if cfg.he:
-        _add_he_client_filters(job)
+        _add_he_client_filters(job, cfg.he_encrypt_layers)
     return job
 
 
@@ -206,21 +215,25 @@ def _he_server_components(job: BaseFedJob, model_id: str):
     from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
     from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
 
+    from app_custom.he_packing import PackedHEModelPersistor
+
     job.to_server(HEModelSerializeFilter(), id="model_serialize_filter")
-    # sites weight their update before encrypting it (HEModelEncryptor), so the server must not weight again
+    # sites weight their update before encrypting it (PackedHEEncryptor), so the server must not weight again
     aggregator = HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False)
-    return (PTFileModelPersistor(model=model_id, filter_id="model_serialize_filter"), HEModelShareableGenerator(),
+    return (PackedHEModelPersistor(model=model_id, filter_id="model_serialize_filter"), HEModelShareableGenerator(),
             aggregator, ExchangeFormat.NUMPY, TransferType.FULL)
 
 
-def _add_he_client_filters(job: BaseFedJob) -> None:
-    """Sites decrypt what they receive and encrypt what they send, weighted by their sample count."""
-    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
-    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+def _add_he_client_filters(job: BaseFedJob, encrypt_layers: str | None) -> None:
+    """Sites decrypt what they receive and encrypt what they send, weighted by their sample count,
+    packed into few CKKS vectors (see app_custom/he_packing.py for why not NVFlare's per-tensor filters)."""
     from nvflare.job_config.defs import FilterType
 
-    job.to_clients(HEModelDecryptor(), tasks=["train", "validate"], filter_type=FilterType.TASK_DATA)
-    job.to_clients(HEModelEncryptor(weigh_by_local_iter=True), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+    from app_custom.he_packing import PackedHEDecryptor, PackedHEEncryptor
+
+    job.to_clients(PackedHEDecryptor(), tasks=["train", "validate"], filter_type=FilterType.TASK_DATA)
+    job.to_clients(PackedHEEncryptor(encrypt_layers=encrypt_layers), tasks=["train"],
+                   filter_type=FilterType.TASK_RESULT)
 
 
 def job_main(task: str, description: str, argv: list[str] | None = None) -> None:

@@ -257,7 +257,16 @@ def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
     for component in ("HEModelShareableGenerator", "HEInTimeAccumulateWeightedAggregator", "HEModelSerializeFilter"):
         assert component in server
     assert "CrossSiteModelEval" not in server  # ciphertext models cannot be broadcast for evaluation
-    assert "HEModelEncryptor" in client and "HEModelDecryptor" in client
+    assert "PackedHEEncryptor" in client and "PackedHEDecryptor" in client
+    assert main(["export", "--task", "classify", "--he", "--he-encrypt-layers", "classifier", "--data", str(fl_root),
+                 "--out", str(tmp_path / "partial")]) == 0
+    client = json.loads((tmp_path / "partial" / "cxrfl_classify" / "app" / "config" / "config_fed_client.json")
+                        .read_text())
+    encryptors = [f for flt in client["task_result_filters"] for f in flt["filters"] if "Encryptor" in f["path"]]
+    assert encryptors[0]["args"]["encrypt_layers"] == "classifier"
+    assert main(["export", "--task", "classify", "--he-encrypt-layers", "(", "--he", "--data", str(fl_root),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "not a valid regular expression" in capsys.readouterr().err
     assert main(["export", "--task", "classify", "--he", "--aggregation", "fedyogi", "--data", str(fl_root),
                  "--out", str(tmp_path / "x")]) == 2
     assert "FedAvg only" in capsys.readouterr().err

@@ -32,6 +32,9 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None) -> None:
     g.add_argument("--no-cross-site-eval", action="store_true", help="skip the final cross-site evaluation")
     g.add_argument("--he", action="store_true",
                    help="homomorphic encryption of the weight exchange (FedAvg only; needs HE contexts: `cxrfl poc up --he`)")
+    g.add_argument("--he-encrypt-layers", metavar="REGEX",
+                   help="with --he: encrypt only the tensors whose name matches (default: all floating-point "
+                   "tensors). The others travel and are averaged in plaintext: a privacy trade-off, see docs/he.md")
     g.add_argument("--wandb-project", default="cxr-fl", help="W&B project for --wandb (default cxr-fl)")
     g.add_argument("--record-contributions", action="store_true",
                    help="keep every site's update of every round on the server (audit; off by default)")
@@ -85,5 +88,5 @@ def config_from_args(args) -> FLConfig:
         server_lr=args.server_lr if args.server_lr is not None else (1.0 if args.aggregation == "fedavg" else 0.01),
         seed=args.seed, class_weights=args.class_weights, accelerator=args.accelerator, limit=args.limit,
         cross_site_eval=not (args.no_cross_site_eval or args.he), wandb=args.wandb, wandb_project=args.wandb_project,
-        record_contributions=args.record_contributions, he=args.he,
+        record_contributions=args.record_contributions, he=args.he, he_encrypt_layers=args.he_encrypt_layers,
     )
