@@ -98,5 +98,6 @@ class RoundRecorder(FLComponent):
         if not model or round_num is None:
             return
         weights = model[ModelLearnableKey.WEIGHTS]
-        atomic_torch_save({"model": _to_tensors(weights), "round": round_num},
+        meta = dict(model.get(ModelLearnableKey.META) or {})  # under HE: the sum of weights to divide by
+        atomic_torch_save({"model": _to_tensors(weights), "round": round_num, "meta": meta},
                           os.path.join(self._dir, f"global_round_{round_num:03d}.pt"))

@@ -209,19 +209,17 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
 
 
 def _he_server_components(job: BaseFedJob, model_id: str):
-    """NVFlare's HE server side: add ciphertexts, persist them serialised; never plaintext weights.
+    """HE server side: add ciphertexts, persist them serialised; never plaintext weights.
     Returns (persistor, shareable generator, aggregator, exchange format, transfer type)."""
-    from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
     from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
     from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
 
-    from app_custom.he_packing import PackedHEModelPersistor
+    from app_custom.he_packing import HESumAggregator, PackedHEModelPersistor
 
     job.to_server(HEModelSerializeFilter(), id="model_serialize_filter")
-    # sites weight their update before encrypting it (PackedHEEncryptor), so the server must not weight again
-    aggregator = HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False)
+    # sites weight their update before encrypting it; the server only adds (see app_custom/he_packing.py)
     return (PackedHEModelPersistor(model=model_id, filter_id="model_serialize_filter"), HEModelShareableGenerator(),
-            aggregator, ExchangeFormat.NUMPY, TransferType.FULL)
+            HESumAggregator(), ExchangeFormat.NUMPY, TransferType.FULL)
 
 
 def _add_he_client_filters(job: BaseFedJob, encrypt_layers: str | None) -> None:

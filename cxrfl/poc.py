@@ -21,13 +21,11 @@ from pathlib import Path
 import yaml
 
 from cxrfl.fl_job import FLConfig
+from cxrfl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
 from cxrfl.simulate import SimulationError, collect_server_results, evaluate_run, export_job
 from lightning_modules.data.manifest import site_dirs, write_json
 
-PROJECT_FILE = Path(__file__).resolve().parents[1] / "provision" / "project.yml"
 STATE_FILE = "cxrfl_poc.json"
-HE_BUILDER = {"path": "nvflare.lighter.impl.he.HEBuilder",
-              "args": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}}
 
 
 class PocError(RuntimeError):
@@ -52,11 +50,8 @@ def poc_project(n_sites: int, port: int, he: bool, base: Path = PROJECT_FILE) ->
     orgs = {c["org"] for c in clients} | {server["org"]}
     admins = [p for p in project["participants"] if p["type"] == "admin" and p["org"] in orgs]
     project["participants"] = [server] + clients + admins
-    builders = [b for b in project["builders"] if not b["path"].endswith("HEBuilder")]
-    if he:  # the HE contexts must exist before the certificate and signature builders run
-        at = next(i for i, b in enumerate(builders) if b["path"].endswith("CertBuilder"))
-        builders.insert(at, HE_BUILDER)
-    project["builders"] = builders
+    if not he:  # the project's HEBuilder (with its CKKS parameters) only when HE is asked for
+        project["builders"] = [b for b in project["builders"] if not b["path"].endswith("HEBuilder")]
     return project
 
 
@@ -151,8 +146,6 @@ def poc_submit(state: dict, cfg: FLConfig) -> str:
 
 def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> dict:
     """Follow a job to its end, download its results and evaluate them like a simulator run."""
-    from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
-
     workspace = Path(state["workspace"])
     cfg_path = workspace / "jobs" / f"{job_id}.json"
     if not cfg_path.is_file():
@@ -160,19 +153,12 @@ def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> 
     cfg = FLConfig(**json.loads(cfg_path.read_text()))
     cfg.data_root = state["data_root"]  # the coordinator's copy, for the held-out test set
     run_dir = Path(run_dir).absolute()
-    sess = session(state)
     start = time.time()
-    try:
-        rc = sess.monitor_job(job_id, timeout=timeout)
-        meta = sess.get_job_meta(job_id)
-        download = run_dir / "download"
-        download.mkdir(parents=True, exist_ok=True)
-        result = Path(sess.download_job_result(job_id))
-    finally:
-        sess.close()
+    meta = _follow_job(state, job_id, timeout)
     wall = time.time() - start
-    if rc != MonitorReturnCode.JOB_FINISHED:
-        raise PocError(f"job {job_id} did not finish within {timeout:.0f} s (monitor: {rc})")
+    download = run_dir / "download"
+    download.mkdir(parents=True, exist_ok=True)
+    result = _with_admin(state, lambda sess: Path(sess.download_job_result(job_id)), deadline=time.time() + 600)
     status = str(meta.get("status", ""))
     shutil.copytree(result, download, dirs_exist_ok=True)
     write_json(run_dir / "config.json", cfg.as_dict())
@@ -181,10 +167,45 @@ def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> 
         raise PocError(f"job {job_id} ended as {status}; results in {download}")
     server = _server_job_folder(download)
     collected = collect_server_results(cfg, server, run_dir)
-    summary = evaluate_run(cfg, run_dir, collected)
+    # all kits live on this machine: the first site's key decrypts an HE model for the test set
+    he_key = Path(state["kits"]) / state["sites"][0] / "startup" / CLIENT_CONTEXT if cfg.he else None
+    summary = evaluate_run(cfg, run_dir, collected, he_key=he_key)
     summary.update(job_id=job_id, status=status, wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
     write_json(run_dir / "metrics.json", summary)
     return summary
+
+
+def _with_admin(state: dict, action, deadline: float):
+    """Run action(session), retrying while the server does not answer: a server busy relaying
+    large updates (HE) can miss an admin request's deadline without anything being wrong."""
+    last = None
+    while True:
+        try:
+            sess = session(state)
+            try:
+                return action(sess)
+            finally:
+                sess.close()
+        except PocError:
+            raise
+        except Exception as exc:  # NoConnection, timeouts
+            last = exc
+        if time.time() > deadline:
+            raise PocError(f"the POC server did not answer the admin API: {last}")
+        time.sleep(5)
+
+
+def _follow_job(state: dict, job_id: str, timeout: float) -> dict:
+    """The job's meta once it has ended (FINISHED:* or FAILED*)."""
+    deadline = time.time() + timeout
+    while True:
+        meta = _with_admin(state, lambda sess: sess.get_job_meta(job_id), deadline=deadline)
+        status = str(meta.get("status", ""))
+        if status.startswith("FINISHED") or status.startswith("FAILED"):
+            return meta
+        if time.time() > deadline:
+            raise PocError(f"job {job_id} did not finish within {timeout:.0f} s (status {status})")
+        time.sleep(3)
 
 
 def _server_job_folder(download: Path) -> Path:

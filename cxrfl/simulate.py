@@ -35,6 +35,7 @@ import torch
 
 from app_custom.round_recorder import atomic_torch_save
 from cxrfl.fl_job import FLConfig, build_job, from_package_root
+from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import atomic_write_text, write_json
 from lightning_modules.factory import build_module
@@ -64,6 +65,10 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> 
     workspace = run_dir / "workspace"
     if workspace.exists():
         shutil.rmtree(workspace)
+    he_key = None
+    if cfg.he:  # no kits here: the project's HE contexts, made for this run (the simulator copies startup/)
+        write_he_contexts(workspace / "startup")
+        he_key = workspace / "startup" / CLIENT_CONTEXT
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if cfg.wandb:
         env.setdefault("WANDB_MODE", "offline" if not env.get("WANDB_API_KEY") else "online")
@@ -77,7 +82,7 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> 
     collected = collect_server_results(cfg, workspace / "server" / "simulate_job", run_dir)
     if returncode != 0:
         raise SimulationError(f"nvflare simulator exited with {returncode}; see {run_dir / 'simulator.log'}")
-    summary = evaluate_run(cfg, run_dir, collected)
+    summary = evaluate_run(cfg, run_dir, collected, he_key=he_key)
     summary.update(wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
     write_json(run_dir / "metrics.json", summary)
     return summary
@@ -147,16 +152,25 @@ def load_state(path: Path) -> dict:
     return {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}
 
 
-def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict) -> dict:
-    """Test-set metrics of every model of the run, and the cross-site matrix."""
+def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | None = None) -> dict:
+    """Test-set metrics of every model of the run, and the cross-site matrix. Under HE the server's
+    models are ciphertexts: with a site's key (`he_key`, a client context) they are decrypted into
+    models/decrypted/ and evaluated; without one there is no test evaluation."""
     import json
 
     models = run_dir / "models"
     candidates = {"global_final": models / "global_final.pt", "global_best": models / "global_best.pt"}
     candidates.update({f"local_{s}": models / f"local_{s}.pt" for s in collected["local_sites"]})
     candidates = {k: v for k, v in candidates.items() if v.is_file()}
-    if cfg.he:  # the server's models are ciphertexts it cannot decrypt: no held-out test evaluation here
+    if cfg.he:
         test_metrics = {}
+        if he_key is not None:
+            (models / "decrypted").mkdir(exist_ok=True)
+            dm = test_data_module(cfg)
+            for name, path in candidates.items():
+                state = decrypt_checkpoint(path, he_key)
+                atomic_torch_save({"model": state}, models / "decrypted" / f"{name}.pt")
+                test_metrics[name] = evaluate_on_test(cfg, dm, state)
     else:
         dm = test_data_module(cfg)
         test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path)) for name, path in candidates.items()}

@@ -254,7 +254,7 @@ def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
     assert main(["export", "--task", "classify", "--he", "--data", str(fl_root), "--out", str(out)]) == 0
     server = (out / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
     client = (out / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
-    for component in ("HEModelShareableGenerator", "HEInTimeAccumulateWeightedAggregator", "HEModelSerializeFilter"):
+    for component in ("HEModelShareableGenerator", "HESumAggregator", "PackedHEModelPersistor", "HEModelSerializeFilter"):
         assert component in server
     assert "CrossSiteModelEval" not in server  # ciphertext models cannot be broadcast for evaluation
     assert "PackedHEEncryptor" in client and "PackedHEDecryptor" in client
@@ -270,3 +270,20 @@ def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
     assert main(["export", "--task", "classify", "--he", "--aggregation", "fedyogi", "--data", str(fl_root),
                  "--out", str(tmp_path / "x")]) == 2
     assert "FedAvg only" in capsys.readouterr().err
+
+
+def test_he_job_runs_in_the_simulator_and_a_site_key_decrypts_the_result(fl_root, tmp_path):
+    """`cxrfl sim --he`: the simulator gets the project's HE contexts; the server keeps ciphertexts
+    only, and the model decrypted with a site's key is the one evaluated on the test set."""
+    from app_custom.he_packing import is_packed
+
+    run = tmp_path / "he-run"
+    assert main(["sim", "--task", "classify", "--he", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
+                 "--out", str(run)] + COMMON) == 0
+    final = torch.load(run / "models" / "global_final.pt", map_location="cpu", weights_only=False)
+    assert any(is_packed(k) for k in final["model"])
+    assert all(isinstance(v, bytes) for k, v in final["model"].items() if is_packed(k))
+    decrypted = torch.load(run / "models" / "decrypted" / "global_final.pt", map_location="cpu", weights_only=False)
+    CXRClassifier(model="cnn5").net.load_state_dict({k.removeprefix("net."): v for k, v in decrypted["model"].items()})
+    summary = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= summary["test"]["test_auroc"] <= 1.0

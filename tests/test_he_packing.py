@@ -1,6 +1,6 @@
 """Packed CKKS encryption of whole models: what three DenseNet121 sites send, the server's
-ciphertext-only aggregation (NVFlare's own weighted-aggregation helper, after a FOBS round trip
-like the wire), and what a site decrypts, against the plaintext FedAvg of the same updates."""
+ciphertext-only sum (after a FOBS round trip like the wire), and what a site decrypts, against the
+plaintext FedAvg of the same updates. Contexts use the project file's HEBuilder parameters."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import tenseal as ts
 import torch
 
 from app_custom.global_model import GlobalModel
-from app_custom.he_packing import (PACKED_PREFIX, decrypt_and_unpack, pack_and_encrypt, parse_bucket_key,
-                                   plan_buckets)
+from app_custom.he_packing import (MAX_WEIGHTED_ABS, PACKED_PREFIX, CiphertextSum, decrypt_and_unpack,
+                                   pack_and_encrypt, parse_bucket_key, plan_buckets)
 
 
 @pytest.fixture(scope="module")
-def contexts():
+def contexts(tmp_path_factory):
     """A client context (secret key) and the server's copy without it, as NVFlare's HEBuilder makes them."""
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40])
-    ctx.global_scale = 2 ** 40
+    from cxrfl.he_keys import CLIENT_CONTEXT, write_he_contexts
+
+    folder = tmp_path_factory.mktemp("he")
+    write_he_contexts(folder)
+    ctx = ts.context_from((folder / CLIENT_CONTEXT).read_bytes())
     server = ts.context_from(ctx.serialize(save_secret_key=False))
     return ctx, server
 
@@ -49,17 +52,18 @@ def test_pack_round_trip_restores_names_shapes_and_plaintext_counters(contexts):
     packed, processed = pack_and_encrypt(params, ctx, weight=3.0, encrypt_layers="conv", pack_size=1000)
     assert sum(processed.values()) == 1 and processed["fc.bias"] is False and processed["bn.num_batches_tracked"] is False
     np.testing.assert_allclose(packed["fc.bias"], params["fc.bias"] * 3)  # chosen not to encrypt: plaintext
-    restored = decrypt_and_unpack({k: v * (1 / 3.0) for k, v in _fobs_round_trip(packed).items()}, ctx)
+    restored = decrypt_and_unpack(_fobs_round_trip(packed), ctx, sum_of_weights=3.0)
     assert set(restored) == set(params)
     assert restored["conv.weight"].shape == (4, 1, 3, 3)
     np.testing.assert_allclose(restored["conv.weight"], params["conv.weight"], atol=1e-5)
     with pytest.raises(ValueError, match="nothing to encrypt"):
         pack_and_encrypt(params, ctx, encrypt_layers="no-such-layer")
+    for bad in (np.nan, MAX_WEIGHTED_ABS):  # would decrypt to garbage: refused at the site, naming the tensor
+        with pytest.raises(ValueError, match="conv.weight"):
+            pack_and_encrypt(dict(params, **{"conv.weight": np.full((2, 2), bad)}), ctx, weight=3.0)
 
 
 def test_three_densenet121_sites_aggregate_to_the_plaintext_fedavg(contexts):
-    from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
-
     ctx, server_ctx = contexts
     base = {k: v.numpy() for k, v in GlobalModel(task="classify", model="densenet121").state_dict().items()}
     n_values = sum(v.size for v in base.values())
@@ -69,19 +73,19 @@ def test_three_densenet121_sites_aggregate_to_the_plaintext_fedavg(contexts):
     updates = {s: {k: (v + rng.normal(scale=0.05, size=v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v + i
                    for k, v in base.items()} for i, s in enumerate(weights)}
 
-    # server: NVFlare's helper as the HE aggregator configures it (weights applied at the sites)
-    helper = WeightedAggregationHelper(weigh_by_local_iter=False)
+    # server: the HE aggregator's running sum (weights applied at the sites)
+    summed = CiphertextSum()
     for site, w in weights.items():
         packed, processed = pack_and_encrypt(updates[site], ctx, weight=w)
         assert 0 < sum(processed.values()) <= 8  # a handful of CKKS vectors, not 727
         received = _fobs_round_trip(packed)
         vector = next(v for k, v in received.items() if k.startswith(PACKED_PREFIX))
         assert isinstance(vector, ts.CKKSVector) and not vector.context().is_private()  # no secret key travelled
-        helper.add(received, w, site, 1)
-    aggregate = helper.get_result()
-    wire = _fobs_round_trip(aggregate)  # the server sends the ciphertext aggregate back
+        summed.add(received, w)
+    assert summed.sum_of_weights == sum(weights.values())
+    wire = _fobs_round_trip(summed.total)  # the server sends the ciphertext sum back
 
-    site_view = decrypt_and_unpack(wire, ctx)
+    site_view = decrypt_and_unpack(wire, ctx, summed.sum_of_weights)
     total = sum(weights.values())
     assert set(site_view) == set(base)
     worst = 0.0
@@ -89,7 +93,7 @@ def test_three_densenet121_sites_aggregate_to_the_plaintext_fedavg(contexts):
         expected = sum(updates[s][name].astype(np.float64) * w for s, w in weights.items()) / total
         assert site_view[name].shape == value.shape
         worst = max(worst, float(np.max(np.abs(site_view[name] - expected))))
-    assert worst < 1e-4, worst  # CKKS with a 2^40 scale, after weighting by hundreds of samples
+    assert worst < 1e-6, worst  # CKKS precision, after weighting by hundreds of samples
 
     model = GlobalModel(task="classify", model="densenet121")
     model.load_state_dict({k: torch.as_tensor(v) for k, v in site_view.items()})  # loads as a real model
@@ -103,3 +107,11 @@ def test_server_context_cannot_decrypt_the_aggregate(contexts):
     with pytest.raises(Exception):
         on_server.decrypt()
     assert parse_bucket_key(next(iter(packed))) == [("w", (10,))]
+
+
+def test_sum_refuses_an_update_packed_differently(contexts):
+    ctx, _ = contexts
+    summed = CiphertextSum()
+    summed.add(pack_and_encrypt({"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}, ctx)[0], 1.0)
+    with pytest.raises(ValueError, match="differ"):
+        summed.add(pack_and_encrypt({"a": np.ones(3, np.float32)}, ctx)[0], 1.0)

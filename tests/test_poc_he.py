@@ -14,7 +14,7 @@ import tenseal as ts
 import torch
 from conftest import running_poc
 
-from app_custom.he_packing import decrypt_and_unpack, is_packed
+from app_custom.he_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
 from cxrfl.cli import main
 
 
@@ -57,6 +57,9 @@ def test_server_holds_only_ciphertexts_and_no_secret_key(he_run):
         vector.decrypt()  # the server's context has no secret key
     summary = json.loads((he_run["run"] / "metrics.json").read_text())
     assert summary["status"] == "FINISHED:COMPLETED"
+    # the coordinator's copy, decrypted with a site's key (all kits are on this machine), is what was tested
+    assert (he_run["run"] / "models" / "decrypted" / "global_final.pt").is_file()
+    assert 0.0 <= summary["test"]["test_auroc"] <= 1.0
 
 
 def test_decrypted_aggregate_is_the_sample_weighted_mean(he_run):
@@ -70,17 +73,19 @@ def test_decrypted_aggregate_is_the_sample_weighted_mean(he_run):
     global_1 = _load(rounds / "global_round_001.pt")
     sent = {s: _load(rounds / f"{s}_round_001.pt") for s in sites}
 
-    def decrypt(blob):
-        return np.array(ts.ckks_vector_from(ctx, blob).decrypt())
-
     packed = [k for k in global_1 if is_packed(k)]
     assert packed
-    for key in packed:
-        # each site encrypted its weights already multiplied by its sample count
-        expected = sum(decrypt(sent[s][key]) for s in sites) / sum(weights.values())
-        np.testing.assert_allclose(decrypt(global_1[key]), expected, atol=1e-3)
-    # unpacked with the site's key, it is a loadable model of the job's network
+    # the server sent the sum of the pre-weighted updates, with the sum of the weights
+    record = torch.load(rounds / "global_round_001.pt", map_location="cpu", weights_only=False)
+    total = record["meta"][SUM_WEIGHT]
+    assert total == pytest.approx(sum(weights.values()))
+    site_models = {s: decrypt_and_unpack(sent[s], ctx, weights[s]) for s in sites}  # what each site trained
+    global_model = decrypt_and_unpack(global_1, ctx, total)
+    for name, value in global_model.items():
+        expected = sum(site_models[s][name].astype(np.float64) * weights[s] for s in sites) / total
+        np.testing.assert_allclose(value, expected, atol=1e-5, err_msg=name)
+    # unpacked with a site's key, it is a loadable model of the job's network
     from app_custom.global_model import GlobalModel
 
     model = GlobalModel(task="classify", model="cnn5")
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in decrypt_and_unpack(global_1, ctx).items()})
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in global_model.items()})

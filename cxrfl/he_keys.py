@@ -1,0 +1,57 @@
+"""TenSEAL contexts for runs outside a provisioned deployment, and decryption of saved HE models.
+
+Provisioned kits get their contexts from the project file's HEBuilder; the simulator has no kits,
+so `cxrfl sim --he` makes the same contexts (same builder, same parameters) for its workspace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+PROJECT_FILE = Path(__file__).resolve().parents[1] / "provision" / "project.yml"
+SERVER_CONTEXT = "server_context.tenseal"  # public: can add ciphertexts, cannot decrypt
+CLIENT_CONTEXT = "client_context.tenseal"  # holds the secret key: sites only
+
+
+def he_builder_args(project_file: Path = PROJECT_FILE) -> dict:
+    project = yaml.safe_load(Path(project_file).read_text())
+    for builder in project.get("builders", []):
+        if builder["path"].endswith("HEBuilder"):
+            return dict(builder.get("args") or {})
+    raise ValueError(f"{project_file}: no HEBuilder among the builders")
+
+
+def write_he_contexts(folder: Path, project_file: Path = PROJECT_FILE) -> None:
+    """Write server and client contexts into `folder` (a simulator workspace's startup/)."""
+    from nvflare.lighter.impl.he import HEBuilder
+
+    builder = HEBuilder(**he_builder_args(project_file))
+    builder.initialize(None, None)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SERVER_CONTEXT).write_bytes(builder.get_serialized_context(is_client=False))
+    (folder / CLIENT_CONTEXT).write_bytes(builder.get_serialized_context(is_client=True))
+
+
+def decrypt_checkpoint(path: Path, client_context: Path) -> dict[str, torch.Tensor]:
+    """The plaintext state_dict of a saved HE global model (NVFlare persistor or round file),
+    with a site's secret-key context."""
+    import tenseal as ts
+
+    from app_custom.he_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    weights = ckpt["model"]
+    meta = ckpt.get("meta_props") or ckpt.get("meta") or {}
+    if not any(is_packed(k) for k in weights):
+        return {k: torch.as_tensor(v) for k, v in weights.items()}  # round 0: plaintext
+    if not meta.get(SUM_WEIGHT):
+        raise ValueError(f"{path}: an encrypted model without its {SUM_WEIGHT}")
+    context = ts.context_from(Path(client_context).read_bytes())
+    if not context.is_private():
+        raise ValueError(f"{client_context}: this context has no secret key (a server context?)")
+    plain = decrypt_and_unpack(weights, context, float(meta[SUM_WEIGHT]))
+    return {k: torch.as_tensor(v) for k, v in plain.items()}
