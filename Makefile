@@ -13,7 +13,11 @@ $(BIN)/cxrfl: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# tests/test_report.py opens the HTML report in headless Chromium (Debian packages; apt needs root, else sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 install: $(BIN)/cxrfl
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 demo: install
 	$(BIN)/cxrfl demo

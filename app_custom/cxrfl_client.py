@@ -97,7 +97,7 @@ def site_data_module(args, site: str) -> CXRDataModule:
     mask_predictor = None
     if args.roi and args.segmenter:
         segmenter = LungSegmentation.from_checkpoint(args.segmenter)
-        mask_predictor = lambda images: segmenter.predict_masks(images, threshold=args.roi_threshold)  # noqa: E731
+        mask_predictor = segmenter.mask_predictor(args.roi_threshold)
     dm = CXRDataModule(site_dir.parent, task=args.task, sites=[site_dir.name], image_size=args.image_size,
                        batch_size=args.batch_size, num_workers=args.workers, roi=args.roi,
                        roi_threshold=args.roi_threshold, mask_predictor=mask_predictor, seed=args.seed,

@@ -10,7 +10,7 @@ from cxrfl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrfl.commands import central, data, demo, export, poc, sim
+    from cxrfl.commands import central, data, demo, export, poc, predict, report, sim
 
     parser = argparse.ArgumentParser(
         prog="cxrfl",
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parser(sub)
     poc.add_parser(sub)
     demo.add_parser(sub)
+    predict.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

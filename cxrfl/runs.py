@@ -12,7 +12,7 @@ from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from app_custom.round_recorder import atomic_torch_save
-from lightning_modules.data.manifest import write_json
+from lightning_modules.data.manifest import atomic_write_text, write_json
 
 RUNS_DIR = Path("runs")
 MIN_FREE_BYTES = 200 * 1024 * 1024
@@ -54,3 +54,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: _PATH, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint, path)
+
+
+def write_test_predictions(path: Path, module, classes: list[str]) -> None:
+    """test_predictions.csv of a classifier's last `trainer.test` run: image, label, predicted,
+    p_<class>... (what the report's ROC curves and confusion matrices read)."""
+    import csv
+    import io
+
+    import torch
+
+    out = module.test_outputs
+    probs, targets = torch.cat(out["probs"]), torch.cat(out["target"])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "label", "predicted"] + [f"p_{c}" for c in classes])
+    for image, t, p in zip(out["id"], targets.tolist(), probs.tolist()):
+        w.writerow([image, classes[t], classes[max(range(len(p)), key=p.__getitem__)]] + [f"{x:.6f}" for x in p])
+    atomic_write_text(path, buf.getvalue())

@@ -36,6 +36,7 @@ import torch
 from app_custom.round_recorder import atomic_torch_save
 from cxrfl.fl_job import FLConfig, build_job, from_package_root
 from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
+from cxrfl.runs import write_test_predictions
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import atomic_write_text, write_json
 from lightning_modules.factory import build_module
@@ -162,6 +163,7 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
     candidates = {"global_final": models / "global_final.pt", "global_best": models / "global_best.pt"}
     candidates.update({f"local_{s}": models / f"local_{s}.pt" for s in collected["local_sites"]})
     candidates = {k: v for k, v in candidates.items() if v.is_file()}
+    main = "global_best" if "global_best" in candidates else "global_final"  # the run's selected model
     if cfg.he:
         test_metrics = {}
         if he_key is not None:
@@ -170,10 +172,11 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
             for name, path in candidates.items():
                 state = decrypt_checkpoint(path, he_key)
                 atomic_torch_save({"model": state}, models / "decrypted" / f"{name}.pt")
-                test_metrics[name] = evaluate_on_test(cfg, dm, state)
+                test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None)
     else:
         dm = test_data_module(cfg)
-        test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path)) for name, path in candidates.items()}
+        test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path), run_dir if name == main else None)
+                        for name, path in candidates.items()}
 
     # cross-site evaluation: NVFlare's names -> ours
     cse = json.loads(collected["cse"].read_text()) if collected["cse"] else {}
@@ -187,7 +190,6 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
         matrix.setdefault(name, {})["test"] = metrics
     write_json(run_dir / "cross_site.json", {"key_metric": cfg.key_metric, "matrix": matrix})
     _write_matrix_csv(run_dir / "cross_site.csv", matrix, cfg)
-    main = "global_best" if "global_best" in candidates else "global_final"
     return {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
             "test": test_metrics.get(main, {}), "test_by_model": test_metrics}
 
@@ -213,7 +215,7 @@ def test_data_module(cfg: FLConfig) -> CXRDataModule:
     mask_predictor = None
     if cfg.task == "roi" and cfg.segmenter:
         segmenter = LungSegmentation.from_checkpoint(cfg.segmenter)
-        mask_predictor = lambda images: segmenter.predict_masks(images, threshold=cfg.roi_threshold)  # noqa: E731
+        mask_predictor = segmenter.mask_predictor(cfg.roi_threshold)
     dm = CXRDataModule(cfg.data_root, task=cfg.kind, sites=None, image_size=cfg.image_size,
                        batch_size=cfg.batch_size, roi=cfg.roi if cfg.task == "roi" else None,
                        roi_threshold=cfg.roi_threshold, mask_predictor=mask_predictor, limit=cfg.limit)
@@ -222,11 +224,14 @@ def test_data_module(cfg: FLConfig) -> CXRDataModule:
     return dm
 
 
-def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict) -> dict:
-    """Load a state_dict into the task's module and run it on the held-out test set."""
+def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_dir: Path | None = None) -> dict:
+    """Load a state_dict into the task's module and run it on the held-out test set (a classifier
+    writes test_predictions.csv into predictions_dir when given)."""
     module = build_module(cfg.kind, cfg.model, lr=cfg.lr, classes=cfg.classes)
     module.load_state_dict(state)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
     results = trainer.test(module, datamodule=dm, verbose=False)[0]
+    if predictions_dir is not None and cfg.kind == "classify":
+        write_test_predictions(predictions_dir / "test_predictions.csv", module, cfg.classes)
     return {k: float(v) for k, v in results.items()}

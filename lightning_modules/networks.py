@@ -8,6 +8,8 @@ from monai.networks.nets import DenseNet121, FlexibleUNet, UNet
 from torch import nn
 
 CLASSIFIERS = ("densenet121", "cnn5")
+# The last feature maps before global pooling: where Grad-CAM reads activations and gradients.
+CAM_LAYERS = {"densenet121": "class_layers.relu", "cnn5": "features.20"}
 SEGMENTERS = ("unet", "flexunet-b4")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytorch_lightning as pl
 import torch
 from monai.losses import DiceCELoss
@@ -83,6 +85,10 @@ class LungSegmentation(pl.LightningModule):
         except RuntimeError as exc:
             raise ValueError(f"{path}: weights do not fit a {arch!r} segmentation network ({exc})") from None
         return module
+
+    def mask_predictor(self, threshold: float | None = None):
+        """predict_masks with a fixed threshold: the MaskPredictor the data module and predict take."""
+        return functools.partial(self.predict_masks, threshold=threshold)
 
     @torch.no_grad()
     def predict_masks(self, images: torch.Tensor, threshold: float | None = None, postprocess: bool = True) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import write_dicom
 
 from lightning_modules.data import adapters
 from lightning_modules.data.adapters import ADAPTERS, import_dataset
@@ -140,31 +141,6 @@ def test_output_inside_source_is_refused(kermany_src):
 # --------------------------------------------------------------------------------------------- RSNA
 
 
-def _dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientID = path.stem
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def _air_body(air: int, body: int) -> np.ndarray:
     """Left half 'air', right half 'body' raw values."""
     arr = np.full((SIZE, SIZE), body, np.uint16)
@@ -199,10 +175,10 @@ def rsna_src(tmp_path):
         ["p-missing", "Normal"],
     ])
     images = src / "stage_2_train_images"
-    _dicom(images / "p-normal.dcm", _air_body(100, 3000))
-    _dicom(images / "p-opacity.dcm", _air_body(100, 3000))
+    write_dicom(images / "p-normal.dcm", _air_body(100, 3000))
+    write_dicom(images / "p-opacity.dcm", _air_body(100, 3000))
     # MONOCHROME1 stores air bright: the same anatomy has inverted raw values.
-    _dicom(images / "p-other.dcm", _air_body(3000, 100), photometric="MONOCHROME1")
+    write_dicom(images / "p-other.dcm", _air_body(3000, 100), photometric="MONOCHROME1")
     return src
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import functools
-import io
 import math
 import os
 import sys
@@ -17,8 +14,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from cxrfl.commands.options import add_training_options, positive_int, resolve_data_root
-from cxrfl.runs import AtomicCheckpointIO, RunDirError, new_run_dir, save_config
-from lightning_modules.classification import CXRClassifier
+from cxrfl.runs import AtomicCheckpointIO, RunDirError, new_run_dir, save_config, write_test_predictions
 from lightning_modules.factory import build_module
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import ManifestError, atomic_write_text, write_json
@@ -109,7 +105,7 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
     mask_predictor = None
     if args.segmenter is not None:
         segmenter = LungSegmentation.from_checkpoint(args.segmenter)
-        mask_predictor = functools.partial(segmenter.predict_masks, threshold=args.roi_threshold)
+        mask_predictor = segmenter.mask_predictor(args.roi_threshold)
     dm = CXRDataModule(data_root, task=args.task, image_size=args.image_size, batch_size=args.batch_size,
                        num_workers=args.workers, roi=args.roi, roi_threshold=args.roi_threshold,
                        mask_predictor=mask_predictor, seed=args.seed, limit=args.limit)
@@ -152,7 +148,7 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
     }
     write_json(run_dir / "metrics.json", metrics)
     if args.task == "classify":
-        _write_predictions(run_dir / "test_predictions.csv", module, dm.classes)
+        write_test_predictions(run_dir / "test_predictions.csv", module, dm.classes)
     return metrics
 
 
@@ -163,12 +159,3 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _write_predictions(path: Path, module: CXRClassifier, classes: list[str]) -> None:
-    out = module.test_outputs
-    probs, targets = torch.cat(out["probs"]), torch.cat(out["target"])
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image", "label", "predicted"] + [f"p_{c}" for c in classes])
-    for image, t, p in zip(out["id"], targets.tolist(), probs.tolist()):
-        w.writerow([image, classes[t], classes[max(range(len(p)), key=p.__getitem__)]] + [f"{x:.6f}" for x in p])
-    atomic_write_text(path, buf.getvalue())

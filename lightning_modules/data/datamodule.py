@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_modules.data.check import inspect_record
 from lightning_modules.data.manifest import ManifestError, Record, class_names, load_split, resolve
-from lightning_modules.data.transforms import ApplyLungROId, deterministic_transforms, normalize, train_augmentation
+from lightning_modules.data.transforms import deterministic_transforms, lung_roi, normalize, train_augmentation
 
 log = logging.getLogger("cxrfl.data")
 TASKS = ("segment", "classify")
@@ -97,18 +97,17 @@ class CXRDataModule(pl.LightningDataModule):
         return items
 
     def _apply_roi(self, items: list[dict]) -> list[dict]:
-        if self.mask_predictor is not None:
-            with torch.no_grad():
-                for start in range(0, len(items), 32):
-                    chunk = items[start:start + 32]
-                    probs = self.mask_predictor(torch.stack([it["image"] for it in chunk]))
-                    for it, p in zip(chunk, probs):
-                        it["roi_mask"] = p
-        else:
-            for it in items:
-                it["roi_mask"] = it.pop("mask")
-        apply = ApplyLungROId(mode=self.roi, threshold=self.roi_threshold)
-        return [{k: v for k, v in apply(it).items() if k != "roi_mask"} for it in items]
+        for start in range(0, len(items), 32):
+            chunk = items[start:start + 32]
+            images = torch.stack([it["image"] for it in chunk])
+            if self.mask_predictor is not None:
+                with torch.no_grad():
+                    masks = self.mask_predictor(images)
+            else:
+                masks = torch.stack([it.pop("mask") for it in chunk])
+            for it, roi_image in zip(chunk, lung_roi(images, masks, self.roi, self.roi_threshold)):
+                it["image"] = roi_image
+        return items
 
     def setup(self, stage: str | None = None) -> None:
         if self.task == "classify" and not self.classes:

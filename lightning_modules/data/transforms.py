@@ -52,6 +52,13 @@ class ApplyLungROId(MapTransform):
         return d
 
 
+def lung_roi(images: torch.Tensor, masks: torch.Tensor, mode: str, threshold: float) -> torch.Tensor:
+    """ApplyLungROId over a batch [N,1,H,W] with lung masks or probabilities [N,1,H,W]: the one
+    ROI step that training, validation, testing and `cxrfl predict` share."""
+    apply = ApplyLungROId(mode=mode, threshold=threshold)
+    return torch.stack([apply({"image": im, "roi_mask": m})["image"] for im, m in zip(images, masks)])
+
+
 def deterministic_transforms(image_size: int, with_mask: bool) -> Compose:
     """Resize image (area) and lung mask (nearest) to a square; run once per item and cached."""
     keys = ["image", "mask"] if with_mask else ["image"]
@@ -84,3 +91,22 @@ def normalize() -> NormalizeIntensityd:
 def normalize_image() -> NormalizeIntensity:
     """The same standardisation on a bare [C,H,W] image (inference paths)."""
     return NormalizeIntensity()
+
+
+def model_inputs(images: list, image_size: int, roi: str | None = None, roi_threshold: float = 0.5,
+                 mask_predictor=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """New images (2-D arrays in [0,1], any size) prepared exactly as CXRDataModule prepares its
+    validation and test images: resize, lung ROI from the predicted masks, float16 cache
+    rounding, per-image standardisation. Returns (model input, resized image, lung masks or None),
+    each [N,1,S,S]."""
+    prepare = deterministic_transforms(image_size, with_mask=False)
+    resized = torch.stack([prepare({"image": np.asarray(im, dtype=np.float32)[None]})["image"] for im in images])
+    masks = None
+    if mask_predictor is not None:
+        with torch.no_grad():
+            masks = mask_predictor(resized)
+    roi_input = lung_roi(resized, masks, roi, roi_threshold) if roi else resized
+    cached = roi_input.half().float()  # the data module caches images in float16
+    standardise = normalize_image()
+    x = torch.stack([torch.as_tensor(standardise(im)) for im in cached])
+    return x.as_subclass(torch.Tensor), resized.as_subclass(torch.Tensor), masks

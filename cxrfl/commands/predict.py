@@ -1,0 +1,61 @@
+"""`cxrfl predict` and `cxrfl export-model`: trained models on new images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from cxrfl.commands.options import positive_int
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="classify image files with a trained model: probabilities, lung masks, Grad-CAM",
+        description="Run a classifier on image files or folders (PNG/JPEG 8/16-bit, grayscale/RGB/RGBA, any size, "
+        "DICOM incl. MONOCHROME1), preprocessed exactly as its training data (input size, standardisation, lung "
+        "ROI). Writes per image a lung mask PNG (with a segmenter) and a Grad-CAM overlay PNG, and one "
+        "predictions.csv with a row per file; an unreadable file gets an error row and the rest still run.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders (searched recursively)")
+    p.add_argument("--classifier", type=Path, required=True,
+                   help="a run folder (central, sim, POC), a weights file inside one, or a `cxrfl export-model` file")
+    p.add_argument("--segmenter", type=Path, default=None,
+                   help="segmentation run folder or model: lung masks (default: a lung-ROI classifier's own segmenter)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--cam", choices=("gradcam", "gradcam++"), default="gradcam", help="heat-map method")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.set_defaults(func=run_predict)
+
+    e = subparsers.add_parser(
+        "export-model", help="write a trained model with its preprocessing as one file",
+        description="Package a run's model (weights, task, network, input size, normalisation, class names, lung-ROI "
+        "setting, and for a lung-ROI classifier its segmenter) into one file that `cxrfl predict` takes.")
+    e.add_argument("source", type=Path, help="run folder or weights file inside one")
+    e.add_argument("--out", type=Path, required=True, help="file to write")
+    e.set_defaults(func=run_export_model)
+
+
+def run_predict(args) -> int:
+    from cxrfl.models import ModelLoadError, load_classifier
+    from cxrfl.predict import predict
+
+    try:
+        clf = load_classifier(args.classifier, segmenter=args.segmenter)
+        summary = predict(clf, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"cxrfl predict: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0 if summary["images"] else 1
+
+
+def run_export_model(args) -> int:
+    from cxrfl.models import ModelLoadError, export_model
+
+    try:
+        info = export_model(args.source, args.out)
+    except ModelLoadError as exc:
+        print(f"cxrfl export-model: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info))
+    return 0

@@ -1,0 +1,209 @@
+"""Trained models with the preprocessing they were trained with, from any run folder or an
+exported single file, so a checkpoint is never used with the wrong input size, normalisation,
+class names or lung-ROI setting.
+
+Sources: a run folder of `cxrfl central`, `cxrfl sim` or `cxrfl poc wait` (its config.json names
+the task, model, input size, classes and ROI; weights: checkpoints/best.ckpt, or the best/final
+federated global model, decrypted under HE), a weights file inside such a folder, or a file
+written by `export_model` (`cxrfl export-model`), which embeds all of it, and for a lung-ROI
+classifier its segmenter too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lightning_modules.classification import CXRClassifier
+from lightning_modules.factory import DEFAULT_MODEL
+from lightning_modules.segmentation import LungSegmentation
+
+BUNDLE_FORMAT = "cxrfl-model/1"
+# Every model here standardises each image (zero mean, unit variance) after scaling to [0,1] and
+# resizing (area) to image_size: lightning_modules/data/transforms.py.
+NORMALISATION = "per-image standardisation of [0,1] intensities after area resize to image_size"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class Segmenter:
+    module: LungSegmentation
+    image_size: int
+    source: str
+
+
+@dataclass
+class Classifier:
+    module: CXRClassifier
+    classes: list[str]
+    image_size: int
+    roi: str | None = None  # None: full image; "mask" or "crop": lung region from `segmenter`
+    roi_threshold: float = 0.5
+    segmenter: Segmenter | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def mask_predictor(self):
+        return self.segmenter.module.mask_predictor(self.roi_threshold) if self.segmenter else None
+
+
+def _find_config(path: Path) -> tuple[Path, dict]:
+    """The run folder holding `path` (itself or up to two levels up) and its config.json."""
+    for folder in [path, *path.parents[:3]] if path.is_dir() else list(path.parents[:3]):
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                return folder, json.loads(cfg.read_text())
+            except json.JSONDecodeError as exc:
+                raise ModelLoadError(f"{cfg}: not valid JSON ({exc})") from None
+    raise ModelLoadError(f"{path}: no config.json next to it, so its preprocessing is unknown; pass its run "
+                         "folder or a file written by `cxrfl export-model`")
+
+
+def _weights_file(run: Path, config: dict) -> Path:
+    if (run / "checkpoints" / "best.ckpt").is_file():
+        return run / "checkpoints" / "best.ckpt"
+    models = run / "models" / ("decrypted" if config.get("he") else "")
+    for name in ("global_best.pt", "global_final.pt"):
+        if (models / name).is_file():
+            return models / name
+    hint = " (an HE run: decrypt it with a site's key first)" if config.get("he") else ""
+    raise ModelLoadError(f"{run}: no trained weights found (checkpoints/best.ckpt or models/global_*.pt){hint}")
+
+
+def _state_dict(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable PyTorch file ({exc})") from None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        return ckpt["state_dict"]  # Lightning
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        return {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}  # NVFlare persistor / round file
+    raise ModelLoadError(f"{path}: holds no state_dict")
+
+
+def _load_into(module, state: dict, path: Path):
+    if any(isinstance(v, (bytes, bytearray)) for v in state.values()):
+        raise ModelLoadError(f"{path}: encrypted (HE) weights; decrypt them with a site's key first")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    training_only = ("class_weights", "loss_fn.")  # loss weighting: not needed to predict
+    missing = [k for k in missing if not k.startswith(training_only)]
+    unexpected = [k for k in unexpected if not k.startswith(training_only)]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: weights do not fit the configured network "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return module.eval()
+
+
+def load_segmenter(path: str | Path) -> Segmenter:
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if path.is_file():
+        bundle = _read_bundle(path)
+        if bundle is not None:
+            return _segmenter_from_bundle(bundle, path)
+    run, config = _find_config(path)
+    if config.get("task") != "segment":
+        raise ModelLoadError(f"{run}: a {config.get('task')!r} run, not a segmentation run")
+    weights = path if path.is_file() else _weights_file(run, config)
+    arch = config.get("model") or DEFAULT_MODEL["segment"]
+    module = _load_into(LungSegmentation(arch=arch), _state_dict(weights), weights)
+    return Segmenter(module, int(config["image_size"]), str(weights))
+
+
+def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Classifier:
+    """The classifier at `path`; `segmenter` overrides the one a lung-ROI run was trained with."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    bundle = _read_bundle(path) if path.is_file() else None
+    if bundle is not None:
+        clf = _classifier_from_bundle(bundle, path)
+    else:
+        run, config = _find_config(path)
+        task = config.get("task")
+        if task not in ("classify", "roi"):
+            raise ModelLoadError(f"{run}: a {task!r} run, not a classification run")
+        federated = "aggregation" in config  # an FLConfig: its roi field applies to task "roi" only
+        roi = (config.get("roi") if task == "roi" else None) if federated else config.get("roi")
+        weights = path if path.is_file() else _weights_file(run, config)
+        classes = list(config.get("classes") or [])
+        model = config.get("model") or DEFAULT_MODEL["classify"]
+        module = _load_into(CXRClassifier(model=model, num_classes=len(classes), class_names=classes),
+                            _state_dict(weights), weights)
+        clf = Classifier(module, classes, int(config["image_size"]), roi, float(config.get("roi_threshold", 0.5)),
+                         source=str(weights))
+        if roi and config.get("segmenter") and segmenter is None:
+            clf.segmenter = load_segmenter(config["segmenter"])
+    if segmenter is not None:
+        clf.segmenter = load_segmenter(segmenter)
+    if clf.roi and clf.segmenter is None:
+        raise ModelLoadError(f"{path}: a lung-ROI classifier trained on ground-truth masks; pass --segmenter "
+                             "to predict lung masks for new images")
+    return clf
+
+
+# ---- single-file export ----------------------------------------------------------------------
+def _read_bundle(path: Path) -> dict | None:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT else None
+
+
+def _segmenter_from_bundle(bundle: dict, path: Path) -> Segmenter:
+    if bundle["task"] != "segment":
+        raise ModelLoadError(f"{path}: an exported {bundle['task']!r} model, not a segmenter")
+    module = _load_into(LungSegmentation(arch=bundle["model"]), bundle["state_dict"], path)
+    return Segmenter(module, bundle["image_size"], str(path))
+
+
+def _classifier_from_bundle(bundle: dict, path: Path) -> Classifier:
+    if bundle["task"] != "classify":
+        raise ModelLoadError(f"{path}: an exported {bundle['task']!r} model, not a classifier")
+    classes = list(bundle["classes"])
+    module = _load_into(CXRClassifier(model=bundle["model"], num_classes=len(classes), class_names=classes),
+                        bundle["state_dict"], path)
+    seg = _segmenter_from_bundle(bundle["segmenter"], path) if bundle.get("segmenter") else None
+    return Classifier(module, classes, bundle["image_size"], bundle.get("roi"), bundle.get("roi_threshold", 0.5),
+                      seg, str(path))
+
+
+def _segmenter_bundle(seg: Segmenter) -> dict:
+    return {"format": BUNDLE_FORMAT, "task": "segment", "model": seg.module.hparams.arch,
+            "image_size": seg.image_size, "normalisation": NORMALISATION,
+            "threshold": float(seg.module.hparams.threshold), "state_dict": seg.module.state_dict()}
+
+
+def export_model(source: str | Path, out: str | Path) -> dict:
+    """Write one self-contained file (weights + preprocessing, and a lung-ROI classifier's
+    segmenter) for `cxrfl predict`; returns its description without the weights."""
+    from app_custom.round_recorder import atomic_torch_save
+
+    source = Path(source)
+    try:
+        bundle = {"format": BUNDLE_FORMAT, **_classifier_bundle(load_classifier(source))}
+    except ModelLoadError as exc:
+        if "not a classification run" not in str(exc) and "not a classifier" not in str(exc):
+            raise
+        bundle = _segmenter_bundle(load_segmenter(source))
+    bundle["source"] = str(source.absolute())
+    atomic_torch_save(bundle, out)
+    return {k: v for k, v in bundle.items() if k not in ("state_dict", "segmenter")} | (
+        {"segmenter": "embedded"} if bundle.get("segmenter") else {})
+
+
+def _classifier_bundle(clf: Classifier) -> dict:
+    return {"task": "classify", "model": clf.module.hparams.model, "classes": clf.classes,
+            "image_size": clf.image_size, "normalisation": NORMALISATION, "roi": clf.roi,
+            "roi_threshold": clf.roi_threshold, "state_dict": clf.module.state_dict(),
+            "segmenter": _segmenter_bundle(clf.segmenter) if clf.segmenter else None}
