@@ -1,4 +1,5 @@
-"""`cxrfl demo --quick`: the README's main command, end to end (FL and central, all three tasks)."""
+"""`cxrfl demo --quick`: the README's main command, end to end (FL and central, all three tasks,
+the lung-ROI variants, Grad-CAM scores and the report)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def test_quick_demo_prints_the_comparison_table(tmp_path, capsys):
     assert [(r["task"], r["setting"]) for r in rows] == [
         ("lung segmentation", "FL"), ("lung segmentation", "central"),
         ("classification (full image)", "FL"), ("classification (full image)", "central"),
-        ("classification (lung ROI)", "FL"), ("classification (lung ROI)", "central")]
+        ("classification (lung ROI)", "FL"), ("classification (lung ROI)", "central"),
+        ("classification (lung ROI, crop)", "central"), ("classification (lung ROI, mask at 0.05)", "central")]
     assert all(r["value"] is not None and 0 <= r["value"] <= 1 and r["wall_seconds"] > 0 for r in rows)
     fl_segmentation = rows[0]["value"]
     assert fl_segmentation > 0.5  # the federated U-Net learned lungs in 3 rounds (random masks: ~0.3)
@@ -24,4 +26,17 @@ def test_quick_demo_prints_the_comparison_table(tmp_path, capsys):
     assert roi_config["segmenter"] == str(run / "fl-segment" / "models" / "global_best.pt")
     out = capsys.readouterr().out
     assert "| lung segmentation | FL | test_dice |" in out
-    assert (run / "summary.md").read_text().count("\n") == 8  # header, rule, 6 rows
+    assert "| lung segmentation | FL | test_dice |" in (run / "summary.md").read_text()
+    # where each classifier looks, next to its test AUROC; ROI settings as trained
+    scores = json.loads((run / "interpretability.json").read_text())
+    assert set(scores) == {"fl-classify", "central-classify", "fl-roi", "central-roi", "central-roi-crop",
+                           "central-roi-t0.05"}
+    assert scores["central-roi-crop"]["roi"] == "crop" and scores["central-roi-t0.05"]["roi_threshold"] == 0.05
+    assert scores["fl-classify"]["roi"] is None
+    for name, row in scores.items():
+        assert 0 <= row["in_lung_share"] <= 1 and 0 <= row["in_opacity_share"] <= 1, name
+        assert row["test_auroc"] is not None and row["images"] > 0
+    for figure in ("gradcam_grid.png", "segmentation_overlays.png"):
+        assert (run / "figures" / figure).stat().st_size > 0
+    report = (run / "report" / "report.html").read_text()
+    assert "gradcam_grid" in report and report.count("data:image/png;base64,") >= 8

@@ -287,3 +287,20 @@ def test_he_job_runs_in_the_simulator_and_a_site_key_decrypts_the_result(fl_root
     CXRClassifier(model="cnn5").net.load_state_dict({k.removeprefix("net."): v for k, v in decrypted["model"].items()})
     summary = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= summary["test"]["test_auroc"] <= 1.0
+    from cxrfl.models import load_classifier
+
+    assert load_classifier(run).source.endswith("decrypted/global_best.pt")  # predict takes the decrypted model
+
+
+def test_federated_runs_load_for_predict_like_central_ones(classify_run, fl_root, tmp_path):
+    """A simulator run folder is a model source for `cxrfl predict`, with its test predictions."""
+    from cxrfl.models import load_classifier
+
+    clf = load_classifier(classify_run)
+    assert clf.source.endswith("global_best.pt") and clf.image_size == 32 and clf.roi is None
+    with open(classify_run / "test_predictions.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header == ["image", "label", "predicted", "p_normal", "p_pneumonia"]
+    image = next((fl_root / "test" / "images").glob("*.png"))
+    assert main(["predict", str(image), "--classifier", str(classify_run), "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 2

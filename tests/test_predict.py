@@ -168,3 +168,28 @@ def test_predict_refuses_a_missing_model_or_no_images(trained, tmp_path, capsys)
     assert main(["predict", str(tmp_path / "empty"), "--classifier", str(trained / "roi"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_heat_map_scores_compare_regions_in_each_models_own_frame(trained, synthetic_root, tmp_path):
+    """A cropping ROI model sees the lungs fill its frame: the ground truth is cropped the same way
+    before its heat maps are scored; interpretability.json and the grid figure are written."""
+    import dataclasses
+
+    from cxrfl.interpretability import _in_model_frame, score_models
+
+    masked = load_classifier(trained / "roi")
+    cropped = dataclasses.replace(masked, roi="crop")
+    from lightning_modules.data.manifest import load_split, resolve
+
+    rows = [(f, r) for f, r in load_split(synthetic_root, "test", None)][:6]
+    images = [read_image(resolve(f, r.image)) for f, r in rows]
+    lungs = [read_image(resolve(f, r.mask)) > 0 for f, r in rows]
+    _, _, masks = model_inputs(images, 48, "crop", 0.5, cropped.mask_predictor())
+    in_mask_frame = _in_model_frame(masked, lungs, masks)
+    in_crop_frame = _in_model_frame(cropped, lungs, masks)
+    assert in_crop_frame.mean() > 1.3 * in_mask_frame.mean()
+    results = score_models({"roi": trained / "roi"}, synthetic_root, tmp_path, limit=20, show=2)
+    row = results["roi"]
+    assert row["roi"] == "mask" and 0 <= row["in_lung_share"] <= 1 and row["images"] > 0
+    assert json.loads((tmp_path / "interpretability.json").read_text()) == results
+    assert (tmp_path / "figures" / "gradcam_grid.png").stat().st_size > 0

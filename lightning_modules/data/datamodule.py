@@ -135,7 +135,7 @@ class CXRDataModule(pl.LightningDataModule):
         steps = [CastToTyped(keys=keys, dtype=torch.float32)]
         if train and self.augment:
             steps.append(train_augmentation(with_mask=self._mask_in_batch(), seed=self.seed))
-        steps.append(normalize())
+        steps.append(normalize(lung_only=self.roi == "mask"))
         # plain tensors, not MetaTensors: they would leak into metrics and checkpoints
         steps.append(EnsureTyped(keys=keys, data_type="tensor", track_meta=False))
         return Compose(steps)

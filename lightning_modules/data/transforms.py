@@ -83,14 +83,17 @@ def train_augmentation(with_mask: bool, seed: int) -> Compose:
     return t
 
 
-def normalize() -> NormalizeIntensityd:
-    """Per-image standardisation: removes most site exposure/contrast offsets."""
-    return NormalizeIntensityd(keys="image")
+def normalize(lung_only: bool = False) -> NormalizeIntensityd:
+    """Per-image standardisation: removes most site exposure/contrast offsets. `lung_only` (ROI
+    'mask' input): statistics of the non-zero (lung) pixels only and the background left at 0;
+    standardising the whole masked frame would write the lungs' mean brightness into the constant
+    background, a shortcut that lets a model classify from outside the lungs."""
+    return NormalizeIntensityd(keys="image", nonzero=lung_only)
 
 
-def normalize_image() -> NormalizeIntensity:
+def normalize_image(lung_only: bool = False) -> NormalizeIntensity:
     """The same standardisation on a bare [C,H,W] image (inference paths)."""
-    return NormalizeIntensity()
+    return NormalizeIntensity(nonzero=lung_only)
 
 
 def model_inputs(images: list, image_size: int, roi: str | None = None, roi_threshold: float = 0.5,
@@ -107,6 +110,6 @@ def model_inputs(images: list, image_size: int, roi: str | None = None, roi_thre
             masks = mask_predictor(resized)
     roi_input = lung_roi(resized, masks, roi, roi_threshold) if roi else resized
     cached = roi_input.half().float()  # the data module caches images in float16
-    standardise = normalize_image()
+    standardise = normalize_image(lung_only=roi == "mask")
     x = torch.stack([torch.as_tensor(standardise(im)) for im in cached])
     return x.as_subclass(torch.Tensor), resized.as_subclass(torch.Tensor), masks

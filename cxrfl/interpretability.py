@@ -1,0 +1,145 @@
+"""Where do the classifiers look? Grad-CAM on the held-out test set, scored without a radiologist:
+the share of each positive image's heat-map mass inside the ground-truth lungs (and, where the data
+has them, e.g. the synthetic phantom, inside the opacities). Also the figures the report shows:
+a Grad-CAM grid of the models side by side and segmentation overlays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrfl.models import Classifier, load_classifier, load_segmenter
+from lightning_modules.data.imageio import read_image, read_mask
+from lightning_modules.data.manifest import load_split, resolve, write_json
+from lightning_modules.data.transforms import deterministic_transforms, lung_roi, model_inputs
+from lightning_modules.interpret import heat_maps, mass_inside, overlay
+
+FIGURES = "figures"
+
+
+def _test_set(data_root: Path, limit: int | None) -> list[dict]:
+    """Test images with their lung (and opacity) masks; rows without a lung mask are left out."""
+    items = []
+    for folder, record in load_split(data_root, "test", None):
+        if not record.mask:
+            continue
+        item = {"id": str(resolve(folder, record.image)), "label": record.label,
+                "image": read_image(resolve(folder, record.image)), "lung": read_mask(resolve(folder, record.mask))}
+        if record.opacity:
+            item["opacity"] = read_mask(resolve(folder, record.opacity))
+        items.append(item)
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise ValueError(f"{data_root}/test: no test images with lung masks to score heat maps against")
+    return items
+
+
+def _resized(regions: list[np.ndarray], size: int) -> torch.Tensor:
+    prepare = deterministic_transforms(size, with_mask=False)
+    return torch.stack([prepare({"image": r.astype(np.float32)[None]})["image"] for r in regions]).as_subclass(
+        torch.Tensor)
+
+
+def _in_model_frame(clf: Classifier, regions: list[np.ndarray], masks: torch.Tensor | None) -> torch.Tensor:
+    """Ground-truth regions resized to the model input and, for a cropping ROI model, cropped the
+    way its input was, so they line up with its heat maps."""
+    frame = _resized(regions, clf.image_size)
+    if clf.roi == "crop":
+        frame = lung_roi(frame, masks, "crop", clf.roi_threshold)
+    return (frame > 0.5).float()[:, 0]
+
+
+def _nanmean(values: torch.Tensor) -> float | None:
+    values = values[~torch.isnan(values)]
+    return round(float(values.mean()), 4) if len(values) else None
+
+
+def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str = "gradcam", limit: int | None = 200,
+                 show: int = 4) -> dict:
+    """interpretability.json and figures/gradcam_grid.png for `models` (name -> run folder)."""
+    items = _test_set(Path(data_root), limit)
+    results, grid = {}, {}
+    for name, run in models.items():
+        clf = load_classifier(run)
+        positive = clf.classes[-1]  # binary: the disease; multi-class: the last class
+        chosen = [it for it in items if it["label"] == positive]
+        if not chosen:
+            raise ValueError(f"{data_root}/test: no {positive!r} images with lung masks")
+        x, _, masks = model_inputs([it["image"] for it in chosen], clf.image_size, clf.roi, clf.roi_threshold,
+                                   clf.mask_predictor())
+        maps = torch.cat([heat_maps(clf.module, x[i:i + 32], class_index=len(clf.classes) - 1, method=cam)
+                          for i in range(0, len(x), 32)])
+        lung = _in_model_frame(clf, [it["lung"] for it in chosen], masks)
+        row = {"roi": clf.roi, "roi_threshold": clf.roi_threshold if clf.roi else None, "cam": cam,
+               "images": len(chosen), "in_lung_share": _nanmean(mass_inside(maps, lung)),
+               "lung_area_share": round(float(lung.mean()), 4)}  # what a uniform map would score
+        with_opacity = [i for i, it in enumerate(chosen) if "opacity" in it]
+        if with_opacity:
+            opacity = _in_model_frame(clf, [chosen[i]["opacity"] for i in with_opacity],
+                                      masks[with_opacity] if masks is not None else None)
+            row["in_opacity_share"] = _nanmean(mass_inside(maps[with_opacity], opacity))
+        metrics = Path(run) / "metrics.json"
+        if metrics.is_file():
+            row["test_auroc"] = json.loads(metrics.read_text()).get("test", {}).get("test_auroc")
+        results[name] = row
+        grid[name] = [(x[i, 0].numpy(), maps[i].numpy()) for i in range(min(show, len(x)))]
+    out = Path(out)
+    write_json(out / "interpretability.json", results)
+    _grid_figure(grid, out / FIGURES / "gradcam_grid.png", cam)
+    return results
+
+
+def _grid_figure(grid: dict, path: Path, cam: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(grid)
+    rows = max(len(v) for v in grid.values())
+    fig, axes = plt.subplots(rows, len(names), figsize=(2.4 * len(names), 2.4 * rows), squeeze=False)
+    for c, name in enumerate(names):
+        for r in range(rows):
+            ax = axes[r][c]
+            ax.axis("off")
+            if r < len(grid[name]):
+                image, heat = grid[name][r]
+                ax.imshow(overlay(image, heat))
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+    fig.suptitle(f"{cam} on positive test images (each model's own input)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def segmentation_overlays(segmenter_run: Path, data_root: Path, out: Path, show: int = 6) -> Path:
+    """figures/segmentation_overlays.png: predicted lung contour (red) and ground truth (green)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seg = load_segmenter(segmenter_run)
+    items = _test_set(Path(data_root), show)
+    x, resized, _ = model_inputs([it["image"] for it in items], seg.image_size)
+    predicted = seg.module.predict_masks(resized)[:, 0].numpy()
+    truth = _resized([it["lung"] for it in items], seg.image_size)[:, 0].numpy()
+    fig, axes = plt.subplots(1, len(items), figsize=(2.4 * len(items), 2.6), squeeze=False)
+    for ax, image, pred, gt in zip(axes[0], resized[:, 0].numpy(), predicted, truth):
+        ax.imshow(image, cmap="gray")
+        ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.8)
+        ax.contour(pred, levels=[0.5], colors="red", linewidths=0.8)
+        ax.axis("off")
+    fig.suptitle("lung segmentation on test images: prediction (red), ground truth (green)", fontsize=10)
+    fig.tight_layout()
+    path = Path(out) / FIGURES / "segmentation_overlays.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
