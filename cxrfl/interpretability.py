@@ -20,10 +20,10 @@ from lightning_modules.interpret import heat_maps, mass_inside, overlay
 FIGURES = "figures"
 
 
-def _test_set(data_root: Path, limit: int | None) -> list[dict]:
-    """Test images with their lung (and opacity) masks; rows without a lung mask are left out."""
+def _test_set(data_root: Path, limit: int | None, split: str = "test") -> list[dict]:
+    """Images of a split with their lung (and opacity) masks; rows without a lung mask are left out."""
     items = []
-    for folder, record in load_split(data_root, "test", None):
+    for folder, record in load_split(data_root, split, None):
         if not record.mask:
             continue
         item = {"id": str(resolve(folder, record.image)), "label": record.label,
@@ -34,7 +34,7 @@ def _test_set(data_root: Path, limit: int | None) -> list[dict]:
         if limit and len(items) >= limit:
             break
     if not items:
-        raise ValueError(f"{data_root}/test: no test images with lung masks to score heat maps against")
+        raise ValueError(f"{data_root}: no {split} images with lung masks")
     return items
 
 
@@ -119,15 +119,16 @@ def _grid_figure(grid: dict, path: Path, cam: str) -> None:
 
 
 def segmentation_overlays(segmenter_run: Path, data_root: Path, out: Path, show: int = 6) -> Path:
-    """figures/segmentation_overlays.png: predicted lung contour (red) and ground truth (green)."""
+    """figures/segmentation_overlays.png: predicted lung contour (red) and ground truth (green) on
+    the sites' validation images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seg = load_segmenter(segmenter_run)
-    items = _test_set(Path(data_root), show)
-    x, resized, _ = model_inputs([it["image"] for it in items], seg.image_size)
+    items = _test_set(Path(data_root), show, split="val")
+    _, resized, _ = model_inputs([it["image"] for it in items], seg.image_size)
     predicted = seg.module.predict_masks(resized)[:, 0].numpy()
     truth = _resized([it["lung"] for it in items], seg.image_size)[:, 0].numpy()
     fig, axes = plt.subplots(1, len(items), figsize=(2.4 * len(items), 2.6), squeeze=False)
@@ -136,7 +137,7 @@ def segmentation_overlays(segmenter_run: Path, data_root: Path, out: Path, show:
         ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.8)
         ax.contour(pred, levels=[0.5], colors="red", linewidths=0.8)
         ax.axis("off")
-    fig.suptitle("lung segmentation on test images: prediction (red), ground truth (green)", fontsize=10)
+    fig.suptitle("lung segmentation on validation images: prediction (red), ground truth (green)", fontsize=10)
     fig.tight_layout()
     path = Path(out) / FIGURES / "segmentation_overlays.png"
     path.parent.mkdir(parents=True, exist_ok=True)
