@@ -28,6 +28,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.client import is_evaluate, is_submit_model, send
 
+from app_custom.intermittent import ABSENT, parse_rounds
 from lightning_modules.callbacks import RoundTimeBudget
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import MANIFEST_NAME
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--schedule", type=lambda text: json.loads(unquote(text)), default=None,
+                   help="URL-quoted JSON {site: round ranges}: the rounds each listed site takes part in")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); set when sites share one machine")
     return p.parse_args(argv)
@@ -141,6 +144,11 @@ def main(argv=None) -> None:
             continue
         if is_evaluate():
             trainer.validate(module, datamodule=dm)  # the patched trainer loads the model and sends metrics
+            continue
+        if args.schedule and site in args.schedule and input_model.current_round not in parse_rounds(
+                args.schedule[site], input_model.total_rounds):
+            # away this round (simulated): no training, no validation; the server counts it as absent
+            send(FLModel(params={}, meta={ABSENT: True}))
             continue
         trainer.validate(module, datamodule=dm)  # metrics of the received global model, for model selection
         trainer.fit(module, datamodule=dm)

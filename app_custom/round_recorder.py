@@ -3,8 +3,10 @@
 Written here because NVFlare's persistor keeps only the last and the best global model, and no
 stock widget logs per-round contributors. Files go to `<server app dir>/rounds/`:
 - `global_round_NNN.pt`: `{"model": state_dict, "round": N}`, written atomically;
-- `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted); the sites'
-  metrics per round are in NVFlare's own `metrics/round_metrics.jsonl`;
+- `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted, absent) and,
+  with the site-aware aggregator, one per global model (round, fresh: sites whose update of this
+  round counted, kept: sites counted with an earlier update); the sites' metrics per round are in
+  NVFlare's own `metrics/round_metrics.jsonl`;
 - with `save_contributions=True` also `SITE_round_NNN.pt`, the weights each site sent
   (an audit aid; off by default since it stores every site's plaintext update).
 """
@@ -26,6 +28,8 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.abstract.fl_model import MetaKey
+
+from app_custom.intermittent import ABSENT, FRESH, KEPT
 
 ROUNDS_DIR = "rounds"
 ROUND_LOG = "round_log.jsonl"
@@ -82,6 +86,7 @@ class RoundRecorder(FLComponent):
         try:
             dxo = from_shareable(result)
             entry["weight"] = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
+            entry["absent"] = bool(dxo.get_meta_prop(ABSENT))
             entry["data_kind"] = dxo.data_kind
             if self.save_contributions and isinstance(dxo.data, dict):
                 atomic_torch_save({"model": _to_tensors(dxo.data), "round": round_num, "site": site,
@@ -89,6 +94,9 @@ class RoundRecorder(FLComponent):
                                   os.path.join(self._dir, f"{site}_round_{round_num:03d}.pt"))
         except Exception as exc:  # a malformed result is the aggregator's to reject; log it here too
             entry["error"] = str(exc)
+        self._log(entry)
+
+    def _log(self, entry: dict) -> None:
         with open(os.path.join(self._dir, ROUND_LOG), "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -99,5 +107,7 @@ class RoundRecorder(FLComponent):
             return
         weights = model[ModelLearnableKey.WEIGHTS]
         meta = dict(model.get(ModelLearnableKey.META) or {})  # under HE: the sum of weights to divide by
+        if FRESH in meta:  # a site-aware aggregator says whose updates made this global model
+            self._log({"round": round_num, "global_model": True, "fresh": meta[FRESH], "kept": meta.get(KEPT, [])})
         atomic_torch_save({"model": _to_tensors(weights), "round": round_num, "meta": meta},
                           os.path.join(self._dir, f"global_round_{round_num:03d}.pt"))

@@ -32,6 +32,7 @@ from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 import app_custom
 from lightning_modules.factory import DEFAULT_MODEL
 from app_custom.global_model import GlobalModel
+from app_custom.intermittent import SiteAwareFedAvg, check_schedule
 from app_custom.round_recorder import RoundRecorder
 
 TASKS = ("segment", "classify", "roi")
@@ -91,6 +92,8 @@ class FLConfig:
     torch_threads: int = 0  # per-site CPU threads; 0: torch's default (one site per machine)
     he: bool = False  # homomorphic encryption of the weight exchange (needs HE contexts in the kits)
     he_encrypt_layers: str | None = None  # regex of tensor names to encrypt; None: every float tensor
+    schedule: dict[str, str] | None = None  # site -> rounds it takes part in ("0-2,5"); others: all rounds
+    absent_weights: str = "drop"  # a site that is away: "drop" its weights (approach 1) or "keep" its last
 
     @property
     def kind(self) -> str:
@@ -115,6 +118,14 @@ class FLConfig:
             raise ValueError("rounds and local epochs must be >= 1")
         if self.he and self.aggregation != "fedavg":
             raise ValueError("homomorphic encryption works with FedAvg only (the server cannot run an optimizer on ciphertexts)")
+        if self.absent_weights not in ("drop", "keep"):
+            raise ValueError("absent_weights must be 'drop' or 'keep'")
+        if self.schedule:
+            check_schedule(self.schedule, self.sites, self.rounds)
+        if self.he and (self.schedule or self.absent_weights == "keep"):
+            raise ValueError("availability schedules and --absent-weights keep are not available with HE")
+        if self.aggregation != "fedavg" and (self.schedule or self.absent_weights == "keep"):
+            raise ValueError("availability schedules and --absent-weights keep work with FedAvg only")
         if self.he_encrypt_layers and not self.he:
             raise ValueError("--he-encrypt-layers needs --he")
         if self.he_encrypt_layers:
@@ -149,6 +160,8 @@ class FLConfig:
             args += ["--limit", self.limit]
         if self.torch_threads:
             args += ["--torch-threads", self.torch_threads]
+        if self.schedule:
+            args += ["--schedule", quote(json.dumps(self.schedule))]
         for a in args:
             if " " in str(a):
                 raise ValueError(f"{a!r}: NVFlare passes client arguments split on spaces; use a path without spaces")
@@ -187,7 +200,10 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
                 optimizer_args={"path": optimizer, "args": {"lr": cfg.server_lr}, "config_type": "dict"},
                 source_model=model_id, device="cpu")
             data_kind, transfer = DataKind.WEIGHT_DIFF, TransferType.DIFF
-        aggregator = InTimeAccumulateWeightedAggregator(expected_data_kind=data_kind)
+        if cfg.schedule or cfg.absent_weights == "keep":  # sites come and go: who counts is the point
+            aggregator = SiteAwareFedAvg(keep_absent=cfg.absent_weights == "keep")
+        else:
+            aggregator = InTimeAccumulateWeightedAggregator(expected_data_kind=data_kind)
     persistor_id = job.to_server(persistor, id="persistor")
     generator_id = job.to_server(generator, id="shareable_generator")
     aggregator_id = job.to_server(aggregator, id="aggregator")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from cxrfl.commands.options import add_training_options, positive_float, positive_int, resolve_data_root
@@ -35,6 +36,13 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None) -> None:
     g.add_argument("--he-encrypt-layers", metavar="REGEX",
                    help="with --he: encrypt only the tensors whose name matches (default: all floating-point "
                    "tensors). The others travel and are averaged in plaintext: a privacy trade-off, see docs/he.md")
+    g.add_argument("--schedule", metavar="JSON|FILE",
+                   help='sites that come and go: {"site-2": "0-2", "site-3": "2-"} (inline or a JSON file) gives '
+                   "the rounds each listed site takes part in; the others take part in every round. Away, a "
+                   "site does not train")
+    g.add_argument("--absent-weights", choices=["drop", "keep"], default="drop",
+                   help="a site that is away: drop its weights (approach 1, default) or keep averaging its last "
+                   "update with its sample weight (approach 2)")
     g.add_argument("--wandb-project", default="cxr-fl", help="W&B project for --wandb (default cxr-fl)")
     g.add_argument("--record-contributions", action="store_true",
                    help="keep every site's update of every round on the server (audit; off by default)")
@@ -89,4 +97,20 @@ def config_from_args(args) -> FLConfig:
         seed=args.seed, class_weights=args.class_weights, accelerator=args.accelerator, limit=args.limit,
         cross_site_eval=not (args.no_cross_site_eval or args.he), wandb=args.wandb, wandb_project=args.wandb_project,
         record_contributions=args.record_contributions, he=args.he, he_encrypt_layers=args.he_encrypt_layers,
+        schedule=_schedule(args.schedule), absent_weights=args.absent_weights,
     )
+
+
+def _schedule(text: str | None) -> dict[str, str] | None:
+    """--schedule: inline JSON or a JSON file; {site: round ranges}."""
+    if not text:
+        return None
+    source = Path(text)
+    raw = source.read_text() if not text.lstrip().startswith("{") and source.is_file() else text
+    try:
+        schedule = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--schedule {text}: not JSON (nor a JSON file): {exc}") from None
+    if not isinstance(schedule, dict) or not all(isinstance(v, (str, int)) for v in schedule.values()):
+        raise ValueError('--schedule: expected {"site name": "round ranges like 0-2,5,7-"}')
+    return {str(k): str(v) for k, v in schedule.items()}

@@ -1,0 +1,138 @@
+"""FedAvg for sites that come and go (Sáinz-Pardo & López García's two approaches), as an NVFlare
+aggregator for ScatterAndGather.
+
+- approach 1 (`keep_absent=False`): a round's global model is the sample-weighted mean of the
+  updates that arrived this round; a site that is away simply does not count.
+- approach 2 (`keep_absent=True`): each site's last update is remembered, and a site that is away
+  this round still counts with its last update and its sample weight. A site counts from the first
+  round it contributes in; when it comes back its fresh update replaces the remembered one.
+
+Written here because NVFlare's InTimeAccumulateWeightedAggregator only sees this round's results.
+A site that is scheduled away (simulator schedules) sends an update marked ABSENT with no weights;
+a site whose process is down sends nothing; both are "away" for the aggregator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.aggregator import Aggregator
+from nvflare.app_common.app_constant import AppConstants
+
+ABSENT = "cxrfl_absent"  # meta flag of an update from a site that is away this round
+FRESH, KEPT = "cxrfl_fresh_sites", "cxrfl_kept_sites"  # meta of the global model: who counted
+
+
+def weighted_mean(contributions: dict[str, tuple[dict, float]]) -> dict:
+    """Sample-weighted mean of {site: (params, weight)}, key by key (tensors or arrays)."""
+    if not contributions:
+        raise ValueError("no contributions to average")
+    total = float(sum(w for _, w in contributions.values()))
+    if total <= 0:
+        raise ValueError("the contributions' weights sum to zero")
+    keys = next(iter(contributions.values()))[0].keys()
+    mean = {}
+    for key in keys:
+        acc = None
+        for params, weight in contributions.values():
+            value = params[key]
+            value = value.double() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float64)
+            acc = value * (weight / total) if acc is None else acc + value * (weight / total)
+        original = next(iter(contributions.values()))[0][key]
+        mean[key] = acc.to(original.dtype) if isinstance(original, torch.Tensor) else acc.astype(np.asarray(original).dtype)
+    return mean
+
+
+class SiteAwareFedAvg(Aggregator):
+    def __init__(self, keep_absent: bool = False):
+        super().__init__()
+        self.keep_absent = keep_absent
+        self._this_round: dict[str, tuple[dict, float]] = {}
+        self._last: dict[str, tuple[dict, float]] = {}  # approach 2: every site's last update
+
+    def reset(self, fl_ctx: FLContext) -> None:
+        self._this_round = {}
+
+    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
+        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
+        contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        try:
+            dxo = from_shareable(shareable)
+        except Exception as exc:
+            self.log_warning(fl_ctx, f"rejected the update of {site}: not a DXO ({exc})")
+            return False
+        if dxo.get_meta_prop(ABSENT):
+            self.log_info(fl_ctx, f"{site} is away in round {current_round}")
+            return False
+        weight = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
+        reason = None
+        if contribution_round != current_round:
+            reason = f"it is for round {contribution_round}, this is round {current_round}"
+        elif site in self._this_round:
+            reason = "it already contributed to this round"
+        elif dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
+            reason = "it holds no weights"
+        elif not isinstance(weight, (int, float)) or weight <= 0:
+            reason = f"its sample weight {weight!r} is not positive"
+        if reason:
+            self.log_warning(fl_ctx, f"rejected the update of {site}: {reason}")
+            return False
+        self._this_round[site] = (dxo.data, float(weight))
+        return True
+
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        fresh = dict(self._this_round)
+        counted = dict(fresh)
+        kept = []
+        if self.keep_absent:
+            for site, update in self._last.items():
+                if site not in counted:
+                    counted[site] = update
+                    kept.append(site)
+            self._last.update(fresh)
+        if not counted:
+            raise RuntimeError("no site contributed this round and none is remembered")
+        mean = weighted_mean(counted)
+        self.log_info(fl_ctx, f"averaged fresh updates of {sorted(fresh)}"
+                              + (f" and the last updates of {sorted(kept)}" if kept else ""))
+        self.reset(fl_ctx)
+        dxo = DXO(data_kind=DataKind.WEIGHTS, data=mean, meta={FRESH: sorted(fresh), KEPT: sorted(kept)})
+        return dxo.to_shareable()
+
+
+def parse_rounds(spec: str, rounds: int) -> set[int]:
+    """Rounds a site takes part in, from "0-2,5,7-" (an open end runs to the last round)."""
+    chosen: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                chosen.update(range(int(lo), (int(hi) if hi else rounds - 1) + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise ValueError(f"round range {part!r}: use numbers like 0-2,5,7-") from None
+    outside = sorted(r for r in chosen if not 0 <= r < rounds)
+    if outside:
+        raise ValueError(f"rounds {outside} are outside 0..{rounds - 1}")
+    return chosen
+
+
+def check_schedule(schedule: dict[str, str], sites: list[str], rounds: int) -> dict[str, set[int]]:
+    """Each site's rounds (all rounds for a site the schedule leaves out); every round needs a site."""
+    unknown = sorted(set(schedule) - set(sites))
+    if unknown:
+        raise ValueError(f"the schedule names sites that are not in the job: {', '.join(unknown)}")
+    plan = {site: parse_rounds(schedule[site], rounds) if site in schedule else set(range(rounds)) for site in sites}
+    empty = [r for r in range(rounds) if not any(r in taken for taken in plan.values())]
+    if empty:
+        raise ValueError(f"no site is available in round(s) {empty}")
+    return plan
