@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -111,6 +112,18 @@ def site_data_module(args, site: str) -> CXRDataModule:
     return dm
 
 
+class ReportTrainSeconds(pl.Callback):
+    """Put this round's local training time into the update's meta (`train_seconds`): the server's
+    round log keeps it, for the critical-path time of a deployment with one machine per site.
+    Runs before NVFlare's FLCallback, which sends the update at the end of fit()."""
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = time.monotonic()
+
+    def on_train_end(self, trainer, pl_module):
+        pl_module.__fl_meta__["train_seconds"] = round(time.monotonic() - self._start, 3)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.torch_threads > 0:
@@ -124,7 +137,7 @@ def main(argv=None) -> None:
     # FedAvg weight: this site's number of training samples (not batches), read by the aggregator.
     module.__fl_meta__ = {MetaKey.NUM_STEPS_CURRENT_ROUND: dm.num_train_samples}
 
-    callbacks = []
+    callbacks = [ReportTrainSeconds()]
     if args.time_budget > 0:
         callbacks.append(RoundTimeBudget(args.time_budget))
     trainer = pl.Trainer(max_epochs=args.local_epochs, accelerator=args.accelerator, devices=1,

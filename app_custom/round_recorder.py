@@ -87,6 +87,7 @@ class RoundRecorder(FLComponent):
             dxo = from_shareable(result)
             entry["weight"] = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
             entry["absent"] = bool(dxo.get_meta_prop(ABSENT))
+            entry["train_seconds"] = dxo.get_meta_prop("train_seconds")  # the site's own training time
             entry["data_kind"] = dxo.data_kind
             if self.save_contributions and isinstance(dxo.data, dict):
                 atomic_torch_save({"model": _to_tensors(dxo.data), "round": round_num, "site": site,

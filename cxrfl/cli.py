@@ -10,7 +10,7 @@ from cxrfl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrfl.commands import central, data, demo, export, poc, predict, report, sim
+    from cxrfl.commands import central, data, demo, export, poc, predict, report, sim, study
 
     parser = argparse.ArgumentParser(
         prog="cxrfl",
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     predict.add_parser(sub)
     report.add_parser(sub)
+    study.add_parser(sub)
     return parser
 
 

@@ -29,3 +29,4 @@ class RoundTimeBudget(pl.Callback):
         if time.monotonic() - self._start >= self.seconds:
             trainer.should_stop = True
             self.stopped_early = True
+

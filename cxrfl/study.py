@@ -1,0 +1,210 @@
+"""`cxrfl study`: the scaling and intermittent-clients study of Sáinz-Pardo & López García, as a
+grid of simulator runs plus a centralized baseline, resumable, summarised in one table.
+
+The same pooled training data is split IID into each number of sites (the held-out test set is
+shared), so 3 vs 10 sites differ only in how the data is spread. Sites run one after another in
+the simulator, so each site's measured training time is its own (not slowed by the others): the
+critical-path time is, per round, the slowest site's training plus the server's aggregation, what
+a deployment with one machine per hospital would wait; the wall time is what it took here.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import itertools
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from cxrfl.fl_job import FLConfig
+from lightning_modules.data.manifest import (DATASET_JSON, Record, atomic_write_text, load_split, read_dataset_info,
+                                             resolve, write_json)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "studies"
+COLUMNS = ["run", "sites", "rounds", "local_epochs", "schedule", "approach", "test_loss", "test_acc", "test_auroc",
+           "wall_s", "critical_path_s", "time_reduction_wall", "time_reduction_critical_path"]
+
+
+class StudyError(ValueError):
+    """The study's configuration or data is unusable; the message says why."""
+
+
+def load_config(path: Path) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise StudyError(f"{path}: cannot read the study configuration ({exc})") from None
+    for key in ("name", "data", "grid"):
+        if key not in (config or {}):
+            raise StudyError(f"{path}: missing '{key}'")
+    return config
+
+
+def pooled_data(config: dict, out: Path) -> Path:
+    """The study's source data root: a synthetic one generated into the study folder, or a path."""
+    data = config["data"]
+    if "root" in data:
+        return Path(data["root"])
+    root = out / "data" / "pool"
+    if not (root / DATASET_JSON).is_file():
+        from lightning_modules.data.phantom import generate_dataset
+
+        generate_dataset(root, **data["synthetic"])
+    return root
+
+
+def split_for(pool: Path, n_sites: int, out: Path, seed: int) -> Path:
+    """`pool`'s train/val records re-split IID into n sites (patients kept together); same test set."""
+    from lightning_modules.data.split import split_into_sites, write_data_root
+
+    root = out / "data" / f"{n_sites}-sites"
+    if (root / DATASET_JSON).is_file():
+        return root
+    records, test = [], []
+    for folder, r in load_split(pool, "train") + load_split(pool, "val"):
+        records.append(_absolute(folder, r))
+    for folder, r in load_split(pool, "test"):
+        test.append(_absolute(folder, r))
+    result = split_into_sites(records, n_sites, mode="iid", test_fraction=0.0, seed=seed)
+    result.test = test
+    write_data_root(result, root, read_dataset_info(pool).get("classes"), pool)
+    return root
+
+
+def _absolute(folder: Path, r: Record) -> Record:
+    return Record(image=str(resolve(folder, r.image)), mask=str(resolve(folder, r.mask)) if r.mask else "",
+                  label=r.label, patient_id=r.patient_id, split=r.split, site=r.site,
+                  opacity=str(resolve(folder, r.opacity)) if r.opacity else "")
+
+
+def grid_runs(config: dict) -> list[dict]:
+    grid = config["grid"]
+    schedules = grid.get("schedules") or {"none": None}
+    runs = []
+    for sites, rounds, epochs, (schedule_name, schedule), approach in itertools.product(
+            grid.get("sites", [3]), grid.get("rounds", [5]), grid.get("local_epochs", [1]), schedules.items(),
+            grid.get("absent_weights", ["drop"])):
+        if schedule is None and approach != "drop":
+            continue  # with every site in every round both approaches are the same FedAvg
+        runs.append({"id": f"fl-{sites}sites-r{rounds}-e{epochs}-{schedule_name}" + (f"-{approach}" if schedule else ""),
+                     "sites": sites, "rounds": rounds, "local_epochs": epochs, "schedule_name": schedule_name,
+                     "schedule": schedule, "approach": approach if schedule else ""})
+    return runs
+
+
+def run_study(config: dict, out: Path, log=print) -> list[dict]:
+    """Run what is not done yet (a run with metrics.json is done), then write the table."""
+    from cxrfl.simulate import run_simulation
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "study_config.json", config)
+    pool = pooled_data(config, out)
+    base = config.get("train", {})
+    rows = []
+    central_dir = out / "central"
+    if not (central_dir / "metrics.json").is_file():
+        log(f"[study] central baseline -> {central_dir}")
+        _central(config, pool, central_dir)  # the union of the same training data
+    else:
+        log(f"[study] central baseline: done, skipped")
+    central = json.loads((central_dir / "metrics.json").read_text())
+    rows.append(_row("central", central["test"], central["train_seconds"], central["train_seconds"], {}, central))
+    for spec in grid_runs(config):
+        run_dir = out / spec["id"]
+        if not (run_dir / "metrics.json").is_file():
+            log(f"[study] {spec['id']}")
+            data = split_for(pool, spec["sites"], out, base.get("seed", 0))
+            cfg = FLConfig(task=config.get("task", "classify"), data_root=str(data.absolute()),
+                           sites=[f"site-{i + 1}" for i in range(spec["sites"])], rounds=spec["rounds"],
+                           local_epochs=spec["local_epochs"], batch_size=base.get("batch_size", 16),
+                           lr=base.get("lr", 1e-3), image_size=base.get("image_size", 64), model=base.get("model"),
+                           classes=read_dataset_info(data).get("classes") or ["normal", "pneumonia"],
+                           seed=base.get("seed", 0), cross_site_eval=False, schedule=spec["schedule"],
+                           absent_weights=spec["approach"] or "drop")
+            run_simulation(cfg, run_dir, threads=1)  # one site at a time: each site's time is its own
+        else:
+            log(f"[study] {spec['id']}: done, skipped")
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        critical = critical_path_seconds(run_dir)
+        rows.append(_row(spec["id"], summary.get("test", {}), summary["wall_seconds"], critical, spec, central))
+    write_table(rows, out)
+    return rows
+
+
+def _central(config: dict, data: Path, run_dir: Path) -> None:
+    from cxrfl.cli import build_parser
+    from cxrfl.commands import central
+    from cxrfl.runs import new_run_dir
+
+    base = config.get("train", {})
+    epochs = config.get("central", {}).get("epochs", 5)
+    argv = ["central", "--task", config.get("task", "classify"), "--data", str(data), "--epochs", str(epochs),
+            "--image-size", str(base.get("image_size", 64)), "--batch-size", str(base.get("batch_size", 16)),
+            "--lr", str(base.get("lr", 1e-3)), "--seed", str(base.get("seed", 0)), "--out", str(run_dir)]
+    if base.get("model"):
+        argv += ["--model", base["model"]]
+    args = build_parser().parse_args(argv)
+    central.train_central(args, data, new_run_dir(run_dir, "central"))
+
+
+LOG_LINE = re.compile(r"^(\S+ \S+) .*(Start aggregation|End aggregation)")
+
+
+def critical_path_seconds(run_dir: Path) -> float | None:
+    """Σ over rounds of (the slowest accepted site's training seconds + the server's aggregation
+    seconds): sites' times from the round log, aggregation from the simulator log."""
+    log = Path(run_dir) / "models" / "rounds" / "round_log.jsonl"
+    sim_log = Path(run_dir) / "simulator.log"
+    if not log.is_file() or not sim_log.is_file():
+        return None
+    slowest: dict[int, float] = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("accepted") and entry.get("train_seconds") is not None:
+            slowest[entry["round"]] = max(slowest.get(entry["round"], 0.0), float(entry["train_seconds"]))
+    aggregation, start = 0.0, None
+    for line in sim_log.read_text(errors="replace").splitlines():
+        m = LOG_LINE.search(line)
+        if not m:
+            continue
+        when = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if m.group(2) == "Start aggregation":
+            start = when
+        elif m.group(2) == "End aggregation" and start is not None:
+            aggregation += when - start
+            start = None
+    return round(sum(slowest.values()) + aggregation, 2) if slowest else None
+
+
+def _row(run: str, test: dict, wall: float, critical: float | None, spec: dict, central: dict) -> dict:
+    central_time = central["train_seconds"]
+    return {"run": run, "sites": spec.get("sites", 1), "rounds": spec.get("rounds", ""),
+            "local_epochs": spec.get("local_epochs", ""), "schedule": spec.get("schedule_name", ""),
+            "approach": spec.get("approach", ""), "test_loss": test.get("test_loss"),
+            "test_acc": test.get("test_acc"), "test_auroc": test.get("test_auroc"), "wall_s": round(wall, 1),
+            "critical_path_s": critical,
+            "time_reduction_wall": round(1 - wall / central_time, 3) if central_time else None,
+            "time_reduction_critical_path": round(1 - critical / central_time, 3) if critical and central_time else None}
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "study.csv", buf.getvalue())
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        md.append("| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |")
+    atomic_write_text(out / "study.md", "\n".join(md) + "\n")
+
+
+def _cell(value) -> str:
+    if value is None or value == "":
+        return "" if value == "" else "n/a"
+    return f"{value:.4f}" if isinstance(value, float) and abs(value) < 10 else str(value)

@@ -1,0 +1,73 @@
+"""`cxrfl study`: the same data split into different numbers of sites, a small grid with an
+intermittent site run to its table, and resuming without redoing finished runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import yaml
+
+from cxrfl.cli import main
+from cxrfl.study import grid_runs, pooled_data, split_for
+from lightning_modules.data.manifest import load_split
+
+TINY = {
+    "name": "tiny", "task": "classify",
+    "data": {"synthetic": {"sites": 4, "per_site": 14, "test_size": 10, "size": 32, "seed": 4}},
+    "train": {"model": "cnn5", "image_size": 32, "batch_size": 4, "lr": 0.001, "seed": 0},
+    "central": {"epochs": 2},
+    "grid": {"sites": [3], "rounds": [2], "local_epochs": [1], "absent_weights": ["keep"],
+             "schedules": {"intermittent": {"site-2": "0", "site-3": "1-"}}},
+}
+
+
+def test_the_same_training_data_is_split_into_any_number_of_sites(tmp_path):
+    pool = pooled_data(TINY, tmp_path)
+    pooled = sorted(r.image.rsplit("/", 1)[-1] for split in ("train", "val") for _, r in load_split(pool, split))
+    for n in (2, 5):
+        root = split_for(pool, n, tmp_path, seed=0)
+        rows = [r for split in ("train", "val") for _, r in load_split(root, split)]
+        assert sorted(r.image.rsplit("/", 1)[-1] for r in rows) == pooled  # every image once
+        assert len({folder.name for split in ("train", "val") for folder, _ in load_split(root, split)}) == n
+        assert [r.image for _, r in load_split(root, "test")] and \
+            sorted(r.image.rsplit("/", 1)[-1] for _, r in load_split(root, "test")) == \
+            sorted(r.image.rsplit("/", 1)[-1] for _, r in load_split(pool, "test"))  # one shared test set
+        patients = {}
+        for folder, r in ((f, r) for split in ("train", "val") for f, r in load_split(root, split)):
+            patients.setdefault(r.patient_id, set()).add(folder.name)
+        assert all(len(sites) == 1 for sites in patients.values())  # a patient stays at one site
+
+
+def test_grid_skips_the_approach_where_it_cannot_matter():
+    config = dict(TINY, grid=dict(TINY["grid"], absent_weights=["drop", "keep"],
+                                  schedules={"all-rounds": None, "intermittent": {"site-2": "0"}}))
+    ids = [r["id"] for r in grid_runs(config)]
+    assert ids == ["fl-3sites-r2-e1-all-rounds", "fl-3sites-r2-e1-intermittent-drop",
+                   "fl-3sites-r2-e1-intermittent-keep"]
+
+
+def test_study_writes_its_table_and_resumes(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "study"
+    assert main(["study", "--config", str(config), "--out", str(out)]) == 0
+    with open(out / "study.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"central", "fl-3sites-r2-e1-intermittent-keep"}
+    fl = rows["fl-3sites-r2-e1-intermittent-keep"]
+    assert fl["sites"] == "3" and fl["approach"] == "keep" and fl["schedule"] == "intermittent"
+    for column in ("test_loss", "test_acc", "test_auroc", "wall_s", "critical_path_s", "time_reduction_wall"):
+        assert fl[column] not in ("", None), column
+    assert 0 < float(fl["critical_path_s"]) < float(fl["wall_s"])  # sites in parallel beat them in turn
+    log = [json.loads(line) for line in
+           (out / "fl-3sites-r2-e1-intermittent-keep" / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]
+    kept = {e["round"]: e["kept"] for e in log if e.get("global_model")}
+    assert kept == {0: [], 1: ["site-2"]}  # away in round 1, counted with its round-0 update
+    assert "| central |" in (out / "study.md").read_text()
+    first = (out / "fl-3sites-r2-e1-intermittent-keep" / "metrics.json").stat().st_mtime
+    capsys.readouterr()
+    assert main(["study", "--config", str(config), "--out", str(out)]) == 0  # resume: nothing left to run
+    assert "done, skipped" in capsys.readouterr().out
+    assert (out / "fl-3sites-r2-e1-intermittent-keep" / "metrics.json").stat().st_mtime == first
+    assert main(["study", "--config", str(tmp_path / "missing.yaml")]) == 2
