@@ -78,6 +78,7 @@ class FLConfig:
     roi_threshold: float = 0.5
     segmenter: str | None = None  # roi task: segmentation checkpoint (None: ground-truth masks)
     min_clients: int | None = None  # None: all sites
+    wait_after_min_clients: float = 0.0  # seconds a round still waits for the others once min_clients answered
     time_budget: float = 0.0  # seconds of local training per round, 0: no limit
     aggregation: str = "fedavg"
     server_lr: float = 1.0
@@ -136,6 +137,8 @@ class FLConfig:
         if self.he and self.cross_site_eval:
             raise ValueError("cross-site evaluation is not available with HE (NVFlare cannot broadcast ciphertext "
                              "models); pass --no-cross-site-eval")
+        if self.wait_after_min_clients < 0:
+            raise ValueError("--wait-after-min-clients must be >= 0 seconds")
         if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
             raise ValueError(f"min_clients must be between 1 and the number of sites ({len(self.sites)})")
 
@@ -209,7 +212,8 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     aggregator_id = job.to_server(aggregator, id="aggregator")
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
     job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds, start_round=0,
-                                   wait_time_after_min_received=0, aggregator_id=aggregator_id,
+                                   wait_time_after_min_received=int(cfg.wait_after_min_clients),
+                                   aggregator_id=aggregator_id,
                                    persistor_id=persistor_id, shareable_generator_id=generator_id,
                                    train_task_name="train", train_timeout=0))
     if cfg.cross_site_eval:  # never with HE (FLConfig.validate): ciphertext models cannot be broadcast

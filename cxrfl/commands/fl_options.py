@@ -24,6 +24,10 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None) -> None:
     g.add_argument("--local-epochs", type=positive_int, default=1, help="local epochs per round (default 1)")
     g.add_argument("--min-clients", type=positive_int, default=None,
                    help="sites that must answer before a round is aggregated (default: all)")
+    g.add_argument("--wait-after-min-clients", type=float, default=0.0, metavar="SECONDS",
+                   help="once --min-clients sites answered, how long a round still waits for the others (default 0); "
+                   "with sites that may drop out, set --min-clients below the number of sites and this above the "
+                   "spread of the sites' training times")
     g.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="stop a site's local training after this many seconds in a round (0: no limit)")
     g.add_argument("--aggregation", choices=list(AGGREGATIONS), default="fedavg",
@@ -98,6 +102,7 @@ def config_from_args(args) -> FLConfig:
         cross_site_eval=not (args.no_cross_site_eval or args.he), wandb=args.wandb, wandb_project=args.wandb_project,
         record_contributions=args.record_contributions, he=args.he, he_encrypt_layers=args.he_encrypt_layers,
         schedule=_schedule(args.schedule), absent_weights=args.absent_weights,
+        wait_after_min_clients=args.wait_after_min_clients,
     )
 
 
