@@ -29,7 +29,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.client import is_evaluate, is_submit_model, send
 
-from app_custom.intermittent import ABSENT, parse_rounds
+from app_custom.intermittent import ABSENT, LOCAL_SECONDS, parse_rounds
 from lightning_modules.callbacks import RoundTimeBudget
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import MANIFEST_NAME
@@ -112,16 +112,20 @@ def site_data_module(args, site: str) -> CXRDataModule:
     return dm
 
 
-class ReportTrainSeconds(pl.Callback):
-    """Put this round's local training time into the update's meta (`train_seconds`): the server's
-    round log keeps it, for the critical-path time of a deployment with one machine per site.
-    Runs before NVFlare's FLCallback, which sends the update at the end of fit()."""
+class ReportLocalSeconds(pl.Callback):
+    """Put the site's time on this round's task (validation of the received model + training,
+    from `task_received()`) into the update's meta (`local_seconds`): the server's round log keeps
+    it, for the critical-path time of a deployment with one machine per site. Runs before
+    NVFlare's FLCallback, which sends the update at the end of fit()."""
 
-    def on_train_start(self, trainer, pl_module):
+    def __init__(self):
+        self._start = time.monotonic()
+
+    def task_received(self) -> None:
         self._start = time.monotonic()
 
     def on_train_end(self, trainer, pl_module):
-        pl_module.__fl_meta__["train_seconds"] = round(time.monotonic() - self._start, 3)
+        pl_module.__fl_meta__[LOCAL_SECONDS] = round(time.monotonic() - self._start, 3)
 
 
 def main(argv=None) -> None:
@@ -137,7 +141,8 @@ def main(argv=None) -> None:
     # FedAvg weight: this site's number of training samples (not batches), read by the aggregator.
     module.__fl_meta__ = {MetaKey.NUM_STEPS_CURRENT_ROUND: dm.num_train_samples}
 
-    callbacks = [ReportTrainSeconds()]
+    local_seconds = ReportLocalSeconds()
+    callbacks = [local_seconds]
     if args.time_budget > 0:
         callbacks.append(RoundTimeBudget(args.time_budget))
     trainer = pl.Trainer(max_epochs=args.local_epochs, accelerator=args.accelerator, devices=1,
@@ -150,6 +155,7 @@ def main(argv=None) -> None:
         input_model = flare.receive()
         if input_model is None:
             break
+        local_seconds.task_received()
         if is_submit_model():
             if local_params is None:
                 local_params = copy.deepcopy(module.cpu().state_dict())

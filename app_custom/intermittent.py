@@ -26,6 +26,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 ABSENT = "cxrfl_absent"  # meta flag of an update from a site that is away this round
 FRESH, KEPT = "cxrfl_fresh_sites", "cxrfl_kept_sites"  # meta of the global model: who counted
+LOCAL_SECONDS = "cxrfl_local_seconds"  # meta of an update: the site's time on the round's task
 
 
 def weighted_mean(contributions: dict[str, tuple[dict, float]]) -> dict:

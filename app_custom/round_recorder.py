@@ -3,7 +3,7 @@
 Written here because NVFlare's persistor keeps only the last and the best global model, and no
 stock widget logs per-round contributors. Files go to `<server app dir>/rounds/`:
 - `global_round_NNN.pt`: `{"model": state_dict, "round": N}`, written atomically;
-- `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted, absent) and,
+- `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted, absent, local_seconds) and,
   with the site-aware aggregator, one per global model (round, fresh: sites whose update of this
   round counted, kept: sites counted with an earlier update); the sites' metrics per round are in
   NVFlare's own `metrics/round_metrics.jsonl`;
@@ -29,7 +29,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.abstract.fl_model import MetaKey
 
-from app_custom.intermittent import ABSENT, FRESH, KEPT
+from app_custom.intermittent import ABSENT, FRESH, KEPT, LOCAL_SECONDS
 
 ROUNDS_DIR = "rounds"
 ROUND_LOG = "round_log.jsonl"
@@ -87,7 +87,7 @@ class RoundRecorder(FLComponent):
             dxo = from_shareable(result)
             entry["weight"] = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
             entry["absent"] = bool(dxo.get_meta_prop(ABSENT))
-            entry["train_seconds"] = dxo.get_meta_prop("train_seconds")  # the site's own training time
+            entry["local_seconds"] = dxo.get_meta_prop(LOCAL_SECONDS)  # the site's own validation + training time
             entry["data_kind"] = dxo.data_kind
             if self.save_contributions and isinstance(dxo.data, dict):
                 atomic_torch_save({"model": _to_tensors(dxo.data), "round": round_num, "site": site,

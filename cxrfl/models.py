@@ -190,16 +190,22 @@ def export_model(source: str | Path, out: str | Path) -> dict:
     from app_custom.round_recorder import atomic_torch_save
 
     source = Path(source)
-    try:
-        bundle = {"format": BUNDLE_FORMAT, **_classifier_bundle(load_classifier(source))}
-    except ModelLoadError as exc:
-        if "not a classification run" not in str(exc) and "not a classifier" not in str(exc):
-            raise
+    if _source_task(source) == "segment":
         bundle = _segmenter_bundle(load_segmenter(source))
+    else:
+        bundle = {"format": BUNDLE_FORMAT, **_classifier_bundle(load_classifier(source))}
     bundle["source"] = str(source.absolute())
     atomic_torch_save(bundle, out)
     return {k: v for k, v in bundle.items() if k not in ("state_dict", "segmenter")} | (
         {"segmenter": "embedded"} if bundle.get("segmenter") else {})
+
+
+def _source_task(source: Path) -> str | None:
+    """The task of a model source: an exported file's, else its run folder's."""
+    if not source.exists():
+        raise ModelLoadError(f"{source}: no such file or folder")
+    bundle = _read_bundle(source) if source.is_file() else None
+    return bundle["task"] if bundle else _find_config(source)[1].get("task")
 
 
 def _classifier_bundle(clf: Classifier) -> dict:

@@ -156,8 +156,9 @@ LOG_LINE = re.compile(r"^(\S+ \S+) .*(Start aggregation|End aggregation)")
 
 
 def critical_path_seconds(run_dir: Path) -> float | None:
-    """Σ over rounds of (the slowest accepted site's training seconds + the server's aggregation
-    seconds): sites' times from the round log, aggregation from the simulator log."""
+    """Σ over rounds of (the slowest accepted site's local seconds, validating the received model
+    and training, + the server's aggregation seconds): sites' times from the round log,
+    aggregation from the simulator log. Communication and process start-up are not included."""
     log = Path(run_dir) / "models" / "rounds" / "round_log.jsonl"
     sim_log = Path(run_dir) / "simulator.log"
     if not log.is_file() or not sim_log.is_file():
@@ -165,8 +166,8 @@ def critical_path_seconds(run_dir: Path) -> float | None:
     slowest: dict[int, float] = {}
     for line in log.read_text().splitlines():
         entry = json.loads(line)
-        if entry.get("accepted") and entry.get("train_seconds") is not None:
-            slowest[entry["round"]] = max(slowest.get(entry["round"], 0.0), float(entry["train_seconds"]))
+        if entry.get("accepted") and entry.get("local_seconds") is not None:
+            slowest[entry["round"]] = max(slowest.get(entry["round"], 0.0), float(entry["local_seconds"]))
     aggregation, start = 0.0, None
     for line in sim_log.read_text(errors="replace").splitlines():
         m = LOG_LINE.search(line)

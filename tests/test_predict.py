@@ -104,6 +104,14 @@ def test_models_load_from_run_folder_weights_file_and_exported_file(trained, tmp
         load_classifier(bare)
     with pytest.raises(ModelLoadError, match="not a classification run"):
         load_classifier(trained / "seg")
+    seg_file = tmp_path / "seg-model.pt"
+    assert main(["export-model", str(trained / "seg"), "--out", str(seg_file)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "segment"
+    exported, original = load_segmenter(seg_file), load_segmenter(trained / "seg")
+    probe = torch.rand(2, 1, 48, 48)
+    torch.testing.assert_close(exported.module.predict_masks(probe), original.module.predict_masks(probe))
+    with pytest.raises(ModelLoadError, match="not a segmenter"):
+        load_segmenter(bundle)
 
 
 def _corpus(folder):

@@ -60,10 +60,16 @@ def test_study_writes_its_table_and_resumes(tmp_path, capsys):
     for column in ("test_loss", "test_acc", "test_auroc", "wall_s", "critical_path_s", "time_reduction_wall"):
         assert fl[column] not in ("", None), column
     assert 0 < float(fl["critical_path_s"]) < float(fl["wall_s"])  # sites in parallel beat them in turn
+    # the schedule: site-2 leaves after round 0, site-3 joins in round 1; who counted, per round
     log = [json.loads(line) for line in
            (out / "fl-3sites-r2-e1-intermittent-keep" / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]
+    accepted = {r: sorted(e["site"] for e in log if e.get("round") == r and e.get("accepted")) for r in (0, 1)}
+    away = {r: sorted(e["site"] for e in log if e.get("round") == r and e.get("absent")) for r in (0, 1)}
+    assert accepted == {0: ["site-1", "site-2"], 1: ["site-1", "site-3"]}
+    assert away == {0: ["site-3"], 1: ["site-2"]}  # away sites did not train
+    assert all(e["local_seconds"] > 0 for e in log if e.get("accepted"))
     kept = {e["round"]: e["kept"] for e in log if e.get("global_model")}
-    assert kept == {0: [], 1: ["site-2"]}  # away in round 1, counted with its round-0 update
+    assert kept == {0: [], 1: ["site-2"]}  # away in round 1, counted with its round-0 update (approach 2)
     assert "| central |" in (out / "study.md").read_text()
     first = (out / "fl-3sites-r2-e1-intermittent-keep" / "metrics.json").stat().st_mtime
     capsys.readouterr()
