@@ -74,8 +74,11 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
         maps = torch.cat([heat_maps(clf.module, x[i:i + 32], class_index=len(clf.classes) - 1, method=cam)
                           for i in range(0, len(x), 32)])
         lung = _in_model_frame(clf, [it["lung"] for it in chosen], masks)
+        in_lung = mass_inside(maps, lung)
         row = {"roi": clf.roi, "roi_threshold": clf.roi_threshold if clf.roi else None, "cam": cam,
-               "images": len(chosen), "in_lung_share": _nanmean(mass_inside(maps, lung)),
+               "images": len(chosen),
+               "maps_with_mass": int((~torch.isnan(in_lung)).sum()),  # an all-zero map has no share: skipped
+               "in_lung_share": _nanmean(in_lung),
                "lung_area_share": round(float(lung.mean()), 4)}  # what a uniform map would score
         with_opacity = [i for i, it in enumerate(chosen) if "opacity" in it]
         if with_opacity:

@@ -70,7 +70,10 @@ def _weights_file(run: Path, config: dict) -> Path:
     if (run / "checkpoints" / "best.ckpt").is_file():
         return run / "checkpoints" / "best.ckpt"
     models = run / "models" / ("decrypted" if config.get("he") else "")
-    for name in ("global_best.pt", "global_final.pt"):
+    selected = []
+    if (run / "metrics.json").is_file():  # the model the run selected and tested
+        selected = [f"{json.loads((run / 'metrics.json').read_text()).get('selected_model')}.pt"]
+    for name in selected + ["global_best.pt", "global_final.pt"]:
         if (models / name).is_file():
             return models / name
     hint = " (an HE run: decrypt it with a site's key first)" if config.get("he") else ""

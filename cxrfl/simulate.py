@@ -163,7 +163,15 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
     candidates = {"global_final": models / "global_final.pt", "global_best": models / "global_best.pt"}
     candidates.update({f"local_{s}": models / f"local_{s}.pt" for s in collected["local_sites"]})
     candidates = {k: v for k, v in candidates.items() if v.is_file()}
-    main = "global_best" if "global_best" in candidates else "global_final"  # the run's selected model
+    # cross-site evaluation: NVFlare's names -> ours
+    cse = json.loads(collected["cse"].read_text()) if collected["cse"] else {}
+    rename = {"SRV_FL_global_model.pt": "global_final", "SRV_best_FL_global_model.pt": "global_best"}
+    matrix: dict[str, dict[str, dict]] = {name: {} for name in candidates}
+    for data_site, by_model in cse.items():
+        for model_name, metrics in by_model.items():
+            name = rename.get(model_name, f"local_{model_name}")
+            matrix.setdefault(name, {})[data_site] = metrics
+    main = select_global_model(cfg, candidates, matrix)
     if cfg.he:
         test_metrics = {}
         if he_key is not None:
@@ -178,20 +186,28 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
         test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path), run_dir if name == main else None)
                         for name, path in candidates.items()}
 
-    # cross-site evaluation: NVFlare's names -> ours
-    cse = json.loads(collected["cse"].read_text()) if collected["cse"] else {}
-    rename = {"SRV_FL_global_model.pt": "global_final", "SRV_best_FL_global_model.pt": "global_best"}
-    matrix: dict[str, dict[str, dict]] = {name: {} for name in candidates}
-    for data_site, by_model in cse.items():
-        for model_name, metrics in by_model.items():
-            name = rename.get(model_name, f"local_{model_name}")
-            matrix.setdefault(name, {})[data_site] = metrics
     for name, metrics in test_metrics.items():
         matrix.setdefault(name, {})["test"] = metrics
     write_json(run_dir / "cross_site.json", {"key_metric": cfg.key_metric, "matrix": matrix})
     _write_matrix_csv(run_dir / "cross_site.csv", matrix, cfg)
     return {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
             "test": test_metrics.get(main, {}), "test_by_model": test_metrics}
+
+
+def select_global_model(cfg: FLConfig, candidates: dict, matrix: dict) -> str:
+    """The run's model: NVFlare's best (by the sites' validation of each received global model)
+    or the final one, whichever the sites' validation in cross-site evaluation ranks higher.
+    NVFlare's selector never sees the last round's aggregate; the cross-site evaluation does, on
+    the sites' validation splits (never the test set). Without it: the best, else the final."""
+    def site_mean(name: str) -> float | None:
+        values = [m.get(cfg.key_metric) for site, m in matrix.get(name, {}).items() if site in cfg.sites]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    if "global_best" not in candidates:
+        return "global_final"
+    best, final = site_mean("global_best"), site_mean("global_final")
+    return "global_final" if best is not None and final is not None and final > best else "global_best"
 
 
 def _write_matrix_csv(path: Path, matrix: dict, cfg: FLConfig) -> None:

@@ -55,7 +55,13 @@ def test_classification_job_writes_models_metrics_and_logs(classify_run):
         module = CXRClassifier(model="cnn5", num_classes=2)
         module.load_state_dict(_load(run / "models" / name))  # strict: every key fits the LightningModule
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["selected_model"] == "global_best" and 0 <= summary["test"]["test_auroc"] <= 1
+    assert 0 <= summary["test"]["test_auroc"] <= 1
+    # the selected model is the one the sites' cross-site validation ranks higher (never the test set)
+    matrix = json.loads((run / "cross_site.json").read_text())["matrix"]
+    site_mean = {m: sum(matrix[m][s]["val_auroc"] for s in ("site-1", "site-2")) / 2 for m in ("global_best", "global_final")}
+    expected = "global_final" if site_mean["global_final"] > site_mean["global_best"] else "global_best"
+    assert summary["selected_model"] == expected
+    assert summary["test"] == summary["test_by_model"][expected]
     config = json.loads((run / "config.json").read_text())
     assert config["rounds"] == 2 and config["sites"] == ["site-1", "site-2"] and config["aggregation"] == "fedavg"
     rounds = [json.loads(line) for line in (run / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
@@ -297,10 +303,26 @@ def test_federated_runs_load_for_predict_like_central_ones(classify_run, fl_root
     from cxrfl.models import load_classifier
 
     clf = load_classifier(classify_run)
-    assert clf.source.endswith("global_best.pt") and clf.image_size == 32 and clf.roi is None
+    selected = json.loads((classify_run / "metrics.json").read_text())["selected_model"]
+    assert clf.source.endswith(f"{selected}.pt") and clf.image_size == 32 and clf.roi is None
     with open(classify_run / "test_predictions.csv") as f:
         header = f.readline().strip().split(",")
     assert header == ["image", "label", "predicted", "p_normal", "p_pneumonia"]
     image = next((fl_root / "test" / "images").glob("*.png"))
     assert main(["predict", str(image), "--classifier", str(classify_run), "--out", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 2
+
+
+def test_selection_takes_the_final_model_only_when_the_sites_validation_ranks_it_higher():
+    from cxrfl.fl_job import FLConfig
+    from cxrfl.simulate import select_global_model
+
+    cfg = FLConfig(sites=["a", "b"])
+    both = {"global_best": "x", "global_final": "y"}
+    matrix = {"global_best": {"a": {"val_auroc": 0.8}, "b": {"val_auroc": 0.6}, "test": {"val_auroc": 0.1}},
+              "global_final": {"a": {"val_auroc": 0.75}, "b": {"val_auroc": 0.75}, "test": {"val_auroc": 0.0}}}
+    assert select_global_model(cfg, both, matrix) == "global_final"  # 0.75 > 0.70; the test column is ignored
+    matrix["global_final"]["b"]["val_auroc"] = 0.6
+    assert select_global_model(cfg, both, matrix) == "global_best"
+    assert select_global_model(cfg, both, {}) == "global_best"  # no cross-site evaluation (e.g. HE)
+    assert select_global_model(cfg, {"global_final": "y"}, {}) == "global_final"  # a 1-round job has no best

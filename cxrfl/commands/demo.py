@@ -72,7 +72,7 @@ def run(args) -> int:
     parser = build_parser()
     common = ["--data", str(data), "--seed", str(args.seed), "--batch-size", str(preset["batch_size"])]
     rows = []
-    fl_segmenter = run_dir / "fl-segment" / "models" / "global_best.pt"
+    fl_segment = run_dir / "fl-segment"
 
     def fl(task: str, size: int, extra: list[str]):
         argv = ["sim", "--task", task, "--rounds", str(preset["rounds"]), "--local-epochs", str(preset["local_epochs"]),
@@ -101,20 +101,20 @@ def run(args) -> int:
         ("classification (full image)", "central", "test_auroc",
          lambda: central_run("classify", preset["cls_size"], cls_extra, "central-classify")),
         ("classification (lung ROI)", "FL", "test_auroc",
-         lambda: fl("roi", preset["cls_size"], cls_extra + ["--segmenter", str(_segmenter(fl_segmenter))])),
+         lambda: fl("roi", preset["cls_size"], cls_extra + ["--segmenter", str(_segmenter(fl_segment))])),
         ("classification (lung ROI)", "central", "test_auroc",
          lambda: central_run("classify", preset["cls_size"],
-                             cls_extra + ["--roi", "mask", "--segmenter", str(_segmenter(fl_segmenter))],
+                             cls_extra + ["--roi", "mask", "--segmenter", str(_segmenter(fl_segment))],
                              "central-roi")),
         # the ROI variants the report compares: crop to the lungs, and CXR-FL's loose 0.05 mask threshold
         ("classification (lung ROI, crop)", "central", "test_auroc",
          lambda: central_run("classify", preset["cls_size"],
-                             cls_extra + ["--roi", "crop", "--segmenter", str(_segmenter(fl_segmenter))],
+                             cls_extra + ["--roi", "crop", "--segmenter", str(_segmenter(fl_segment))],
                              "central-roi-crop")),
         ("classification (lung ROI, mask at 0.05)", "central", "test_auroc",
          lambda: central_run("classify", preset["cls_size"],
                              cls_extra + ["--roi", "mask", "--roi-threshold", "0.05",
-                                          "--segmenter", str(_segmenter(fl_segmenter))], "central-roi-t0.05")),
+                                          "--segmenter", str(_segmenter(fl_segment))], "central-roi-t0.05")),
     ]
     total = time.time()
     try:
@@ -131,7 +131,7 @@ def run(args) -> int:
     table = format_table(rows)
     try:
         table += "\n\n" + format_interpretability(score_models(classifiers, data, run_dir))
-        segmentation_overlays(_segmenter(fl_segmenter).parents[1], data, run_dir)
+        segmentation_overlays(fl_segment, data, run_dir)
     except ValueError as exc:  # e.g. a real data set without test lung masks: no score, the rest stands
         print(f"cxrfl demo: no Grad-CAM scores: {exc}", file=sys.stderr)
     write_json(run_dir / "summary.json", {"preset": name, "data": str(data), "rows": rows,
@@ -157,9 +157,11 @@ def format_interpretability(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _segmenter(fl_best: Path) -> Path:
-    """The federated segmentation model: the best one, else the final one (1-round runs have no best)."""
-    return fl_best if fl_best.is_file() else fl_best.with_name("global_final.pt")
+def _segmenter(fl_run: Path) -> Path:
+    """The federated segmentation run's selected model (metrics.json), else its best, else its final."""
+    from cxrfl.models import load_segmenter
+
+    return Path(load_segmenter(fl_run).source)
 
 
 def format_table(rows: list[dict]) -> str:
