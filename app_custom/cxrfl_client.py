@@ -16,8 +16,11 @@ path travels in the job; without one (the simulator) it reads `<--data-root>/<si
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--schedule", type=lambda text: json.loads(unquote(text)), default=None,
                    help="URL-quoted JSON {site: round ranges}: the rounds each listed site takes part in")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="the job's number of rounds, for open-ended schedule ranges (default: the server's count)")
+    p.add_argument("--turn-lock", default=None,
+                   help="a file all simulated sites of one machine share: a site works on a task only while it "
+                   "holds the file's lock, so sites take turns and each site's local time is uncontended")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); set when sites share one machine")
     return p.parse_args(argv)
@@ -112,6 +120,21 @@ def site_data_module(args, site: str) -> CXRDataModule:
     return dm
 
 
+@contextlib.contextmanager
+def machine_turn(lock_path: str | None):
+    """Hold the machine for one task (no-op without a lock file). Sites simulated on one machine
+    stay alive as processes (no per-round start-up) yet never compete for its cores."""
+    if not lock_path:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class ReportLocalSeconds(pl.Callback):
     """Put the site's time on this round's task (validation of the received model + training,
     from `task_received()`) into the update's meta (`local_seconds`): the server's round log keeps
@@ -128,6 +151,50 @@ class ReportLocalSeconds(pl.Callback):
         pl_module.__fl_meta__[LOCAL_SECONDS] = round(time.monotonic() - self._start, 3)
 
 
+FAULT_DRILL = "CXRFL_FAULT_DRILL"
+
+
+class FaultDrill(pl.Callback):
+    """Failure drill, off unless the environment asks for it: CXRFL_FAULT_DRILL="site-2:nan@1" makes
+    site-2's update of round 1 carry NaN weights, to see the server refuse it and the round go on
+    (docs/security.md, "Failure modes"). Runs before NVFlare's FLCallback sends the update."""
+
+    def __init__(self, site: str):
+        spec = os.environ.get(FAULT_DRILL, "")
+        target, _, rest = spec.partition(":")
+        kind, _, round_text = rest.partition("@")
+        self.round = int(round_text) if target == site and kind == "nan" and round_text.isdigit() else None
+        self.current_round = None
+
+    def on_train_end(self, trainer, pl_module):
+        if self.round is not None and self.current_round == self.round:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+def handle_task(args, site, input_model, trainer, module, dm, local_params):
+    """One task from the server; returns this site's own latest model (for submit_model)."""
+    if is_submit_model():
+        if local_params is None:
+            local_params = copy.deepcopy(module.cpu().state_dict())
+        send(FLModel(params=local_params, meta={"site": site}))
+        return local_params
+    if is_evaluate():
+        trainer.validate(module, datamodule=dm)  # the patched trainer loads the model and sends metrics
+        return local_params
+    if args.schedule and site in args.schedule and input_model.current_round not in parse_rounds(
+            args.schedule[site], args.rounds or input_model.total_rounds):
+        # away this round (simulated): no training, no validation; the server counts it as absent
+        send(FLModel(params={}, meta={ABSENT: True}))
+        return local_params
+    trainer.validate(module, datamodule=dm)  # metrics of the received global model, for model selection
+    trainer.fit(module, datamodule=dm)
+    local_params = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return local_params
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.torch_threads > 0:
@@ -142,12 +209,17 @@ def main(argv=None) -> None:
     module.__fl_meta__ = {MetaKey.NUM_STEPS_CURRENT_ROUND: dm.num_train_samples}
 
     local_seconds = ReportLocalSeconds()
-    callbacks = [local_seconds]
+    drill = FaultDrill(site)
+    callbacks = [local_seconds, drill]
     if args.time_budget > 0:
         callbacks.append(RoundTimeBudget(args.time_budget))
+    # check_val_every_n_epoch: fit() runs no validation loop of its own. Each round already
+    # validates the received global model (the metrics NVFlare selects the best model by); a second
+    # pass over the local model would cost a validation per round and feed nothing.
     trainer = pl.Trainer(max_epochs=args.local_epochs, accelerator=args.accelerator, devices=1,
                          logger=flare.logger(), callbacks=callbacks, enable_checkpointing=False,
-                         log_every_n_steps=5, enable_model_summary=False, num_sanity_val_steps=0)
+                         log_every_n_steps=5, enable_model_summary=False, num_sanity_val_steps=0,
+                         check_val_every_n_epoch=2**31 - 1)
     flare.patch(trainer)
 
     local_params = None  # this site's own model after its last training round
@@ -155,25 +227,10 @@ def main(argv=None) -> None:
         input_model = flare.receive()
         if input_model is None:
             break
-        local_seconds.task_received()
-        if is_submit_model():
-            if local_params is None:
-                local_params = copy.deepcopy(module.cpu().state_dict())
-            send(FLModel(params=local_params, meta={"site": site}))
-            continue
-        if is_evaluate():
-            trainer.validate(module, datamodule=dm)  # the patched trainer loads the model and sends metrics
-            continue
-        if args.schedule and site in args.schedule and input_model.current_round not in parse_rounds(
-                args.schedule[site], input_model.total_rounds):
-            # away this round (simulated): no training, no validation; the server counts it as absent
-            send(FLModel(params={}, meta={ABSENT: True}))
-            continue
-        trainer.validate(module, datamodule=dm)  # metrics of the received global model, for model selection
-        trainer.fit(module, datamodule=dm)
-        local_params = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        drill.current_round = input_model.current_round
+        with machine_turn(args.turn_lock):
+            local_seconds.task_received()
+            local_params = handle_task(args, site, input_model, trainer, module, dm, local_params)
 
 
 if __name__ == "__main__":

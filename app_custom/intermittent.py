@@ -17,14 +17,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
-ABSENT = "cxrfl_absent"  # meta flag of an update from a site that is away this round
+from app_custom.contributions import ABSENT, read_contribution
+
 FRESH, KEPT = "cxrfl_fresh_sites", "cxrfl_kept_sites"  # meta of the global model: who counted
 LOCAL_SECONDS = "cxrfl_local_seconds"  # meta of an update: the site's time on the round's task
 
@@ -60,31 +60,17 @@ class SiteAwareFedAvg(Aggregator):
         self._this_round = {}
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
-        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
-        contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        try:
-            dxo = from_shareable(shareable)
-        except Exception as exc:
-            self.log_warning(fl_ctx, f"rejected the update of {site}: not a DXO ({exc})")
+        update = read_contribution(shareable, fl_ctx, self._this_round)
+        if update.dxo is not None and update.dxo.get_meta_prop(ABSENT):
+            self.log_info(fl_ctx, f"{update.site} is away in round {fl_ctx.get_prop(AppConstants.CURRENT_ROUND)}")
             return False
-        if dxo.get_meta_prop(ABSENT):
-            self.log_info(fl_ctx, f"{site} is away in round {current_round}")
+        refusal = update.refusal
+        if refusal is None and (update.dxo.data_kind != DataKind.WEIGHTS or not update.dxo.data):
+            refusal = "it holds no weights"
+        if refusal:
+            self.log_warning(fl_ctx, f"rejected the update of {update.site}: {refusal}")
             return False
-        weight = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
-        reason = None
-        if contribution_round != current_round:
-            reason = f"it is for round {contribution_round}, this is round {current_round}"
-        elif site in self._this_round:
-            reason = "it already contributed to this round"
-        elif dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
-            reason = "it holds no weights"
-        elif not isinstance(weight, (int, float)) or weight <= 0:
-            reason = f"its sample weight {weight!r} is not positive"
-        if reason:
-            self.log_warning(fl_ctx, f"rejected the update of {site}: {reason}")
-            return False
-        self._this_round[site] = (dxo.data, float(weight))
+        self._this_round[update.site] = (update.dxo.data, update.weight)
         return True
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:

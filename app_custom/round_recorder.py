@@ -7,8 +7,9 @@ stock widget logs per-round contributors. Files go to `<server app dir>/rounds/`
   with the site-aware aggregator, one per global model (round, fresh: sites whose update of this
   round counted, kept: sites counted with an earlier update); the sites' metrics per round are in
   NVFlare's own `metrics/round_metrics.jsonl`;
-- with `save_contributions=True` also `SITE_round_NNN.pt`, the weights each site sent
-  (an audit aid; off by default since it stores every site's plaintext update).
+- with `save_contributions=True` also `SITE_round_NNN.pt`, what each site sent: its weights, the
+  DXO meta and the shareable's headers (an audit aid: what the server learns from a site; off by
+  default since it stores every site's plaintext update).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReservedHeaderKey
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
@@ -39,13 +41,20 @@ def _to_tensors(weights: dict) -> dict:
     """Tensors for plaintext arrays; anything else (serialised HE ciphertexts) is kept as it is."""
     out = {}
     for k, v in weights.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, (bytes, bytearray)):  # a serialised HE ciphertext
+            out[k] = v
+        elif isinstance(v, torch.Tensor):
             out[k] = v.detach().cpu()
         elif isinstance(v, np.ndarray) or np.isscalar(v):
             out[k] = torch.as_tensor(np.asarray(v))
         else:
             out[k] = v.serialize() if hasattr(v, "serialize") else v
     return out
+
+
+def _plain(props) -> dict:
+    """JSON-like values of a shareable's headers (what travelled with the update besides its DXO)."""
+    return {k: v for k, v in (props or {}).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -91,7 +100,9 @@ class RoundRecorder(FLComponent):
             entry["data_kind"] = dxo.data_kind
             if self.save_contributions and isinstance(dxo.data, dict):
                 atomic_torch_save({"model": _to_tensors(dxo.data), "round": round_num, "site": site,
-                                   "weight": entry["weight"], "data_kind": dxo.data_kind},
+                                   "weight": entry["weight"], "data_kind": dxo.data_kind,
+                                   "meta": dict(dxo.meta or {}),
+                                   "headers": _plain(result.get(ReservedHeaderKey.HEADERS))},
                                   os.path.join(self._dir, f"{site}_round_{round_num:03d}.pt"))
         except Exception as exc:  # a malformed result is the aggregator's to reject; log it here too
             entry["error"] = str(exc)

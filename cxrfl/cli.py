@@ -10,7 +10,7 @@ from cxrfl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrfl.commands import central, data, demo, export, poc, predict, report, sim, study
+    from cxrfl.commands import bench, central, data, demo, export, poc, predict, report, sim, study
 
     parser = argparse.ArgumentParser(
         prog="cxrfl",
@@ -29,10 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_parser(sub)
     report.add_parser(sub)
     study.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # bench/ parses its own options (argparse cannot pass them through)
+        from bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 from nvflare.apis.dxo import DataKind
 from nvflare.app_common.aggregators import InTimeAccumulateWeightedAggregator
+from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
+from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 from nvflare.app_common.shareablegenerators import FullModelShareableGenerator
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
@@ -27,10 +29,12 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.job_config.base_fed_job import BaseFedJob
+from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
 import app_custom
 from lightning_modules.factory import DEFAULT_MODEL
+from app_custom.contributions import UpdateValidator
 from app_custom.global_model import GlobalModel
 from app_custom.intermittent import SiteAwareFedAvg, check_schedule
 from app_custom.round_recorder import RoundRecorder
@@ -43,6 +47,8 @@ AGGREGATIONS = {
     "fedadagrad": "torch.optim.Adagrad",
     "fedyogi": "app_custom.yogi.Yogi",
 }
+DP_FILTERS = {"percentile": PercentilePrivacy, "svt": SVTPrivacy}  # NVFlare's, on weight differences
+
 # Relative to the folder holding the app_custom package: the exported job then finds the script in
 # its own custom/ folder on any machine (see `from_package_root`).
 CLIENT_SCRIPT = "app_custom/cxrfl_client.py"
@@ -91,10 +97,15 @@ class FLConfig:
     wandb_project: str = "cxr-fl"
     record_contributions: bool = False
     torch_threads: int = 0  # per-site CPU threads; 0: torch's default (one site per machine)
+    turn_lock: str | None = None  # simulated sites sharing a machine take turns on this lock file
     he: bool = False  # homomorphic encryption of the weight exchange (needs HE contexts in the kits)
     he_encrypt_layers: str | None = None  # regex of tensor names to encrypt; None: every float tensor
     schedule: dict[str, str] | None = None  # site -> rounds it takes part in ("0-2,5"); others: all rounds
     absent_weights: str = "drop"  # a site that is away: "drop" its weights (approach 1) or "keep" its last
+    dp: str | None = None  # differential privacy filter on each site's update: "percentile" or "svt"
+    dp_args: dict | None = None  # the NVFlare privacy filter's arguments
+    start_round: int = 0  # a resumed run: the first round still to run
+    initial_model: str | None = None  # a resumed run: the global model (persistor format) it continues from
 
     @property
     def kind(self) -> str:
@@ -137,6 +148,14 @@ class FLConfig:
         if self.he and self.cross_site_eval:
             raise ValueError("cross-site evaluation is not available with HE (NVFlare cannot broadcast ciphertext "
                              "models); pass --no-cross-site-eval")
+        if self.dp is not None:
+            if self.dp not in DP_FILTERS:
+                raise ValueError(f"--dp must be one of {', '.join(DP_FILTERS)}")
+            if self.he or self.aggregation != "fedavg" or self.schedule or self.absent_weights == "keep":
+                raise ValueError("--dp works with plain FedAvg (no --he, --aggregation fedopt, schedules or "
+                                 "--absent-weights keep)")
+        if not 0 <= self.start_round < self.rounds:
+            raise ValueError(f"start_round {self.start_round} is outside the job's rounds 0..{self.rounds - 1}")
         if self.wait_after_min_clients < 0:
             raise ValueError("--wait-after-min-clients must be >= 0 seconds")
         if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
@@ -163,8 +182,10 @@ class FLConfig:
             args += ["--limit", self.limit]
         if self.torch_threads:
             args += ["--torch-threads", self.torch_threads]
-        if self.schedule:
-            args += ["--schedule", quote(json.dumps(self.schedule))]
+        if self.turn_lock:
+            args += ["--turn-lock", str(Path(self.turn_lock).absolute())]
+        if self.schedule:  # with the job's round count: a resumed job's server counts only the rounds left
+            args += ["--schedule", quote(json.dumps(self.schedule)), "--rounds", self.rounds]
         for a in args:
             if " " in str(a):
                 raise ValueError(f"{a!r}: NVFlare passes client arguments split on spaces; use a path without spaces")
@@ -190,9 +211,15 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     model_name = cfg.model or DEFAULT_MODEL[cfg.kind]
     model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes)), id="model")
     if cfg.he:
-        persistor, generator, aggregator, exchange, transfer = _he_server_components(job, model_id)
+        persistor, generator, aggregator, exchange, transfer = _he_server_components(job, model_id, cfg.initial_model)
+    elif cfg.dp:
+        # NVFlare's privacy filters work on numpy weight differences, so the sites send those
+        persistor = PTFileModelPersistor(model=model_id, source_ckpt_file_full_name=cfg.initial_model)
+        exchange, generator, transfer = ExchangeFormat.NUMPY, FullModelShareableGenerator(), TransferType.DIFF
+        aggregator = InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF)
     else:
-        persistor = PTFileModelPersistor(model=model_id, allow_numpy_conversion=False)  # tensors end to end
+        persistor = PTFileModelPersistor(model=model_id, allow_numpy_conversion=False,  # tensors end to end
+                                         source_ckpt_file_full_name=cfg.initial_model)
         exchange = ExchangeFormat.PYTORCH
         optimizer = AGGREGATIONS[cfg.aggregation]
         if optimizer is None:
@@ -211,8 +238,13 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     generator_id = job.to_server(generator, id="shareable_generator")
     aggregator_id = job.to_server(aggregator, id="aggregator")
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
-    job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds, start_round=0,
+    if not cfg.he:  # a malformed update is refused with its reason before it reaches the aggregator
+        job.to_server(UpdateValidator(), id="update_validator", filter_type=FilterType.TASK_RESULT, tasks=["train"])
+    # ignore_result_error: a refused update or a crashed site never stops the other sites' round
+    job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds - cfg.start_round,
+                                   start_round=cfg.start_round,
                                    wait_time_after_min_received=int(cfg.wait_after_min_clients),
+                                   ignore_result_error=True,
                                    aggregator_id=aggregator_id,
                                    persistor_id=persistor_id, shareable_generator_id=generator_id,
                                    train_task_name="train", train_timeout=0))
@@ -225,28 +257,26 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
                                 server_expected_format=exchange, params_transfer_type=transfer))
     if cfg.he:
         _add_he_client_filters(job, cfg.he_encrypt_layers)
+    if cfg.dp:  # applied at the site, to what leaves it
+        job.to_clients(DP_FILTERS[cfg.dp](**(cfg.dp_args or {})), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     return job
 
 
-def _he_server_components(job: BaseFedJob, model_id: str):
+def _he_server_components(job: BaseFedJob, model_id: str, initial_model: str | None):
     """HE server side: add ciphertexts, persist them serialised; never plaintext weights.
     Returns (persistor, shareable generator, aggregator, exchange format, transfer type)."""
-    from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
-    from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
+    from app_custom.he_packing import HESumAggregator, PackedHEModelPersistor, PackedHEShareableGenerator
 
-    from app_custom.he_packing import HESumAggregator, PackedHEModelPersistor
-
-    job.to_server(HEModelSerializeFilter(), id="model_serialize_filter")
-    # sites weight their update before encrypting it; the server only adds (see app_custom/he_packing.py)
-    return (PackedHEModelPersistor(model=model_id, filter_id="model_serialize_filter"), HEModelShareableGenerator(),
+    # sites weight their update before encrypting it; the server only adds, and keeps ciphertexts
+    # as bytes except while adding (see app_custom/he_packing.py)
+    return (PackedHEModelPersistor(model=model_id, source_ckpt_file_full_name=initial_model),
+            PackedHEShareableGenerator(),
             HESumAggregator(), ExchangeFormat.NUMPY, TransferType.FULL)
 
 
 def _add_he_client_filters(job: BaseFedJob, encrypt_layers: str | None) -> None:
     """Sites decrypt what they receive and encrypt what they send, weighted by their sample count,
     packed into few CKKS vectors (see app_custom/he_packing.py for why not NVFlare's per-tensor filters)."""
-    from nvflare.job_config.defs import FilterType
-
     from app_custom.he_packing import PackedHEDecryptor, PackedHEEncryptor
 
     job.to_clients(PackedHEDecryptor(), tasks=["train", "validate"], filter_type=FilterType.TASK_DATA)

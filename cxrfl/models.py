@@ -109,17 +109,22 @@ def load_segmenter(path: str | Path) -> Segmenter:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    if path.is_file():
-        bundle = _read_bundle(path)
-        if bundle is not None:
-            return _segmenter_from_bundle(bundle, path)
+    bundle = _read_bundle(path) if path.is_file() else None
+    if bundle is not None:
+        return _segmenter_from_bundle(bundle, path)
     run, config = _find_config(path)
     if config.get("task") != "segment":
         raise ModelLoadError(f"{run}: a {config.get('task')!r} run, not a segmentation run")
     weights = path if path.is_file() else _weights_file(run, config)
-    arch = config.get("model") or DEFAULT_MODEL["segment"]
-    module = _load_into(LungSegmentation(arch=arch), _state_dict(weights), weights)
-    return Segmenter(module, int(config["image_size"]), str(weights))
+    return Segmenter(_segmentation_module(weights, config.get("model") or DEFAULT_MODEL["segment"]),
+                     int(config["image_size"]), str(weights))
+
+
+def _segmentation_module(weights: Path, arch: str | None = None) -> LungSegmentation:
+    try:
+        return LungSegmentation.from_checkpoint(weights, arch=arch)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Classifier:
@@ -166,7 +171,11 @@ def _read_bundle(path: Path) -> dict | None:
 def _segmenter_from_bundle(bundle: dict, path: Path) -> Segmenter:
     if bundle["task"] != "segment":
         raise ModelLoadError(f"{path}: an exported {bundle['task']!r} model, not a segmenter")
-    module = _load_into(LungSegmentation(arch=bundle["model"]), bundle["state_dict"], path)
+    try:
+        module = LungSegmentation.from_state_dict(bundle["state_dict"], bundle["model"],
+                                                  threshold=bundle.get("threshold", 0.5), source=path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     return Segmenter(module, bundle["image_size"], str(path))
 
 

@@ -16,6 +16,8 @@ Run folder::
     RUN/metrics.json                summary: test metrics of the best and final global model, wall time
 
 The simulator exits 0 even when a client crashes, so success is judged from the files.
+A run killed mid-way continues with `resume_simulation` (`cxrfl sim --resume RUN`): from the
+last round whose global model was written (atomically), with the same configuration.
 """
 
 from __future__ import annotations
@@ -55,13 +57,24 @@ def export_job(cfg: FLConfig, out_dir: Path) -> Path:
     return out_dir / cfg.job_name
 
 
-def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> dict:
-    """Run the job with `threads` sites in parallel (default: all), sharing this machine's cores."""
+def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, take_turns: bool = False,
+                   resuming: bool = False) -> dict:
+    """Run the job with `threads` sites in parallel (default: all), sharing this machine's cores.
+
+    take_turns: every site's process stays up, but sites work one at a time, each with all cores
+    (a lock file): per-site times are uncontended, as with one machine per hospital, and no site
+    process is restarted per round (the simulator restarts them when threads < sites)."""
     run_dir = Path(run_dir).absolute()
     threads = threads or len(cfg.sites)
+    if take_turns:
+        if threads != len(cfg.sites):
+            raise ValueError("taking turns keeps one process per site: leave --threads at the number of sites")
+        cfg.turn_lock = str(run_dir / "site_turns.lock")
+        cfg.torch_threads = cfg.torch_threads or (os.cpu_count() or 1)
     if not cfg.torch_threads:
         cfg.torch_threads = max(1, (os.cpu_count() or 1) // threads)
-    write_json(run_dir / "config.json", cfg.as_dict())
+    if not resuming:
+        write_json(run_dir / "config.json", cfg.as_dict())  # a resumed run keeps the original
     job_dir = export_job(cfg, run_dir / "job")
     workspace = run_dir / "workspace"
     if workspace.exists():
@@ -80,7 +93,7 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None) -> 
     start = time.time()
     returncode = _run_logged(command, run_dir / "simulator.log", env, cwd=run_dir)
     wall = time.time() - start
-    collected = collect_server_results(cfg, workspace / "server" / "simulate_job", run_dir)
+    collected = collect_server_results(cfg, workspace / "server" / "simulate_job", run_dir, append_logs=resuming)
     if returncode != 0:
         raise SimulationError(f"nvflare simulator exited with {returncode}; see {run_dir / 'simulator.log'}")
     summary = evaluate_run(cfg, run_dir, collected, he_key=he_key)
@@ -104,8 +117,9 @@ def _run_logged(command: list[str], log_path: Path, env: dict, cwd: Path) -> int
         return proc.wait()
 
 
-def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path) -> dict:
-    """Copy a finished job's server-side results (the folder holding app_server/) into the run folder."""
+def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path, append_logs: bool = False) -> dict:
+    """Copy a finished job's server-side results (the folder holding app_server/) into the run folder
+    (append_logs: a resumed run adds its round log and metrics lines to the earlier attempts')."""
     app = server / "app_server"
     logs = f"{run_dir / 'simulator.log'} and the site logs" if (run_dir / "simulator.log").exists() else "the site logs"
     models = run_dir / "models"
@@ -118,12 +132,18 @@ def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path) -> dict:
     if best.is_file():  # NVFlare's model selector skips round 0: a 1-round job has no best model
         shutil.copy2(best, models / "global_best.pt")
     for f in sorted((app / "rounds").glob("*")):
-        shutil.copy2(f, models / "rounds" / f.name)
+        if append_logs and f.suffix == ".jsonl":
+            _append_lines(f, models / "rounds" / f.name)
+        else:
+            shutil.copy2(f, models / "rounds" / f.name)
     done = len(list((models / "rounds").glob("global_round_*.pt")))
     if done < cfg.rounds:
         raise SimulationError(f"only {done} of {cfg.rounds} rounds completed; a site probably crashed: see {logs}")
     if (server / "metrics").is_dir():
-        shutil.copytree(server / "metrics", run_dir / "metrics", dirs_exist_ok=True)
+        for f in sorted((server / "metrics").glob("*.jsonl")) if append_logs else []:
+            _append_lines(f, run_dir / "metrics" / f.name)
+        shutil.copytree(server / "metrics", run_dir / "metrics", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.jsonl") if append_logs else None)
     if (server / "tb_events").is_dir():
         shutil.copytree(server / "tb_events", run_dir / "tb", dirs_exist_ok=True)
     # under HE the server holds the sites' models only as ciphertexts
@@ -132,6 +152,87 @@ def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path) -> dict:
         atomic_torch_save({"model": params}, models / f"local_{site}.pt")
     cse = server / "cross_site_val" / "cross_val_results.json"
     return {"local_sites": sorted(local), "cse": cse if cse.is_file() else None}
+
+
+def _append_lines(source: Path, target: Path, keep=lambda entry: True) -> None:
+    """Append a JSON-lines file's entries that `keep` accepts to another, rewritten atomically."""
+    import json
+
+    kept = []
+    for line in source.read_text().splitlines():
+        try:
+            if keep(json.loads(line)):
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    target.parent.mkdir(parents=True, exist_ok=True)
+    earlier = target.read_text() if target.is_file() else ""
+    atomic_write_text(target, earlier + "".join(line + "\n" for line in kept))
+
+
+ROUND_FILE = re.compile(r"global_round_(\d+)\.pt$")
+
+
+def last_complete_round(folder: Path) -> int | None:
+    """The last round whose global model file is complete (round files are written atomically)."""
+    rounds = sorted((int(m.group(1)), f) for f in folder.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name)))
+    for number, path in reversed(rounds):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)["model"]
+            return number
+        except Exception:  # noqa: BLE001 - an unreadable file is simply not a complete round
+            continue
+    return None
+
+
+def resume_simulation(run_dir: Path, threads: int | None = None, take_turns: bool = False) -> dict:
+    """Continue a killed `cxrfl sim` run with its own configuration, from the global model of the
+    last completed round (the interrupted round is redone; nothing earlier is lost or rerun).
+
+    Not carried over: with --absent-weights keep, the sites' remembered updates (a site counts
+    again from its next update); NVFlare's best-model choice restarts with the resumed rounds."""
+    import dataclasses
+    import json
+
+    run_dir = Path(run_dir).absolute()
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise SimulationError(f"{run_dir}: no config.json, so not a `cxrfl sim` run folder to resume")
+    if (run_dir / "metrics.json").is_file():
+        raise SimulationError(f"{run_dir}: this run finished (metrics.json exists); nothing to resume")
+    fields = {f.name for f in dataclasses.fields(FLConfig)}
+    try:
+        cfg = FLConfig(**{k: v for k, v in json.loads(config_file.read_text()).items() if k in fields})
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise SimulationError(f"{config_file}: unreadable run configuration ({exc})") from None
+    rounds_dir = run_dir / "models" / "rounds"
+    rounds_dir.mkdir(parents=True, exist_ok=True)
+    last = None
+    earlier = run_dir / "workspace" / "server" / "simulate_job" / "app_server" / "rounds"
+    if earlier.is_dir():  # the killed attempt's complete rounds join the run's own
+        last = last_complete_round(earlier)
+        for f in earlier.glob("global_round_*.pt"):
+            m = ROUND_FILE.search(f.name)
+            if m and last is not None and int(m.group(1)) <= last:
+                shutil.copy2(f, rounds_dir / f.name)
+        if (earlier / "round_log.jsonl").is_file():
+            _append_lines(earlier / "round_log.jsonl", rounds_dir / "round_log.jsonl",
+                          keep=lambda e: last is not None and e.get("round", -1) <= last)
+        metrics = earlier.parent.parent / "metrics"
+        for f in metrics.glob("*.jsonl") if metrics.is_dir() else []:
+            _append_lines(f, run_dir / "metrics" / f.name,
+                          keep=lambda e: last is not None and e.get("round", e.get("current_round", -1)) <= last)
+    last = last_complete_round(rounds_dir)
+    if last is not None and last >= cfg.rounds - 1:
+        raise SimulationError(f"{run_dir}: every round finished before the stop; rerun `cxrfl sim` "
+                              "to evaluate, or use the models in models/rounds/")
+    if last is not None:
+        saved = torch.load(rounds_dir / f"global_round_{last:03d}.pt", map_location="cpu", weights_only=False)
+        start = run_dir / "models" / f"resume_from_round_{last:03d}.pt"
+        atomic_torch_save({"model": saved["model"], "meta_props": saved.get("meta") or {}}, start)
+        cfg.start_round, cfg.initial_model = last + 1, str(start)
+    print(f"resuming {run_dir.name} at round {cfg.start_round} of {cfg.rounds}", flush=True)
+    return run_simulation(cfg, run_dir, threads=threads, take_turns=take_turns, resuming=True)
 
 
 def _local_models(folder: Path, sites: list[str]) -> dict:

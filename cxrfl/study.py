@@ -24,7 +24,7 @@ from cxrfl.fl_job import FLConfig
 from lightning_modules.data.manifest import (DATASET_JSON, Record, atomic_write_text, load_split, read_dataset_info,
                                              resolve, write_json)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "studies"
+CONFIGS = Path(__file__).resolve().parent / "studies"  # package data: ships with the wheel
 COLUMNS = ["run", "sites", "rounds", "local_epochs", "schedule", "approach", "test_loss", "test_acc", "test_auroc",
            "wall_s", "critical_path_s", "time_reduction_wall", "time_reduction_critical_path"]
 
@@ -126,7 +126,7 @@ def run_study(config: dict, out: Path, log=print) -> list[dict]:
                            classes=read_dataset_info(data).get("classes") or ["normal", "pneumonia"],
                            seed=base.get("seed", 0), cross_site_eval=False, schedule=spec["schedule"],
                            absent_weights=spec["approach"] or "drop")
-            run_simulation(cfg, run_dir, threads=1)  # one site at a time: each site's time is its own
+            run_simulation(cfg, run_dir, take_turns=True)  # each site's local time is its own
         else:
             log(f"[study] {spec['id']}: done, skipped")
         summary = json.loads((run_dir / "metrics.json").read_text())

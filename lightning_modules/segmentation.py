@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -12,8 +14,19 @@ from monai.transforms import Compose, FillHoles, KeepLargestConnectedComponent
 from monai.utils import convert_to_tensor
 
 from lightning_modules.data.transforms import normalize_image
-
 from lightning_modules.networks import build_segmenter
+
+
+def _run_config(weights: Path) -> dict:
+    """config.json of the run folder holding a weights file (up to three levels up), if any."""
+    for folder in list(weights.parents)[:3]:
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                return json.loads(config.read_text())
+            except (OSError, json.JSONDecodeError):
+                return {}
+    return {}
 
 
 class LungSegmentation(pl.LightningModule):
@@ -70,21 +83,50 @@ class LungSegmentation(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     @classmethod
-    def from_checkpoint(cls, path, arch: str = "unet", map_location="cpu") -> "LungSegmentation":
-        """Load a Lightning checkpoint (central runs) or an NVFlare PyTorch persistor file
-        (`{"model": state_dict, ...}`, federated runs; `arch` names its network)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        if isinstance(ckpt, dict) and "state_dict" in ckpt and "hyper_parameters" in ckpt:
-            return cls.load_from_checkpoint(path, map_location=map_location)
-        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: not a segmentation checkpoint (expected a Lightning or NVFlare model file)")
-        module = cls(arch=arch)
+    def from_checkpoint(cls, path, arch: str | None = None, map_location="cpu") -> "LungSegmentation":
+        """The one loader of a segmentation weights file, for sites, central runs and `cxrfl.models`:
+        a Lightning checkpoint (central runs), an NVFlare persistor/round file (`{"model": state_dict}`,
+        federated runs) or a `cxrfl export-model` file. The network is `arch` if given, else the
+        one the file names (Lightning, export) or its run's config.json does, else a U-Net."""
+        path = Path(path)
         try:
-            module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable PyTorch file ({exc})") from None
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path}: not a segmentation checkpoint (expected a Lightning, NVFlare or exported model file)")
+        threshold = 0.5
+        if "state_dict" in ckpt and "hyper_parameters" in ckpt:  # Lightning
+            state, arch = ckpt["state_dict"], arch or ckpt["hyper_parameters"].get("arch")
+            threshold = ckpt["hyper_parameters"].get("threshold", threshold)
+        elif "format" in ckpt and "state_dict" in ckpt:  # cxrfl export-model
+            if ckpt.get("task") != "segment":
+                raise ValueError(f"{path}: an exported {ckpt.get('task')!r} model, not a segmenter")
+            state, arch, threshold = ckpt["state_dict"], arch or ckpt.get("model"), ckpt.get("threshold", threshold)
+        elif isinstance(ckpt.get("model"), dict):  # NVFlare
+            state, arch = ckpt["model"], arch or _run_config(path).get("model")
+        else:
+            raise ValueError(f"{path}: holds no segmentation state_dict")
+        return cls.from_state_dict(state, arch, threshold=threshold, source=path)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, arch: str | None = None, threshold: float = 0.5,
+                        source="weights") -> "LungSegmentation":
+        """A segmenter in eval mode with `state` loaded; errors name `source` and what does not fit."""
+        arch = arch or "unet"
+        if any(isinstance(v, (bytes, bytearray)) for v in state.values()):
+            raise ValueError(f"{source}: encrypted (HE) weights; decrypt them with a site's key first")
+        module = cls(arch=arch, threshold=threshold)
+        try:
+            missing, unexpected = module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
         except RuntimeError as exc:
-            raise ValueError(f"{path}: weights do not fit a {arch!r} segmentation network ({exc})") from None
-        return module
+            raise ValueError(f"{source}: weights do not fit a {arch!r} segmentation network ({exc})") from None
+        missing = [k for k in missing if not k.startswith("loss_fn.")]
+        unexpected = [k for k in unexpected if not k.startswith("loss_fn.")]
+        if missing or unexpected:
+            raise ValueError(f"{source}: weights do not fit a {arch!r} segmentation network "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return module.eval()
 
     def mask_predictor(self, threshold: float | None = None):
         """predict_masks with a fixed threshold: the MaskPredictor the data module and predict take."""

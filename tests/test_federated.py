@@ -6,6 +6,7 @@ The simulator exits 0 even when a client crashes, so every test checks the files
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -95,6 +96,27 @@ def test_global_model_is_the_sample_weighted_mean_of_the_sites(classify_run, fl_
     assert len(changed) > len(global_1) // 2  # the global model moved between rounds
 
 
+def test_what_reaches_the_server_is_the_models_tensors_and_a_few_numbers(classify_run):
+    """The server-side record of each received update: the network's own parameter tensors (names and
+    shapes of the model, nothing image-shaped), and meta/headers of counts, metrics and routing ids."""
+    expected = CXRClassifier(model="cnn5", num_classes=2).state_dict()
+    received = sorted((classify_run / "models" / "rounds").glob("site-*_round_*.pt"))
+    assert len(received) == 4  # 2 sites x 2 rounds
+    for path in received:
+        update = torch.load(path, map_location="cpu", weights_only=False)
+        tensors = {k: torch.as_tensor(v) for k, v in update["model"].items()}
+        assert set(tensors) == set(expected) - {k for k in expected if k.startswith("class_weights")}, path.name
+        for name, value in tensors.items():
+            assert value.shape == expected[name].shape, name
+            assert not (value.dim() >= 2 and tuple(value.shape[-2:]) == (32, 32)), name  # no 32x32 image planes
+        extras = {**update["meta"], **update["headers"]}
+        assert len(json.dumps(extras, default=str)) < 4096  # a few numbers and ids, not data
+        flat = json.dumps(extras, default=str).lower()
+        for leak in (".png", ".dcm", "patient", "image_path", "/site-"):
+            assert leak not in flat, (leak, extras)
+        assert update["meta"]["NUM_STEPS_CURRENT_ROUND"] == update["weight"]
+
+
 def test_cross_site_matrix_has_every_cell(classify_run):
     data = json.loads((classify_run / "cross_site.json").read_text())
     matrix = data["matrix"]
@@ -149,7 +171,10 @@ def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
     assert not (run / "cross_site.csv").read_text().splitlines()[1].endswith(",,")  # test column filled
 
 
-def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_path):
+def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_path, monkeypatch):
+    """Also a failure drill: site-2 sends NaN weights in round 1; the server refuses that update with
+    its reason logged and the round goes on with site-1 (FedOpt's weight differences, too)."""
+    monkeypatch.setenv("CXRFL_FAULT_DRILL", "site-2:nan@1")
     run = tmp_path / "yogi"
     assert main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
                  "--aggregation", "fedyogi", "--server-lr", "0.01", "--no-cross-site-eval",
@@ -159,6 +184,8 @@ def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_p
     assert "app_custom.yogi.Yogi" in server and '"params_transfer_type": "DIFF"' in client
     log = [json.loads(line) for line in (run / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]
     assert {e["data_kind"] for e in log} == {"WEIGHT_DIFF"} and all(e["accepted"] for e in log)
+    assert sorted((e["round"], e["site"]) for e in log) == [(0, "site-1"), (0, "site-2"), (1, "site-1")]
+    assert re.search(r"rejected the update of site-2: \S+ holds NaN or Inf", (run / "simulator.log").read_text())
     g0, g1 = (_load(run / "models" / "rounds" / f"global_round_00{i}.pt") for i in (0, 1))
     assert all(torch.isfinite(v.float()).all() for v in g1.values())
     assert any(not torch.equal(g0[k], g1[k]) for k in g0)
@@ -260,7 +287,7 @@ def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
     assert main(["export", "--task", "classify", "--he", "--data", str(fl_root), "--out", str(out)]) == 0
     server = (out / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
     client = (out / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
-    for component in ("HEModelShareableGenerator", "HESumAggregator", "PackedHEModelPersistor", "HEModelSerializeFilter"):
+    for component in ("PackedHEShareableGenerator", "HESumAggregator", "PackedHEModelPersistor"):
         assert component in server
     assert "CrossSiteModelEval" not in server  # ciphertext models cannot be broadcast for evaluation
     assert "PackedHEEncryptor" in client and "PackedHEDecryptor" in client
@@ -326,3 +353,26 @@ def test_selection_takes_the_final_model_only_when_the_sites_validation_ranks_it
     assert select_global_model(cfg, both, matrix) == "global_best"
     assert select_global_model(cfg, both, {}) == "global_best"  # no cross-site evaluation (e.g. HE)
     assert select_global_model(cfg, {"global_final": "y"}, {}) == "global_final"  # a 1-round job has no best
+
+
+def test_differential_privacy_filters_what_leaves_each_site(fl_root, tmp_path):
+    """--dp percentile (NVFlare's PercentilePrivacy at the site): the server receives weight changes
+    of which the smallest are zeroed and the rest clipped to +-gamma (per training sample)."""
+    run = tmp_path / "dp"
+    assert main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
+                 "--dp", "percentile", "--dp-percentile", "50", "--dp-gamma", "0.001", "--no-cross-site-eval",
+                 "--record-contributions", "--out", str(run)] + COMMON) == 0
+    client = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
+    assert "PercentilePrivacy" in client
+    for path in sorted((run / "models" / "rounds").glob("site-*_round_*.pt")):
+        update = torch.load(path, map_location="cpu", weights_only=False)
+        assert update["data_kind"] == "WEIGHT_DIFF"
+        values = torch.cat([torch.as_tensor(v).double().ravel() for v in update["model"].values()
+                            if torch.as_tensor(v).dim() > 0])
+        # the smaller half of the changes is not shared (changes tied at the cutoff are, hence < 0.5)
+        assert (values == 0).double().mean() >= 0.3
+        assert values.abs().max() <= 0.001 * update["weight"] * (1 + 1e-6)  # clipped per training sample
+    summary = json.loads((run / "metrics.json").read_text())
+    assert 0 <= summary["test"]["test_auroc"] <= 1
+    assert main(["sim", "--task", "classify", "--data", str(fl_root), "--dp", "svt", "--he",
+                 "--out", str(tmp_path / "bad")] + COMMON) == 2  # DP with HE: refused up front

@@ -73,17 +73,18 @@ def test_three_densenet121_sites_aggregate_to_the_plaintext_fedavg(contexts):
     updates = {s: {k: (v + rng.normal(scale=0.05, size=v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v + i
                    for k, v in base.items()} for i, s in enumerate(weights)}
 
-    # server: the HE aggregator's running sum (weights applied at the sites)
-    summed = CiphertextSum()
+    # server: the HE aggregator's running sum (weights applied at the sites), with the public context
+    summed = CiphertextSum(server_ctx)
     for site, w in weights.items():
         packed, processed = pack_and_encrypt(updates[site], ctx, weight=w)
         assert 0 < sum(processed.values()) <= 8  # a handful of CKKS vectors, not 727
         received = _fobs_round_trip(packed)
         vector = next(v for k, v in received.items() if k.startswith(PACKED_PREFIX))
-        assert isinstance(vector, ts.CKKSVector) and not vector.context().is_private()  # no secret key travelled
+        assert isinstance(vector, bytes)  # ciphertext only: no context (and so no key) travels with it
         summed.add(received, w)
     assert summed.sum_of_weights == sum(weights.values())
-    wire = _fobs_round_trip(summed.total)  # the server sends the ciphertext sum back
+    wire = _fobs_round_trip(summed.serialized())  # the server sends the ciphertext sum back, as bytes
+    assert all(isinstance(v, bytes) for k, v in wire.items() if k.startswith(PACKED_PREFIX))
 
     site_view = decrypt_and_unpack(wire, ctx, summed.sum_of_weights)
     total = sum(weights.values())
@@ -102,7 +103,7 @@ def test_three_densenet121_sites_aggregate_to_the_plaintext_fedavg(contexts):
 def test_server_context_cannot_decrypt_the_aggregate(contexts):
     ctx, server_ctx = contexts
     packed, _ = pack_and_encrypt({"w": np.ones(10, np.float32)}, ctx)
-    blob = next(v for v in packed.values()).serialize()
+    blob = next(v for v in packed.values())
     on_server = ts.ckks_vector_from(server_ctx, blob)
     with pytest.raises(Exception):
         on_server.decrypt()
@@ -110,8 +111,8 @@ def test_server_context_cannot_decrypt_the_aggregate(contexts):
 
 
 def test_sum_refuses_an_update_packed_differently(contexts):
-    ctx, _ = contexts
-    summed = CiphertextSum()
+    ctx, server_ctx = contexts
+    summed = CiphertextSum(server_ctx)
     summed.add(pack_and_encrypt({"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}, ctx)[0], 1.0)
     with pytest.raises(ValueError, match="differ"):
         summed.add(pack_and_encrypt({"a": np.ones(3, np.float32)}, ctx)[0], 1.0)

@@ -7,6 +7,7 @@ removed, even when a test fails.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -89,3 +90,78 @@ def test_admin_console_commands_from_the_readme(poc):
     downloaded = Path(state["admin_kit"]) / "transfer" / job_id
     assert (downloaded / "workspace").is_dir(), list((Path(state["admin_kit"]) / "transfer").iterdir())
     assert list(downloaded.rglob("FL_global_model.pt"))
+
+
+def test_a_member_admin_may_look_but_not_submit_or_abort(poc):
+    """NVFlare's authorization policy with the project file's roles: the auditor (role member) can
+    list jobs but neither submit nor abort one; the project admin can do both."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    state = load_state(poc["workspace"])
+    job_dir = poc["base"] / "authz-job"
+    assert main(["export", "--data", str(poc["data"]), "--out", str(job_dir), "--rounds", "50"] + JOB[:4] + JOB[6:]) == 0
+    auditor = new_secure_session("auditor@cxr-fl.org", str(Path(state["kits"]) / "auditor@cxr-fl.org"), timeout=30)
+    admin = session(state)
+    try:
+        auditor.list_jobs()  # looking is allowed
+        with pytest.raises(Exception, match="(?i)not authorized|authoriz"):
+            auditor.submit_job(str(job_dir / "cxrfl_classify"))
+        job_id = admin.submit_job(str(job_dir / "cxrfl_classify"))
+        with pytest.raises(Exception, match="(?i)not authorized|authoriz"):
+            auditor.abort_job(job_id)
+        admin.abort_job(job_id)
+        deadline = time.time() + 120
+        while "FINISHED" not in admin.get_job_meta(job_id)["status"] and time.time() < deadline:
+            time.sleep(2)
+        assert admin.get_job_meta(job_id)["status"] == "FINISHED:ABORTED"
+    finally:
+        auditor.close()
+        admin.close()
+
+
+def test_a_site_with_another_projects_certificate_is_refused(poc, tmp_path):
+    """Mutual TLS: a client kit provisioned by another project (its own root CA) for this server's
+    host and port never gets in; the POC's sites stay the only ones connected."""
+    import sys
+
+    import yaml
+
+    state = load_state(poc["workspace"])
+    project = {"api_version": 3, "name": "intruder", "description": "another project's root CA",
+               "participants": [{"name": "localhost", "type": "server", "org": "elsewhere",
+                                 "fed_learn_port": state["port"], "admin_port": state["port"]},
+                                {"name": "intruder-hospital", "type": "client", "org": "elsewhere"}],
+               "builders": [{"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
+                             "args": {"template_file": ["master_template.yml"]}},
+                            {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder",
+                             "args": {"config_folder": "config"}},
+                            {"path": "nvflare.lighter.impl.cert.CertBuilder"},
+                            {"path": "nvflare.lighter.impl.signature.SignatureBuilder"}]}
+    project_file = tmp_path / "intruder.yml"
+    project_file.write_text(yaml.safe_dump(project))
+    nvflare = Path(sys.executable).parent / "nvflare"
+    subprocess.run([str(nvflare), "provision", "-p", str(project_file), "-w", str(tmp_path / "kits")],
+                   check=True, capture_output=True, timeout=120)
+    kit = next((tmp_path / "kits" / "intruder").glob("prod_*")) / "intruder-hospital"
+    with open(tmp_path / "intruder.log", "w") as log:
+        intruder = subprocess.Popen([sys.executable, "-u", "-m", "nvflare.private.fed.app.client.client_train",
+                                     "-m", str(kit), "-s", "fed_client.json", "--set", "uid=intruder-hospital",
+                                     "secure_train=true", "config_folder=config", "org=elsewhere"],
+                                    cwd=kit, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        time.sleep(25)  # several connection attempts
+        sess = session(state)
+        try:
+            connected = sorted(c.name for c in sess.get_system_info().client_info)
+        finally:
+            sess.close()
+    finally:
+        import os
+        import signal
+
+        os.killpg(intruder.pid, signal.SIGKILL)
+        intruder.wait()
+    assert connected == sorted(state["sites"])
+    log = (tmp_path / "intruder.log").read_text()
+    assert "intruder-hospital" not in connected
+    assert re.search(r"(?i)ssl|certificate|handshake|verify", log), log[-3000:]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
+import time
 
 import yaml
 
 from cxrfl.cli import main
-from cxrfl.study import grid_runs, pooled_data, split_for
+from app_custom.cxrfl_client import machine_turn
+from cxrfl.study import CONFIGS, grid_runs, pooled_data, split_for
 from lightning_modules.data.manifest import load_split
 
 TINY = {
@@ -77,3 +80,31 @@ def test_study_writes_its_table_and_resumes(tmp_path, capsys):
     assert "done, skipped" in capsys.readouterr().out
     assert (out / "fl-3sites-r2-e1-intermittent-keep" / "metrics.json").stat().st_mtime == first
     assert main(["study", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_sites_sharing_a_machine_take_turns(tmp_path):
+    """The study's sites stay up as processes but work one at a time (flock), so each site's
+    measured local time is its own; flock excludes separate opens in threads as across processes."""
+    spans = []
+
+    def site():
+        with machine_turn(str(tmp_path / "turns.lock")):
+            start = time.monotonic()
+            time.sleep(0.15)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=site) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 4
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))  # no overlap
+
+
+def test_the_shipped_study_configs_load():
+    for name in ("default.yaml", "full.yaml"):
+        config = yaml.safe_load((CONFIGS / name).read_text())
+        runs = grid_runs(config)
+        assert runs and {r["sites"] for r in runs} >= {3, 10}

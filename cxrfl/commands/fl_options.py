@@ -13,9 +13,9 @@ from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS
 
 
-def add_fl_options(p: argparse.ArgumentParser, task: str | None = None) -> None:
+def add_fl_options(p: argparse.ArgumentParser, task: str | None = None, task_required: bool = True) -> None:
     """All federated options; `task` fixes the task (a job.py of one task) instead of asking for it."""
-    p.add_argument("--task", choices=TASKS, required=task is None, default=task,
+    p.add_argument("--task", choices=TASKS, required=task is None and task_required, default=task,
                    help="segment: lung U-Net; classify: full-image classifier; roi: classifier on the lung region")
     g = p.add_argument_group("federation")
     g.add_argument("--sites", type=positive_int, default=None,
@@ -48,6 +48,20 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None) -> None:
                    help="a site that is away: drop its weights (approach 1, default) or keep averaging its last "
                    "update with its sample weight (approach 2)")
     g.add_argument("--wandb-project", default="cxr-fl", help="W&B project for --wandb (default cxr-fl)")
+    g.add_argument("--dp", choices=["percentile", "svt"], default=None,
+                   help="differential privacy on each site's update (NVFlare privacy filters, applied at the site): "
+                   "percentile: share only the largest weight changes, clipped (Shokri & Shmatikov); svt: sparse "
+                   "vector technique with Laplace noise")
+    g.add_argument("--dp-percentile", type=float, default=10.0,
+                   help="--dp percentile: changes smaller than this percentile are not shared (default 10)")
+    g.add_argument("--dp-gamma", type=positive_float, default=None,
+                   help="--dp percentile: clip changes to +-gamma (default 0.01); svt: gamma (default 1e-5)")
+    g.add_argument("--dp-fraction", type=positive_float, default=0.1,
+                   help="--dp svt: fraction of the model's values uploaded per round (default 0.1)")
+    g.add_argument("--dp-epsilon", type=positive_float, default=0.1,
+                   help="--dp svt: privacy budget of the selection per round (default 0.1)")
+    g.add_argument("--dp-noise-var", type=positive_float, default=0.1,
+                   help="--dp svt: release noise (default 0.1)")
     g.add_argument("--record-contributions", action="store_true",
                    help="keep every site's update of every round on the server (audit; off by default)")
     m = p.add_argument_group("model")
@@ -102,8 +116,19 @@ def config_from_args(args) -> FLConfig:
         cross_site_eval=not (args.no_cross_site_eval or args.he), wandb=args.wandb, wandb_project=args.wandb_project,
         record_contributions=args.record_contributions, he=args.he, he_encrypt_layers=args.he_encrypt_layers,
         schedule=_schedule(args.schedule), absent_weights=args.absent_weights,
-        wait_after_min_clients=args.wait_after_min_clients,
+        wait_after_min_clients=args.wait_after_min_clients, dp=args.dp, dp_args=_dp_args(args),
     )
+
+
+def _dp_args(args) -> dict | None:
+    if args.dp == "percentile":
+        if not 0 <= args.dp_percentile <= 100:
+            raise ValueError("--dp-percentile must be between 0 and 100")
+        return {"percentile": args.dp_percentile, "gamma": args.dp_gamma or 0.01}
+    if args.dp == "svt":
+        return {"fraction": args.dp_fraction, "epsilon": args.dp_epsilon, "noise_var": args.dp_noise_var,
+                "gamma": args.dp_gamma or 1e-5}
+    return None
 
 
 def _schedule(text: str | None) -> dict[str, str] | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from cxrfl.commands.fl_options import add_fl_options, config_from_args
 from cxrfl.runs import RunDirError, new_run_dir
-from cxrfl.simulate import SimulationError, run_simulation
+from cxrfl.simulate import SimulationError, resume_simulation, run_simulation
 from lightning_modules.data.manifest import ManifestError
 
 
@@ -21,16 +22,28 @@ def add_parser(subparsers) -> None:
         "the job, the models of every round, per-round per-site metrics, TensorBoard curves, the cross-site "
         "matrix (cross_site.json/.csv) and the logs.",
     )
-    add_fl_options(p)
+    add_fl_options(p, task_required=False)  # --resume takes everything from the run folder
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue a run that was killed, with its own configuration, from the last round whose "
+                   "global model was written (the interrupted round is redone); other options are ignored")
     p.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: one per site)")
+    p.add_argument("--take-turns", action="store_true",
+                   help="sites work one at a time, each with all cores (their processes stay up): per-site times "
+                   "are uncontended, as with one machine per hospital; for timing studies and benchmarks")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     try:
-        cfg = config_from_args(args)
-        run_dir = new_run_dir(args.out, f"sim-{args.task}")
-        summary = run_simulation(cfg, run_dir, threads=args.threads)
+        if args.resume is not None:
+            run_dir = args.resume.absolute()
+            summary = resume_simulation(run_dir, threads=args.threads, take_turns=args.take_turns)
+        else:
+            if not args.task:
+                raise ValueError("--task is required (or --resume RUN_DIR)")
+            cfg = config_from_args(args)
+            run_dir = new_run_dir(args.out, f"sim-{args.task}")
+            summary = run_simulation(cfg, run_dir, threads=args.threads, take_turns=args.take_turns)
     except (ValueError, ManifestError, RunDirError, SimulationError) as exc:
         print(f"cxrfl sim: {exc}", file=sys.stderr)
         return 2

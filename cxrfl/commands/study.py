@@ -15,8 +15,8 @@ def add_parser(subparsers) -> None:
         "critical-path time (per round the slowest site + aggregation) and time reduction vs centralized. "
         "`cxrfl report` on the study folder draws the ROC curves of every run.")
     p.add_argument("--config", type=Path, default=None,
-                   help="study configuration (default studies/default.yaml; studies/full.yaml for real data)")
-    p.add_argument("--full", action="store_true", help="use studies/full.yaml")
+                   help="study configuration (default cxrfl/studies/default.yaml; cxrfl/studies/full.yaml for real data)")
+    p.add_argument("--full", action="store_true", help="use cxrfl/studies/full.yaml")
     p.add_argument("--out", type=Path, default=None, help="study folder (default runs/study-<name>)")
     p.set_defaults(func=run)
 

@@ -1,0 +1,338 @@
+"""The benchmark cases: what federation, HE and the training loop cost over plain training.
+
+Each case runs its comparison side by side in one process run (alternating repetitions, so
+machine noise hits both sides) and returns rows of the results table. Sizes come from a
+`Scale` (the full one the targets are meant for, or `--quick` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Scale:
+    quick: bool = False  # toy models and sizes: checks the bench runs, the numbers mean nothing
+    reps: int = 3
+    loop_model: str = "densenet121"
+    loop_size: int = 64
+    loop_images: int = 96
+    fed_model: str = "densenet121"
+    fed_size: int = 128
+    fed_train_per_site: int = 300
+    fed_rounds: int = 5
+    fed_reps: int = 1  # each side trains ~10 min at full size on 2 CPU cores: one long run each
+    scaling_sites: tuple = (3, 6, 10)
+    scaling_total_train: int = 240
+    scaling_rounds: int = 3
+    he_size: int = 128
+    he_per_site: int = 100
+    he_rounds: int = 3
+    predict_size: int = 224
+    predict_images: int = 24
+
+
+FULL = Scale()
+QUICK = Scale(quick=True, reps=2, loop_model="cnn5", loop_size=32, loop_images=32, fed_model="cnn5", fed_size=32,
+              fed_train_per_site=16, fed_rounds=2, scaling_sites=(2, 3), scaling_total_train=16, scaling_rounds=2,
+              he_size=32, he_per_site=12, he_rounds=2, predict_size=64, predict_images=4)
+
+
+def row(case: str, measured: float | None, target: str, ok: bool | None, unit: str = "", **detail) -> dict:
+    return {"case": case, "measured": None if measured is None else round(measured, 3), "unit": unit,
+            "target": target, "pass": ok, "detail": detail}
+
+
+def _synthetic(root: Path, sites: int, train_per_site: int, size: int, test_size: int = 20) -> Path:
+    """Synthetic sites with about `train_per_site` training images each (20 % more go to validation)."""
+    from lightning_modules.data.phantom import generate_dataset
+
+    if not (root / "dataset.json").is_file():
+        generate_dataset(root, sites=sites, per_site=max(2, round(train_per_site / 0.8)), test_size=test_size,
+                         size=size, seed=0)
+    return root
+
+
+# ---- Lightning loop cost and data pipeline -------------------------------------------------------
+def _train_loader(root: Path, size: int, batch: int):
+    from lightning_modules.data.datamodule import CXRDataModule
+
+    dm = CXRDataModule(root, task="classify", image_size=size, batch_size=batch, num_workers=0, seed=0)
+    dm.setup("fit")
+    return dm
+
+
+def _module(dm, model: str):
+    from lightning_modules.factory import build_module
+
+    torch.manual_seed(0)
+    return build_module("classify", model, lr=1e-3, classes=dm.classes, class_counts=dm.class_counts("train"))
+
+
+def _plain_epoch(dm, model: str) -> float:
+    """One epoch of the module's own training step in a bare PyTorch loop; images/s."""
+    module = _module(dm, model)
+    optimizer = module.configure_optimizers()
+    module.train()
+    seen = 0
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer warns and does nothing
+        for index, batch in enumerate(dm.train_dataloader()):
+            loss = module.training_step(batch, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(batch["label"])
+        module.on_train_epoch_end()
+    return seen / (time.perf_counter() - start)
+
+
+def _lightning_epoch(dm, model: str) -> float:
+    """The same epoch under a plain Lightning Trainer (set-up included: users pay it); images/s."""
+    import pytorch_lightning as pl
+
+    module = _module(dm, model)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    loader = dm.train_dataloader()
+    seen = len(loader.dataset) - (len(loader.dataset) % dm.batch_size if loader.drop_last else 0)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return seen / (time.perf_counter() - start)
+
+
+def _loader_rate(dm) -> float:
+    seen = 0
+    start = time.perf_counter()
+    for batch in dm.train_dataloader():
+        seen += len(batch["label"])
+    return seen / (time.perf_counter() - start)
+
+
+def loop_and_pipeline(scale: Scale, work: Path) -> list[dict]:
+    import logging
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    root = _synthetic(work / "loop-data", 1, scale.loop_images, max(scale.loop_size, 32))
+    dm = _train_loader(root, scale.loop_size, 16)
+    _plain_epoch(dm, scale.loop_model)  # warm-up: first-touch allocations, oneDNN kernel choice
+    plain, lightning, loader = [], [], []
+    for _ in range(scale.reps):  # alternate, so drift hits both sides
+        plain.append(_plain_epoch(dm, scale.loop_model))
+        lightning.append(_lightning_epoch(dm, scale.loop_model))
+        loader.append(_loader_rate(dm))
+    p, lt, ld = statistics.median(plain), statistics.median(lightning), statistics.median(loader)
+    setup = f"{scale.loop_model}, {scale.loop_size} px, {dm.num_train_samples} images, batch 16, {torch.get_num_threads()} threads"
+    return [
+        row("Lightning loop cost: Trainer ÷ plain loop (images/s)", lt / p, "≥ 0.95", lt / p >= 0.95,
+            lightning_img_s=round(lt, 1), plain_img_s=round(p, 1), setup=setup),
+        row("Data pipeline: DataLoader ÷ model (images/s)", ld / lt, "≥ 3", ld / lt >= 3,
+            loader_img_s=round(ld, 1), model_img_s=round(lt, 1), setup=setup + ", cached"),
+    ]
+
+
+# ---- Federation overhead -------------------------------------------------------------------------
+def _cxrfl(args: list[str], log: Path) -> float:
+    """Wall seconds of one `cxrfl` command run as a user would (its own process); raises on failure."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.call([sys.executable, "-m", "cxrfl", *args], stdout=out, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if code != 0:
+        raise RuntimeError(f"cxrfl {args[0]} failed ({code}); see {log}")
+    return time.perf_counter() - start
+
+
+def federation_overhead(scale: Scale, work: Path) -> list[dict]:
+    """`cxrfl sim` (3 sites taking turns, each with all cores) ÷ `cxrfl central` on the union of
+    the same training images for the same sample-epochs; both whole commands, test set included."""
+    root = _synthetic(work / "fed-data", 3, scale.fed_train_per_site, scale.fed_size)
+    common = ["--task", "classify", "--data", str(root), "--image-size", str(scale.fed_size),
+              "--batch-size", "16", "--model", scale.fed_model, "--seed", "0"]
+    central_s, fl_s = [], []
+    for rep in range(min(scale.reps, scale.fed_reps)):
+        central_s.append(_cxrfl(["central", *common, "--epochs", str(scale.fed_rounds),
+                                 "--out", str(work / f"central-{rep}")], work / f"central-{rep}.log"))
+        fl_s.append(_cxrfl(["sim", *common, "--rounds", str(scale.fed_rounds), "--local-epochs", "1",
+                            "--no-cross-site-eval", "--take-turns", "--out", str(work / f"sim-{rep}")],
+                           work / f"sim-{rep}.log"))
+    c, f = statistics.median(central_s), statistics.median(fl_s)
+    return [row("Federation overhead: simulator ÷ centralized (wall)", f / c, "≤ 1.10", f / c <= 1.10,
+                sim_s=round(f, 1), central_s=round(c, 1),
+                setup=f"{scale.fed_model}, {scale.fed_size} px, 3 sites × ~{scale.fed_train_per_site} train images, "
+                      f"{scale.fed_rounds} rounds × 1 epoch vs {scale.fed_rounds} epochs, sites take turns, "
+                      f"{len(fl_s)} run(s) each")]
+
+
+# ---- Site scaling --------------------------------------------------------------------------------
+class TreeRss(threading.Thread):
+    """Peak of the summed RSS of a process and all its descendants (sampled every 0.2 s)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self._halt = pid, 0, threading.Event()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry.name))
+        tree, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
+        return tree
+
+    def run(self) -> None:
+        while not self._halt.wait(0.2):
+            total = 0
+            for pid in self._tree():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+                except OSError:
+                    pass
+            self.peak_kib = max(self.peak_kib, total)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _sim_round_seconds(run_dir: Path) -> list[float]:
+    from bench.he_poc import round_times
+
+    return round_times(run_dir / "simulator.log")
+
+
+def _scaled_sim(work: Path, name: str, sites: int, total_train: int, scale: Scale) -> dict:
+    root = _synthetic(work / f"{name}-data", sites, max(2, total_train // sites), 32)
+    run_dir = work / name
+    log = work / f"{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cxrfl", "sim", "--task", "classify", "--data", str(root),
+                                 "--model", "cnn5", "--image-size", "32", "--batch-size", "8",
+                                 "--rounds", str(scale.scaling_rounds), "--no-cross-site-eval", "--take-turns",
+                                 "--out", str(run_dir)], stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        monitor = TreeRss(proc.pid)
+        monitor.start()
+        code = proc.wait()
+        monitor.stop()
+    if code != 0:
+        raise RuntimeError(f"cxrfl sim with {sites} sites failed ({code}); see {log}")
+    rounds = _sim_round_seconds(run_dir)
+    return {"sites": sites, "total_train": total_train, "peak_rss_mib": round(monitor.peak_kib / 1024),
+            "round_s": round(statistics.median(rounds[1:] or rounds), 2)}  # round 0 includes process start-up
+
+
+def site_scaling(scale: Scale, work: Path) -> list[dict]:
+    runs = [_scaled_sim(work, f"scale-{n}", n, scale.scaling_total_train, scale) for n in scale.scaling_sites]
+    few, many = runs[0], runs[-1]
+    per_site = (many["peak_rss_mib"] - few["peak_rss_mib"]) / (many["sites"] - few["sites"])
+    double = _scaled_sim(work, f"scale-{few['sites']}-2x", few["sites"], 2 * scale.scaling_total_train, scale)
+    growth = double["round_s"] / few["round_s"]
+    return [
+        row("Site scaling: simulator peak RSS per added site", per_site, "≤ 200 MiB", per_site <= 200, "MiB",
+            runs=runs),
+        row(f"Site scaling: round time, 2× total data ÷ 1× ({few['sites']} sites)", growth, "≤ 2 (linear)",
+            growth <= 2.0, runs=[few, double],
+            round_s_by_sites={r["sites"]: r["round_s"] for r in runs}),
+    ]
+
+
+# ---- Homomorphic encryption (provisioned POC) ---------------------------------------------------
+def homomorphic_encryption(scale: Scale, work: Path) -> list[dict]:
+    import json
+
+    out = work / "he_poc.json"
+    args = ["--sites", "3", "--rounds", str(scale.he_rounds), "--image-size", str(scale.he_size),
+            "--per-site", str(scale.he_per_site), "--out", str(out)]
+    if scale.quick:
+        args += ["--model", "cnn5"]
+    code = subprocess.call([sys.executable, "-m", "bench.he_poc", *args], stdout=open(work / "he_poc.log", "w"),
+                           stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"bench.he_poc failed ({code}); see {work / 'he_poc.log'}")
+    result = json.loads(out.read_text())
+    plain, he = result["jobs"]
+    time_ratio = result["ratios"]["round_time_he_over_plain"]
+    bytes_ratio = result["ratios"]["bytes_he_over_plain"]
+    server_gib = he["peak_rss_mib"].get("server_job", 0) / 1024
+    model = "cnn5" if scale.quick else "densenet121"
+    setup = f"{model}, 3 sites, {scale.he_size} px, POC"
+    return [
+        row("HE time: round with HE ÷ without", time_ratio, "≤ 1.5", time_ratio <= 1.5,
+            he_round_s=he["round_s_median"], plain_round_s=plain["round_s_median"], setup=setup),
+        row("HE memory: server job peak RSS", server_gib, "≤ 4 GiB", server_gib <= 4, "GiB",
+            plain_gib=round(plain["peak_rss_mib"].get("server_job", 0) / 1024, 2), setup=setup),
+        row("HE bytes: sent per site per round, HE ÷ without", bytes_ratio, "≤ 8", bytes_ratio <= 8,
+            he_mb=round(he["sent_bytes_per_site_per_round"] / 1e6, 1),
+            plain_mb=round(plain["sent_bytes_per_site_per_round"] / 1e6, 1), setup=setup),
+    ]
+
+
+# ---- Inference ---------------------------------------------------------------------------------------
+def inference(scale: Scale, work: Path) -> list[dict]:
+    """`cxrfl predict`'s work (lung mask, lung-ROI DenseNet121, Grad-CAM, PNGs) on synthetic PNGs.
+    Weights are untrained: the time does not depend on them."""
+    import io
+    from contextlib import redirect_stderr
+
+    from cxrfl.models import Classifier, Segmenter
+    from cxrfl.predict import predict
+    from lightning_modules.classification import CXRClassifier
+    from lightning_modules.segmentation import LungSegmentation
+
+    root = _synthetic(work / "predict-data", 1, scale.predict_images, 256, test_size=scale.predict_images)
+    images = sorted((root / "test").rglob("*.png"))[: scale.predict_images]
+    model = "cnn5" if scale.quick else "densenet121"
+    torch.manual_seed(0)
+    segmenter = Segmenter(LungSegmentation(arch="unet").eval(), scale.predict_size, "untrained")
+    clf = Classifier(CXRClassifier(model=model, num_classes=2, class_names=["normal", "pneumonia"]).eval(),
+                     ["normal", "pneumonia"], scale.predict_size, roi="mask", segmenter=segmenter)
+    rates = []
+    for rep in range(scale.reps):
+        with redirect_stderr(io.StringIO()):
+            summary = predict(clf, images, work / f"predict-{rep}")
+        rates.append(summary["images_per_second"])
+    rate = statistics.median(rates)
+    return [row(f"Inference: cxrfl predict at {scale.predict_size} px (mask + Grad-CAM)", rate, "≥ 2", rate >= 2,
+                "images/s", setup=f"{model} lung-ROI + U-Net, {len(images)} images, {torch.get_num_threads()} threads")]
+
+
+CASES = {
+    "loop": loop_and_pipeline,
+    "federation": federation_overhead,
+    "scaling": site_scaling,
+    "he": homomorphic_encryption,
+    "inference": inference,
+}
+
+
+def run_case(name: str, scale: Scale, work: Path) -> list[dict]:
+    """A case's rows; a case that fails gives one row saying so (the other cases still run)."""
+    case_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
+    try:
+        return CASES[name](scale, case_dir)
+    except Exception as exc:  # noqa: BLE001 - a broken case is a result to report, not a crash
+        return [row(f"{name}: failed", None, "", False, error=f"{type(exc).__name__}: {exc}")]

@@ -1,0 +1,73 @@
+"""The simulator killed mid-run (every process, at once) and `cxrfl sim --resume RUN`: the job
+continues from the last completed round with its own configuration; the completed rounds' models
+are kept byte for byte, at most the interrupted round is redone, and no contribution is counted
+twice in the round log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cxrfl.cli import main
+from lightning_modules.data.phantom import generate_dataset
+
+
+def _kill_everything_of(run: Path) -> None:
+    """SIGKILL every process whose command line names the run folder (the simulator's site workers
+    run in sessions of their own, so a process group kill alone would miss them)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if str(run).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, capsys):
+    data = tmp_path / "data"
+    generate_dataset(data, sites=2, per_site=16, test_size=8, size=32, seed=5)
+    run = tmp_path / "run"
+    rounds = run / "workspace" / "server" / "simulate_job" / "app_server" / "rounds"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cxrfl", "sim", "--task", "classify", "--data", str(data),
+                                 "--rounds", "4", "--model", "cnn5", "--image-size", "32", "--batch-size", "8",
+                                 "--no-cross-site-eval", "--out", str(run)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (rounds / "global_round_001.pt").is_file():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        _kill_everything_of(run)
+        proc.wait()
+    config = (run / "config.json").read_text()
+    done_before = {f.name: _sha(f) for f in rounds.glob("global_round_*.pt")}
+    assert "global_round_003.pt" not in done_before and not (run / "metrics.json").exists()
+
+    capsys.readouterr()
+    assert main(["sim", "--resume", str(run)]) == 0
+    assert "resuming run at round" in capsys.readouterr().out
+    models = run / "models" / "rounds"
+    assert sorted(f.name for f in models.glob("global_round_*.pt")) == [f"global_round_00{i}.pt" for i in range(4)]
+    for name, digest in done_before.items():
+        assert _sha(models / name) == digest  # completed rounds are not redone
+    log = [json.loads(line) for line in (models / "round_log.jsonl").read_text().splitlines()]
+    accepted = [(e["round"], e["site"]) for e in log if e.get("accepted")]
+    assert sorted(accepted) == [(r, s) for r in range(4) for s in ("site-1", "site-2")]  # each once
+    assert (run / "config.json").read_text() == config  # the run's own configuration
+    summary = json.loads((run / "metrics.json").read_text())
+    assert 0 <= summary["test"]["test_auroc"] <= 1
+    assert main(["sim", "--resume", str(run)]) == 2  # finished: nothing to resume
