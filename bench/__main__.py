@@ -50,7 +50,7 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"# cxr-fl benchmark, {results['date']}{' (quick: toy sizes)' if results['quick'] else ''}", "",
              f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}, "
-             f"torch {m['torch']}. Medians of {results['reps']} repetitions; {results['seconds']:.0f} s in all.", "",
+             f"torch {m['torch']}. Medians of {results['reps']} repetitions (one run per side for the federation overhead).", "",
              "| case | measured | target | pass | setup / detail |", "|---|---|---|---|---|"]
     for r in results["rows"]:
         measured = "—" if r["measured"] is None else f"{r['measured']:g}{(' ' + r['unit']) if r['unit'] else ''}"
@@ -59,6 +59,20 @@ def markdown(results: dict) -> str:
         numbers = ", ".join(f"{k} {v}" for k, v in r["detail"].items() if isinstance(v, (int, float)))
         lines.append(f"| {r['case']} | {measured} | {r['target']} | {verdict} | {'; '.join(filter(None, [detail, numbers]))} |")
     return "\n".join(lines) + "\n"
+
+
+def _earlier_rows(path: Path, cases: list[str]) -> list[dict]:
+    """Rows of an earlier run of the same day for the cases not run now (so `--cases loop`
+    updates the day's table instead of replacing it)."""
+    if not path.is_file():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if earlier.get("machine", {}).get("cpus") != os.cpu_count():
+        return []  # another machine's numbers do not belong in this table
+    return [r for r in earlier.get("rows", []) if r.get("group") in CASES and r.get("group") not in cases]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -90,16 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cxrfl-bench-", dir=args.work) as work:
         for name in cases:
             print(f"[bench] {name} ...", flush=True)
-            case_rows = run_case(name, scale, Path(work))
+            case_rows = [dict(r, group=name) for r in run_case(name, scale, Path(work))]
             for r in case_rows:
                 print(f"[bench]   {r['case']}: {r['measured']} {r['unit']} (target {r['target']}) "
                       f"{r['detail'].get('error', '')}", flush=True)
             rows += case_rows
     date = dt.date.today().isoformat()
-    results = {"date": date, "quick": args.quick, "reps": scale.reps, "machine": machine(),
-               "seconds": round(time.time() - start, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{date}{'-quick' if args.quick else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    seconds = round(time.time() - start, 1)
+    earlier = _earlier_rows(args.out / f"{stem}.json", cases)  # the same day's other cases are kept
+    order = list(CASES)
+    results = {"date": date, "quick": args.quick, "reps": scale.reps, "machine": machine(), "seconds": seconds,
+               "rows": sorted(earlier + rows, key=lambda r: order.index(r["group"]))}
     _atomic_write(args.out / f"{stem}.json", json.dumps(results, indent=2))
     _atomic_write(args.out / f"{stem}.md", markdown(results))
     print(markdown(results))

@@ -284,8 +284,16 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
                 test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None)
     else:
         dm = test_data_module(cfg)
-        test_metrics = {name: evaluate_on_test(cfg, dm, load_state(path), run_dir if name == main else None)
-                        for name, path in candidates.items()}
+        test_metrics, tested = {}, []  # (state, metrics) already computed: the best model is often the final one
+        for name in sorted(candidates, key=lambda n: n != main):  # the selected model first: it writes predictions
+            state = load_state(candidates[name])
+            same = next((m for s, m in tested if s.keys() == state.keys() and all(torch.equal(s[k], state[k]) for k in s)),
+                        None)
+            if same is not None:
+                test_metrics[name] = dict(same)
+                continue
+            test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None)
+            tested.append((state, test_metrics[name]))
 
     for name, metrics in test_metrics.items():
         matrix.setdefault(name, {})["test"] = metrics

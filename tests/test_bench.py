@@ -27,6 +27,11 @@ def test_quick_bench_writes_its_table(tmp_path):
         assert isinstance(r["measured"], float) and r["measured"] > 0, r
         assert isinstance(r["pass"], bool) and r["target"]
         assert f"| {r['case']} |" in table
+    # a later run of some cases updates the day's table: the other cases' rows stay
+    assert main(["bench", "--quick", "--reps", "1", "--cases", "inference", "--out", str(tmp_path)]) == 0
+    again = json.loads(next(tmp_path.glob("*-quick.json")).read_text())["rows"]
+    assert [r["group"] for r in again] == ["loop", "loop", "inference"]
+    assert again[:2] == rows[:2] and again[2]["case"] == rows[2]["case"]
 
 
 def test_tree_rss_sees_memory_of_child_processes():

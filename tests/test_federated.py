@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +116,31 @@ def test_what_reaches_the_server_is_the_models_tensors_and_a_few_numbers(classif
         for leak in (".png", ".dcm", "patient", "image_path", "/site-"):
             assert leak not in flat, (leak, extras)
         assert update["meta"]["NUM_STEPS_CURRENT_ROUND"] == update["weight"]
+
+
+def test_tracking_gets_metrics_but_no_image_file_or_patient_id(classify_run, fl_root):
+    """TensorBoard and the offline W&B run of a job hold scalars only: no image summaries, and no
+    file name or patient id of any site's images anywhere in their files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((classify_run / "tb").rglob("events.out.tfevents.*"))
+    assert events
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags = acc.Tags()
+        assert not tags.get("images") and not tags.get("audio") and not tags.get("histograms")
+    identifiers = set()
+    for site in ("site-1", "site-2"):
+        for record in read_manifest(fl_root / site / "manifest.csv"):
+            identifiers |= {Path(record.image).name, record.patient_id}
+    identifiers = {i for i in identifiers if len(i) >= 6}
+    tracked = [f for folder in ("tb", "wandb") for f in (classify_run / folder).rglob("*") if f.is_file()]
+    assert any("wandb" in str(f) for f in tracked)
+    for f in tracked:
+        blob = f.read_bytes()
+        leaked = [i for i in identifiers if i.encode() in blob]
+        assert not leaked, (f, leaked[:3])
 
 
 def test_cross_site_matrix_has_every_cell(classify_run):
