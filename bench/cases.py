@@ -258,15 +258,17 @@ def site_scaling(scale: Scale, work: Path) -> list[dict]:
     serial = [_scaled_sim(work, f"scale-{n}-serial", n, scale.scaling_total_train, scale, one_process=True)
               for n in (few["sites"], many["sites"])]
     serial_per_site = (serial[1]["peak_rss_mib"] - serial[0]["peak_rss_mib"]) / (many["sites"] - few["sites"])
+    def summary(found: list[dict]) -> str:
+        return ("; ".join(f"{r['sites']} sites: {r['peak_rss_mib']} MiB, round {r['round_s']} s" for r in found)
+                + f" (cnn5, 32 px, {scale.scaling_total_train} training images in all, {scale.scaling_rounds} rounds)")
+
     return [
         row("Site scaling: simulator peak RSS per added site", per_site, "≤ 200 MiB", per_site <= 200, "MiB",
-            runs=runs, mode="every site's process up, taking turns (default of `cxrfl study`)"),
+            runs=runs, setup="every site's process up, taking turns: " + summary(runs)),
         row("Site scaling: peak RSS per added site, one site process at a time (--threads 1)", serial_per_site,
-            "≤ 200 MiB", serial_per_site <= 200, "MiB", runs=serial,
-            round_s_by_sites={r["sites"]: r["round_s"] for r in serial}),
+            "≤ 200 MiB", serial_per_site <= 200, "MiB", runs=serial, setup="--threads 1: " + summary(serial)),
         row(f"Site scaling: round time, 2× total data ÷ 1× ({few['sites']} sites)", growth, "≤ 2 (linear)",
-            growth <= 2.0, runs=[few, double],
-            round_s_by_sites={r["sites"]: r["round_s"] for r in runs}),
+            growth <= 2.0, runs=[few, double], setup=f"round {few['round_s']} s vs {double['round_s']} s"),
     ]
 
 
