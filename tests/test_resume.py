@@ -15,19 +15,17 @@ import time
 from pathlib import Path
 
 from cxrfl.cli import main
+from cxrfl.poc import workspace_processes
 from lightning_modules.data.phantom import generate_dataset
 
 
 def _kill_everything_of(run: Path) -> None:
     """SIGKILL every process whose command line names the run folder (the simulator's site workers
     run in sessions of their own, so a process group kill alone would miss them)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
+    for pid in workspace_processes(run):  # never this test's own process
         try:
-            if str(run).encode() in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 
