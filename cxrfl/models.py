@@ -20,6 +20,7 @@ import torch
 from lightning_modules.classification import CXRClassifier
 from lightning_modules.factory import DEFAULT_MODEL
 from lightning_modules.segmentation import LungSegmentation
+from lightning_modules.weights import load_weights
 
 BUNDLE_FORMAT = "cxrfl-model/1"
 # Every model here standardises each image (zero mean, unit variance) after scaling to [0,1] and
@@ -93,16 +94,10 @@ def _state_dict(path: Path) -> dict:
 
 
 def _load_into(module, state: dict, path: Path):
-    if any(isinstance(v, (bytes, bytearray)) for v in state.values()):
-        raise ModelLoadError(f"{path}: encrypted (HE) weights; decrypt them with a site's key first")
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    training_only = ("class_weights", "loss_fn.")  # loss weighting: not needed to predict
-    missing = [k for k in missing if not k.startswith(training_only)]
-    unexpected = [k for k in unexpected if not k.startswith(training_only)]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path}: weights do not fit the configured network "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return module.eval()
+    try:
+        return load_weights(module, state, path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def load_segmenter(path: str | Path) -> Segmenter:

@@ -15,6 +15,7 @@ from monai.utils import convert_to_tensor
 
 from lightning_modules.data.transforms import normalize_image
 from lightning_modules.networks import build_segmenter
+from lightning_modules.weights import load_weights
 
 
 def _run_config(weights: Path) -> dict:
@@ -114,19 +115,7 @@ class LungSegmentation(pl.LightningModule):
                         source="weights") -> "LungSegmentation":
         """A segmenter in eval mode with `state` loaded; errors name `source` and what does not fit."""
         arch = arch or "unet"
-        if any(isinstance(v, (bytes, bytearray)) for v in state.values()):
-            raise ValueError(f"{source}: encrypted (HE) weights; decrypt them with a site's key first")
-        module = cls(arch=arch, threshold=threshold)
-        try:
-            missing, unexpected = module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
-        except RuntimeError as exc:
-            raise ValueError(f"{source}: weights do not fit a {arch!r} segmentation network ({exc})") from None
-        missing = [k for k in missing if not k.startswith("loss_fn.")]
-        unexpected = [k for k in unexpected if not k.startswith("loss_fn.")]
-        if missing or unexpected:
-            raise ValueError(f"{source}: weights do not fit a {arch!r} segmentation network "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return module.eval()
+        return load_weights(cls(arch=arch, threshold=threshold), state, source, f"a {arch!r} segmentation network")
 
     def mask_predictor(self, threshold: float | None = None):
         """predict_masks with a fixed threshold: the MaskPredictor the data module and predict take."""
