@@ -257,11 +257,10 @@ class HESumAggregator(Aggregator):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self._context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
             self.reset(fl_ctx)
 
     def reset(self, fl_ctx: FLContext) -> None:
-        if self._context is None:
+        if self._context is None:  # once per job: the context file does not change
             self._context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
         self._sum = CiphertextSum(self._context)
         self._contributors = set()

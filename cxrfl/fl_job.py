@@ -210,16 +210,20 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     # optimizer steps from the current global weights.
     model_name = cfg.model or DEFAULT_MODEL[cfg.kind]
     model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes)), id="model")
+    initial_model = None
+    if cfg.initial_model:  # a resumed job carries its starting model; the persistor reads it from custom/
+        job.add_file_to_server(cfg.initial_model)
+        initial_model = Path(cfg.initial_model).name
     if cfg.he:
-        persistor, generator, aggregator, exchange, transfer = _he_server_components(job, model_id, cfg.initial_model)
+        persistor, generator, aggregator, exchange, transfer = _he_server_components(job, model_id, initial_model)
     elif cfg.dp:
         # NVFlare's privacy filters work on numpy weight differences, so the sites send those
-        persistor = PTFileModelPersistor(model=model_id, source_ckpt_file_full_name=cfg.initial_model)
+        persistor = PTFileModelPersistor(model=model_id, source_ckpt_file_full_name=initial_model)
         exchange, generator, transfer = ExchangeFormat.NUMPY, FullModelShareableGenerator(), TransferType.DIFF
         aggregator = InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF)
     else:
         persistor = PTFileModelPersistor(model=model_id, allow_numpy_conversion=False,  # tensors end to end
-                                         source_ckpt_file_full_name=cfg.initial_model)
+                                         source_ckpt_file_full_name=initial_model)
         exchange = ExchangeFormat.PYTORCH
         optimizer = AGGREGATIONS[cfg.aggregation]
         if optimizer is None:
@@ -240,6 +244,9 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
     if not cfg.he:  # a malformed update is refused with its reason before it reaches the aggregator
         job.to_server(UpdateValidator(), id="update_validator", filter_type=FilterType.TASK_RESULT, tasks=["train"])
+    # A site that dies is written off as soon as the server hears of it (NVFlare waits 60 s more by
+    # default), and a task waiting only on dead sites gives up 10 s after it was sent (default 30 s).
+    job.to_server({"dead_client_grace_period": 0, "dead_client_check_lead_time": 10})
     # ignore_result_error: a refused update or a crashed site never stops the other sites' round
     job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds - cfg.start_round,
                                    start_round=cfg.start_round,

@@ -22,8 +22,8 @@ import yaml
 
 from cxrfl.fl_job import FLConfig
 from cxrfl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
-from cxrfl.simulate import SimulationError, collect_server_results, evaluate_run, export_job
-from lightning_modules.data.manifest import site_dirs, write_json
+from cxrfl.simulate import SimulationError, collect_server_results, evaluate_run, export_job, prepare_resume
+from lightning_modules.data.manifest import atomic_write_text, site_dirs, write_json
 
 STATE_FILE = "cxrfl_poc.json"
 
@@ -79,7 +79,9 @@ def load_state(workspace: Path) -> dict:
 
 
 def poc_up(workspace: Path, n_sites: int, data_root: Path, he: bool = False, port: int | None = None,
-           connect_timeout: float = 180) -> dict:
+           connect_timeout: float = 180, heartbeat_timeout: float = 60) -> dict:
+    """heartbeat_timeout: seconds without a heartbeat after which the server writes a site off
+    (sites send one every 10 s)."""
     workspace = Path(workspace).absolute()
     data_sites = site_dirs(data_root)
     if n_sites > len(data_sites):
@@ -96,6 +98,7 @@ def poc_up(workspace: Path, n_sites: int, data_root: Path, he: bool = False, por
     sites = [p["name"] for p in project["participants"] if p["type"] == "client"]
     for site, data_dir in zip(sites, data_sites):  # each hospital's own data, in its own local config
         write_json(kits / site / "local" / "cxrfl_site.json", {"data_dir": str(data_dir.absolute())})
+    set_heartbeat_timeout(kits / "localhost", heartbeat_timeout)
     admin = next(p["name"] for p in project["participants"] if p.get("role") == "project_admin")
     state = {"workspace": str(workspace), "project": project["name"], "project_file": str(project_file),
              "kits": str(kits), "admin": admin, "admin_kit": str(kits / admin), "sites": sites, "port": port,
@@ -104,6 +107,29 @@ def poc_up(workspace: Path, n_sites: int, data_root: Path, he: bool = False, por
     _nvflare(["poc", "start"], workspace, timeout=300)
     wait_for_sites(state, connect_timeout)
     return state
+
+
+def poc_restart_site(state: dict, site: str, connect_timeout: float = 180) -> None:
+    """Start a site again after its processes died (crash, kill, reboot) and wait until it is
+    connected. It takes part from the next job: NVFlare does not re-admit it into a running one."""
+    if site not in state["sites"]:
+        raise PocError(f"{site}: not a site of this POC ({', '.join(state['sites'])})")
+    site_kit = Path(state["kits"]) / site
+    if workspace_processes(site_kit):
+        raise PocError(f"{site} is still running (processes under {site_kit}); stop it first")
+    _nvflare(["poc", "start", "-p", site], Path(state["workspace"]), timeout=300)
+    wait_for_sites(state, connect_timeout)
+
+
+def set_heartbeat_timeout(server_kit: Path, seconds: float) -> None:
+    """NVFlare's default (600 s) keeps a killed site's tasks, cross-site evaluation and the job's
+    end waiting for 10 minutes before the server writes the site off."""
+    local = Path(server_kit) / "local"
+    source = local / "resources.json" if (local / "resources.json").is_file() else local / "resources.json.default"
+    resources = json.loads(source.read_text())
+    for server in resources["servers"]:
+        server["heart_beat_timeout"] = seconds
+    write_json(local / "resources.json", resources)
 
 
 def session(state: dict):
@@ -144,8 +170,37 @@ def poc_submit(state: dict, cfg: FLConfig) -> str:
     return job_id
 
 
+def resumed_run(state: dict, job_id: str) -> Path | None:
+    """The run folder a job submitted by `poc_resume` continues, else None."""
+    marker = Path(state["workspace"]) / "jobs" / f"{job_id}.resumes"
+    return Path(marker.read_text().strip()) if marker.is_file() else None
+
+
+def poc_resume(state: dict, run_dir: Path) -> str:
+    """Submit the rest of a job that ended early (its server job killed or crashed) as a new job that
+    starts from the global model of its last completed round, with the run's own configuration.
+    run_dir: where `poc wait` put the failed job's results. Returns the new job's id; its results
+    join the same run folder (`poc wait NEW_JOB`)."""
+    run_dir = Path(run_dir).absolute()
+    download = run_dir / "download"
+    interrupted = _server_job_folder(download) if download.is_dir() else None
+    cfg = prepare_resume(run_dir, interrupted)
+    missing = sorted(set(cfg.sites) - set(state["sites"]))
+    if missing:
+        raise PocError(f"{run_dir}: the run's sites {missing} are not in this POC ({state['sites']})")
+    if download.is_dir():  # the failed attempt's results stay, beside the ones to come
+        meta_file = run_dir / "job_meta.json"
+        failed = json.loads(meta_file.read_text()).get("job_id", "earlier") if meta_file.is_file() else "earlier"
+        download.rename(run_dir / f"download-{failed}")
+    cfg.data_root = None  # sites read their data from their local config
+    job_id = poc_submit(state, cfg)
+    atomic_write_text(Path(state["workspace"]) / "jobs" / f"{job_id}.resumes", str(run_dir))
+    return job_id
+
+
 def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> dict:
-    """Follow a job to its end, download its results and evaluate them like a simulator run."""
+    """Follow a job to its end, download its results and evaluate them like a simulator run.
+    A job that continues an earlier one (`poc_resume`) adds its rounds to that run folder."""
     workspace = Path(state["workspace"])
     cfg_path = workspace / "jobs" / f"{job_id}.json"
     if not cfg_path.is_file():
@@ -153,6 +208,9 @@ def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> 
     cfg = FLConfig(**json.loads(cfg_path.read_text()))
     cfg.data_root = state["data_root"]  # the coordinator's copy, for the held-out test set
     run_dir = Path(run_dir).absolute()
+    continues = resumed_run(state, job_id)
+    if continues is not None and continues != run_dir:
+        raise PocError(f"job {job_id} continues the run in {continues}; wait for it with --out {continues}")
     start = time.time()
     meta = _follow_job(state, job_id, timeout)
     wall = time.time() - start
@@ -161,12 +219,14 @@ def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> 
     result = _with_admin(state, lambda sess: Path(sess.download_job_result(job_id)), deadline=time.time() + 600)
     status = str(meta.get("status", ""))
     shutil.copytree(result, download, dirs_exist_ok=True)
-    write_json(run_dir / "config.json", cfg.as_dict())
+    if continues is None:  # a resumed job keeps the run's own configuration
+        write_json(run_dir / "config.json", cfg.as_dict())
     write_json(run_dir / "job_meta.json", meta)
     if "FINISHED_COMPLETED" not in status.replace(":", "_"):
-        raise PocError(f"job {job_id} ended as {status}; results in {download}")
+        raise PocError(f"job {job_id} ended as {status}; results in {download}. To continue it from its last "
+                       f"completed round: cxrfl poc resume {run_dir}")
     server = _server_job_folder(download)
-    collected = collect_server_results(cfg, server, run_dir)
+    collected = collect_server_results(cfg, server, run_dir, append_logs=continues is not None)
     # all kits live on this machine: the first site's key decrypts an HE model for the test set
     he_key = Path(state["kits"]) / state["sites"][0] / "startup" / CLIENT_CONTEXT if cfg.he else None
     summary = evaluate_run(cfg, run_dir, collected, he_key=he_key)

@@ -173,31 +173,34 @@ def _append_lines(source: Path, target: Path, keep=lambda entry: True) -> None:
 ROUND_FILE = re.compile(r"global_round_(\d+)\.pt$")
 
 
-def last_complete_round(folder: Path) -> int | None:
-    """The last round whose global model file is complete (round files are written atomically)."""
+def last_complete_round(folder: Path) -> tuple[int, dict] | tuple[None, None]:
+    """The last round whose global model file is complete (round files are written atomically,
+    but a copy may not be), with its contents."""
     rounds = sorted((int(m.group(1)), f) for f in folder.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name)))
     for number, path in reversed(rounds):
         try:
-            torch.load(path, map_location="cpu", weights_only=False)["model"]
-            return number
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            saved["model"]
+            return number, saved
         except Exception:  # noqa: BLE001 - an unreadable file is simply not a complete round
             continue
-    return None
+    return None, None
 
 
-def resume_simulation(run_dir: Path, threads: int | None = None, take_turns: bool = False) -> dict:
-    """Continue a killed `cxrfl sim` run with its own configuration, from the global model of the
-    last completed round (the interrupted round is redone; nothing earlier is lost or rerun).
+def prepare_resume(run_dir: Path, interrupted: Path | None) -> FLConfig:
+    """The run's own configuration, set to continue from the global model of its last completed
+    round (the interrupted round is redone; nothing earlier is lost or rerun).
 
-    Not carried over: with --absent-weights keep, the sites' remembered updates (a site counts
-    again from its next update); NVFlare's best-model choice restarts with the resumed rounds."""
+    interrupted: the killed attempt's server folder (the one holding app_server/); its complete
+    rounds, round log and metrics lines join the run folder's own. Not carried over: with
+    --absent-weights keep, the sites' remembered updates (a site counts again from its next
+    update); NVFlare's best-model choice restarts with the resumed rounds."""
     import dataclasses
     import json
 
-    run_dir = Path(run_dir).absolute()
     config_file = run_dir / "config.json"
     if not config_file.is_file():
-        raise SimulationError(f"{run_dir}: no config.json, so not a `cxrfl sim` run folder to resume")
+        raise SimulationError(f"{run_dir}: no config.json, so not a run folder to resume")
     if (run_dir / "metrics.json").is_file():
         raise SimulationError(f"{run_dir}: this run finished (metrics.json exists); nothing to resume")
     fields = {f.name for f in dataclasses.fields(FLConfig)}
@@ -205,32 +208,40 @@ def resume_simulation(run_dir: Path, threads: int | None = None, take_turns: boo
         cfg = FLConfig(**{k: v for k, v in json.loads(config_file.read_text()).items() if k in fields})
     except (json.JSONDecodeError, TypeError) as exc:
         raise SimulationError(f"{config_file}: unreadable run configuration ({exc})") from None
+    if cfg.he:
+        raise SimulationError(f"{run_dir}: an HE run cannot be resumed (its round models are ciphertexts the "
+                              "persistor cannot start from); start it again")
     rounds_dir = run_dir / "models" / "rounds"
     rounds_dir.mkdir(parents=True, exist_ok=True)
-    last = None
-    earlier = run_dir / "workspace" / "server" / "simulate_job" / "app_server" / "rounds"
-    if earlier.is_dir():  # the killed attempt's complete rounds join the run's own
-        last = last_complete_round(earlier)
+    earlier = interrupted / "app_server" / "rounds" if interrupted is not None else None
+    if earlier is not None and earlier.is_dir():
+        done, _ = last_complete_round(earlier)
+        done = -1 if done is None else done
         for f in earlier.glob("global_round_*.pt"):
-            m = ROUND_FILE.search(f.name)
-            if m and last is not None and int(m.group(1)) <= last:
+            if int(ROUND_FILE.search(f.name).group(1)) <= done:
                 shutil.copy2(f, rounds_dir / f.name)
         if (earlier / "round_log.jsonl").is_file():
             _append_lines(earlier / "round_log.jsonl", rounds_dir / "round_log.jsonl",
-                          keep=lambda e: last is not None and e.get("round", -1) <= last)
-        metrics = earlier.parent.parent / "metrics"
+                          keep=lambda e: e.get("round", -1) <= done)
+        metrics = interrupted / "metrics"
         for f in metrics.glob("*.jsonl") if metrics.is_dir() else []:
             _append_lines(f, run_dir / "metrics" / f.name,
-                          keep=lambda e: last is not None and e.get("round", e.get("current_round", -1)) <= last)
-    last = last_complete_round(rounds_dir)
+                          keep=lambda e: e.get("round", e.get("current_round", -1)) <= done)
+    last, saved = last_complete_round(rounds_dir)
     if last is not None and last >= cfg.rounds - 1:
-        raise SimulationError(f"{run_dir}: every round finished before the stop; rerun `cxrfl sim` "
-                              "to evaluate, or use the models in models/rounds/")
+        raise SimulationError(f"{run_dir}: every round finished before the stop; the models are in "
+                              f"{rounds_dir}")
     if last is not None:
-        saved = torch.load(rounds_dir / f"global_round_{last:03d}.pt", map_location="cpu", weights_only=False)
         start = run_dir / "models" / f"resume_from_round_{last:03d}.pt"
         atomic_torch_save({"model": saved["model"], "meta_props": saved.get("meta") or {}}, start)
         cfg.start_round, cfg.initial_model = last + 1, str(start)
+    return cfg
+
+
+def resume_simulation(run_dir: Path, threads: int | None = None, take_turns: bool = False) -> dict:
+    """Continue a killed `cxrfl sim` run (see prepare_resume)."""
+    run_dir = Path(run_dir).absolute()
+    cfg = prepare_resume(run_dir, run_dir / "workspace" / "server" / "simulate_job")
     print(f"resuming {run_dir.name} at round {cfg.start_round} of {cfg.rounds}", flush=True)
     return run_simulation(cfg, run_dir, threads=threads, take_turns=take_turns, resuming=True)
 

@@ -111,7 +111,7 @@ def run_study(config: dict, out: Path, log=print) -> list[dict]:
         log(f"[study] central baseline -> {central_dir}")
         _central(config, pool, central_dir)  # the union of the same training data
     else:
-        log(f"[study] central baseline: done, skipped")
+        log("[study] central baseline: done, skipped")
     central = json.loads((central_dir / "metrics.json").read_text())
     rows.append(_row("central", central["test"], central["train_seconds"], central["train_seconds"], {}, central))
     for spec in grid_runs(config):

@@ -22,7 +22,7 @@ def synthetic_root(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_poc(base, sites: int = 2, he: bool = False):
+def running_poc(base, sites: int = 2, he: bool = False, heartbeat_timeout: float = 60):
     """A POC (server + `sites` hospitals) on a free local port with its own HOME; always torn down.
 
     Yields (state, data root). After it: no POC process is left and the workspace is gone.
@@ -36,7 +36,7 @@ def running_poc(base, sites: int = 2, he: bool = False):
     generate_dataset(data, sites=sites, per_site=16, test_size=8, size=32, seed=1)
     workspace = base / "ws"
     try:
-        yield poc_up(workspace, sites, data, he=he), data
+        yield poc_up(workspace, sites, data, he=he, heartbeat_timeout=heartbeat_timeout), data
     finally:
         poc_down(workspace, clean=True)
         patch.undo()

@@ -38,7 +38,17 @@ def test_sites_are_hospitals_with_their_own_data_config(poc):
     assert len(workspace_processes(poc["workspace"])) >= 3  # server + 2 sites running
 
 
-def test_job_through_the_admin_api(poc, capsys):
+def _type_into_console(state: dict, *commands: str) -> str:
+    """Commands typed into the project admin's console (fl_admin.sh), as the README shows."""
+    console = Path(state["admin_kit"]) / "startup" / "fl_admin.sh"
+    out = subprocess.run(["bash", str(console)], input="\n".join(commands + ("bye",)) + "\n",
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout + out.stderr
+
+
+def test_job_through_the_admin_api_then_the_console(poc, capsys):
+    """`cxrfl poc submit` / `poc wait` (admin API), then list_jobs and download_job typed into the
+    admin console for the same job."""
     ws = str(poc["workspace"])
     assert main(["poc", "submit", "--data", str(poc["data"]), "--workspace", ws] + JOB) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
@@ -53,12 +63,20 @@ def test_job_through_the_admin_api(poc, capsys):
 
     from lightning_modules.classification import CXRClassifier
 
-    state = torch.load(run / "models" / "global_best.pt", map_location="cpu", weights_only=False)["model"]
-    CXRClassifier(model="cnn5", num_classes=2).load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    weights = torch.load(run / "models" / "global_best.pt", map_location="cpu", weights_only=False)["model"]
+    CXRClassifier(model="cnn5", num_classes=2).load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
     matrix = json.loads((run / "cross_site.json").read_text())["matrix"]
     assert set(matrix["global_final"]) == {"st-mary-hospital", "city-general-hospital", "test"}
     rounds = (run / "metrics" / "round_metrics.jsonl").read_text().splitlines()
     assert len(rounds) == 2
+
+    state = load_state(poc["workspace"])
+    listing = _type_into_console(state, "list_jobs")
+    assert job_id in listing and "FINISHED:COMPLETED" in listing
+    _type_into_console(state, f"download_job {job_id}")
+    downloaded = Path(state["admin_kit"]) / "transfer" / job_id
+    assert (downloaded / "workspace").is_dir(), list((Path(state["admin_kit"]) / "transfer").iterdir())
+    assert list(downloaded.rglob("FL_global_model.pt"))
 
 
 def test_admin_console_commands_from_the_readme(poc):
@@ -94,7 +112,8 @@ def test_admin_console_commands_from_the_readme(poc):
 
 def test_a_member_admin_may_look_but_not_submit_or_abort(poc):
     """NVFlare's authorization policy with the project file's roles: the auditor (role member) can
-    list jobs but neither submit nor abort one; the project admin can do both."""
+    list jobs but neither submit nor abort one; the project admin can do both (submitting with
+    submit_job typed into the admin console, as the README shows)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     state = load_state(poc["workspace"])
@@ -106,7 +125,10 @@ def test_a_member_admin_may_look_but_not_submit_or_abort(poc):
         auditor.list_jobs()  # looking is allowed
         with pytest.raises(Exception, match="(?i)not authorized|authoriz"):
             auditor.submit_job(str(job_dir / "cxrfl_classify"))
-        job_id = admin.submit_job(str(job_dir / "cxrfl_classify"))
+        out = _type_into_console(state, f"submit_job {job_dir / 'cxrfl_classify'}")
+        assert "Submitted job" in out or "job id" in out.lower(), out
+        job_id = next(j["job_id"] for j in admin.list_jobs() if j["job_name"] == "cxrfl_classify"
+                      and "FINISHED" not in j["status"])
         with pytest.raises(Exception, match="(?i)not authorized|authoriz"):
             auditor.abort_job(job_id)
         admin.abort_job(job_id)

@@ -17,7 +17,7 @@ from cxrfl.commands.options import add_training_options, positive_int, resolve_d
 from cxrfl.runs import AtomicCheckpointIO, RunDirError, new_run_dir, save_config, write_test_predictions
 from lightning_modules.factory import build_module
 from lightning_modules.data.datamodule import CXRDataModule
-from lightning_modules.data.manifest import ManifestError, atomic_write_text, write_json
+from lightning_modules.data.manifest import ManifestError, write_json
 from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS
 from lightning_modules.segmentation import LungSegmentation

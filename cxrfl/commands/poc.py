@@ -1,4 +1,4 @@
-"""`cxrfl poc up|submit|wait|down`: a provisioned deployment (server + hospital sites) on this machine."""
+"""`cxrfl poc up|submit|wait|resume|restart|down`: a provisioned deployment (server + hospital sites) on this machine."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from cxrfl.commands.fl_options import add_fl_options, config_from_args
 from cxrfl.commands.options import positive_int, resolve_data_root
-from cxrfl.poc import PocError, load_state, poc_down, poc_submit, poc_up, poc_wait
+from cxrfl.poc import (PocError, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait,
+                       resumed_run)
 from cxrfl.runs import RunDirError, new_run_dir
 from cxrfl.simulate import SimulationError
 from lightning_modules.data.manifest import ManifestError
@@ -25,12 +26,15 @@ def add_parser(subparsers) -> None:
         "`wait` follows it, downloads its results and evaluates them into a run folder like `cxrfl sim`'s; "
         "`down` stops every process (`--clean` also removes the workspace).",
     )
-    sub = p.add_subparsers(dest="poc_command", metavar="{up,submit,wait,down}", required=True)
+    sub = p.add_subparsers(dest="poc_command", metavar="{up,submit,wait,resume,restart,down}", required=True)
 
     up = sub.add_parser("up", help="provision and start server + sites", description="Provision and start the POC.")
     up.add_argument("--sites", type=positive_int, default=3, help="number of hospital sites (default 3)")
     up.add_argument("--he", action="store_true", help="provision TenSEAL HE contexts into the kits (HEBuilder)")
     up.add_argument("--port", type=int, default=None, help="server port (default: a free port)")
+    up.add_argument("--heartbeat-timeout", type=positive_int, default=60, metavar="SECONDS",
+                    help="the server writes off a site it has not heard from for this long (sites send a heartbeat "
+                    "every 10 s; default 60; NVFlare's own default of 600 keeps a dead site's tasks waiting)")
     up.add_argument("--data", type=Path, default=None,
                     help="data root; site i reads folder i of it (written into each site's local/cxrfl_site.json)")
     _workspace(up)
@@ -46,10 +50,29 @@ def add_parser(subparsers) -> None:
                           description="Wait for JOB, download its results and evaluate them (cross-site matrix, "
                           "held-out test metrics) into --out.")
     wait.add_argument("job_id", metavar="JOB")
-    wait.add_argument("--out", type=Path, default=None, metavar="RUN_DIR", help="run folder (default: under runs/)")
+    wait.add_argument("--out", type=Path, default=None, metavar="RUN_DIR",
+                      help="run folder (default: under runs/; for a resumed job, the run it continues)")
     wait.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
     _workspace(wait)
     wait.set_defaults(func=run_wait)
+
+    resume = sub.add_parser("resume", help="continue a job that ended early from its last completed round",
+                            description="A job whose server job was killed or crashed (`poc wait` says so and keeps "
+                            "its results in RUN_DIR): submit its remaining rounds as a new job that starts from the "
+                            "global model of its last completed round, with the run's own configuration. Completed "
+                            "rounds are kept; at most the interrupted round is redone. Prints the new job's id; "
+                            "`poc wait JOB` adds its rounds to RUN_DIR.")
+    resume.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    _workspace(resume)
+    resume.set_defaults(func=run_resume)
+
+    restart = sub.add_parser("restart", help="start a site again after its processes died",
+                             description="Start SITE's client again after a crash or kill and wait until it is "
+                             "connected. A running job goes on without it (NVFlare does not re-admit a restarted "
+                             "client into a running job); it takes part from the next job.")
+    restart.add_argument("site", metavar="SITE")
+    _workspace(restart)
+    restart.set_defaults(func=run_restart)
 
     down = sub.add_parser("down", help="stop every POC process", description="Stop server and sites.")
     down.add_argument("--clean", action="store_true", help="also delete the POC workspace")
@@ -69,7 +92,8 @@ def _fail(exc: Exception) -> int:
 
 def run_up(args) -> int:
     try:
-        state = poc_up(args.workspace, args.sites, resolve_data_root(args.data), he=args.he, port=args.port)
+        state = poc_up(args.workspace, args.sites, resolve_data_root(args.data), he=args.he, port=args.port,
+                       heartbeat_timeout=args.heartbeat_timeout)
     except (PocError, ManifestError) as exc:
         return _fail(exc)
     print(f"POC up on localhost:{state['port']} with sites {', '.join(state['sites'])}")
@@ -94,13 +118,32 @@ def run_submit(args) -> int:
 def run_wait(args) -> int:
     try:
         state = load_state(args.workspace)
-        run_dir = new_run_dir(args.out, "poc")
+        run_dir = new_run_dir(args.out or resumed_run(state, args.job_id), "poc")
         summary = poc_wait(state, args.job_id, run_dir, timeout=args.timeout)
     except (PocError, SimulationError, RunDirError) as exc:
         return _fail(exc)
     print(f"job {args.job_id}: {summary['status']}; run folder: {run_dir}")
     for key, value in sorted(summary["test"].items()):
         print(f"  {key:>24}: {value:.4f}")
+    return 0
+
+
+def run_resume(args) -> int:
+    try:
+        state = load_state(args.workspace)
+        job_id = poc_resume(state, args.run_dir)
+    except (PocError, SimulationError, ValueError) as exc:
+        return _fail(exc)
+    print(job_id)
+    return 0
+
+
+def run_restart(args) -> int:
+    try:
+        poc_restart_site(load_state(args.workspace), args.site)
+    except PocError as exc:
+        return _fail(exc)
+    print(f"{args.site} connected again; it takes part from the next job")
     return 0
 
 
