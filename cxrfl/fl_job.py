@@ -247,6 +247,9 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
     # A site that dies is written off as soon as the server hears of it (NVFlare waits 60 s more by
     # default), and a task waiting only on dead sites gives up 10 s after it was sent (default 30 s).
     job.to_server({"dead_client_grace_period": 0, "dead_client_check_lead_time": 10})
+    # Sites ask for their next task every 0.5 s, not NVFlare's 2 s: each round and each cross-site
+    # validation starts up to 1.5 s sooner, for polling a handful of sites cannot notice.
+    job.to_server({"server": {"task_request_interval": 0.5}})
     # ignore_result_error: a refused update or a crashed site never stops the other sites' round
     job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds - cfg.start_round,
                                    start_round=cfg.start_round,

@@ -79,37 +79,6 @@ def test_job_through_the_admin_api_then_the_console(poc, capsys):
     assert list(downloaded.rglob("FL_global_model.pt"))
 
 
-def test_admin_console_commands_from_the_readme(poc):
-    """submit_job, list_jobs and download_job typed into the admin console (fl_admin.sh)."""
-    state = load_state(poc["workspace"])
-    job_dir = poc["base"] / "console-job"
-    assert main(["export", "--data", str(poc["data"]), "--out", str(job_dir)] + JOB) == 0
-    console = Path(state["admin_kit"]) / "startup" / "fl_admin.sh"
-
-    def type_into_console(*commands: str) -> str:
-        out = subprocess.run(["bash", str(console)], input="\n".join(commands + ("bye",)) + "\n",
-                             capture_output=True, text=True, timeout=120)
-        return out.stdout + out.stderr
-
-    out = type_into_console(f"submit_job {job_dir / 'cxrfl_classify'}")
-    assert "Submitted job" in out or "job id" in out.lower(), out
-    sess = session(state)
-    try:
-        job_id = next(j["job_id"] for j in sess.list_jobs() if j["job_name"] == "cxrfl_classify"
-                      and "FINISHED" not in j["status"])
-        deadline = time.time() + 600
-        while "FINISHED" not in sess.get_job_meta(job_id)["status"] and time.time() < deadline:
-            time.sleep(3)
-    finally:
-        sess.close()
-    listing = type_into_console("list_jobs")
-    assert job_id in listing and "FINISHED:COMPLETED" in listing
-    type_into_console(f"download_job {job_id}")
-    downloaded = Path(state["admin_kit"]) / "transfer" / job_id
-    assert (downloaded / "workspace").is_dir(), list((Path(state["admin_kit"]) / "transfer").iterdir())
-    assert list(downloaded.rglob("FL_global_model.pt"))
-
-
 def test_a_member_admin_may_look_but_not_submit_or_abort(poc):
     """NVFlare's authorization policy with the project file's roles: the auditor (role member) can
     list jobs but neither submit nor abort one; the project admin can do both (submitting with

@@ -69,3 +69,35 @@ def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, cap
     summary = json.loads((run / "metrics.json").read_text())
     assert 0 <= summary["test"]["test_auroc"] <= 1
     assert main(["sim", "--resume", str(run)]) == 2  # finished: nothing to resume
+
+
+def _run_folder(tmp_path: Path, **changes) -> Path:
+    from cxrfl.fl_job import FLConfig
+    from lightning_modules.data.manifest import write_json
+
+    run = tmp_path / "run"
+    cfg = FLConfig(task="classify", model="cnn5", sites=["site-1", "site-2"], rounds=3, data_root=str(tmp_path))
+    write_json(run / "config.json", {**cfg.as_dict(), **changes})
+    return run
+
+
+def test_resume_refuses_what_it_cannot_continue_and_says_why(tmp_path, capsys):
+    assert main(["sim", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    run = _run_folder(tmp_path, he=True)
+    assert main(["sim", "--resume", str(run)]) == 2
+    assert "HE run cannot be resumed" in capsys.readouterr().err
+
+
+def test_poc_resume_names_the_missing_pieces(tmp_path, capsys):
+    from cxrfl.poc import STATE_FILE
+    from lightning_modules.data.manifest import write_json
+
+    workspace = tmp_path / "ws"
+    assert main(["poc", "resume", str(tmp_path / "run"), "--workspace", str(workspace)]) == 2
+    assert "no POC here" in capsys.readouterr().err
+    write_json(workspace / STATE_FILE, {"workspace": str(workspace), "sites": ["st-mary-hospital"], "kits": "",
+                                        "data_root": str(tmp_path)})
+    run = _run_folder(tmp_path)
+    assert main(["poc", "resume", str(run), "--workspace", str(workspace)]) == 2
+    assert "['site-1', 'site-2'] are not in this POC" in capsys.readouterr().err
