@@ -174,8 +174,8 @@ ROUND_FILE = re.compile(r"global_round_(\d+)\.pt$")
 
 
 def last_complete_round(folder: Path) -> tuple[int, dict] | tuple[None, None]:
-    """The last round whose global model file is complete (round files are written atomically,
-    but a copy may not be), with its contents."""
+    """The last round whose global model file is readable, with its contents (a copy into the run
+    folder cut by a kill is not)."""
     rounds = sorted((int(m.group(1)), f) for f in folder.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name)))
     for number, path in reversed(rounds):
         try:
@@ -214,19 +214,18 @@ def prepare_resume(run_dir: Path, interrupted: Path | None) -> FLConfig:
     rounds_dir = run_dir / "models" / "rounds"
     rounds_dir.mkdir(parents=True, exist_ok=True)
     earlier = interrupted / "app_server" / "rounds" if interrupted is not None else None
-    if earlier is not None and earlier.is_dir():
-        done, _ = last_complete_round(earlier)
-        done = -1 if done is None else done
-        for f in earlier.glob("global_round_*.pt"):
-            if int(ROUND_FILE.search(f.name).group(1)) <= done:
-                shutil.copy2(f, rounds_dir / f.name)
+    if earlier is not None and earlier.is_dir():  # its round files are complete: they are written atomically
+        files = {int(m.group(1)): f for f in earlier.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name))}
+        done = max(files, default=-1)  # the interrupted round's log lines and metrics are dropped
+        for f in files.values():
+            shutil.copy2(f, rounds_dir / f.name)
         if (earlier / "round_log.jsonl").is_file():
             _append_lines(earlier / "round_log.jsonl", rounds_dir / "round_log.jsonl",
-                          keep=lambda e: e.get("round", -1) <= done)
+                          keep=lambda e: e.get("round", done + 1) <= done)
         metrics = interrupted / "metrics"
         for f in metrics.glob("*.jsonl") if metrics.is_dir() else []:
             _append_lines(f, run_dir / "metrics" / f.name,
-                          keep=lambda e: e.get("round", e.get("current_round", -1)) <= done)
+                          keep=lambda e: e.get("round", e.get("current_round", done + 1)) <= done)
     last, saved = last_complete_round(rounds_dir)
     if last is not None and last >= cfg.rounds - 1:
         raise SimulationError(f"{run_dir}: every round finished before the stop; the models are in "
