@@ -224,7 +224,7 @@ def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> 
     write_json(run_dir / "job_meta.json", meta)
     if "FINISHED_COMPLETED" not in status.replace(":", "_"):
         raise PocError(f"job {job_id} ended as {status}; results in {download}. To continue it from its last "
-                       f"completed round: cxrfl poc resume {run_dir}")
+                       f"completed round: cxrfl poc submit --resume {run_dir}")
     server = _server_job_folder(download)
     collected = collect_server_results(cfg, server, run_dir, append_logs=continues is not None)
     # all kits live on this machine: the first site's key decrypts an HE model for the test set

@@ -5,7 +5,7 @@
    others (min_clients) and finishes; the round log shows who counted in each round.
 2. The killed site is started again and takes part in the next job (NVFlare 2.9 does not re-admit
    a restarted client into a running job: its job process is gone). In that job the server's job
-   process is killed mid-run; `cxrfl poc resume` continues it from the last completed round.
+   process is killed mid-run; `cxrfl poc submit --resume` continues it from the last completed round.
 """
 
 from __future__ import annotations
@@ -121,12 +121,12 @@ def test_a_killed_site_rejoins_the_next_job_and_a_killed_server_job_resumes(poc3
     run = tmp_path / "run"
     capsys.readouterr()
     assert main(["poc", "wait", job_id, "--workspace", ws, "--out", str(run), "--timeout", "600"]) == 2
-    assert f"cxrfl poc resume {run}" in capsys.readouterr().err
+    assert f"cxrfl poc submit --resume {run}" in capsys.readouterr().err
     earlier = run / "download" / "workspace" / "app_server" / "rounds"
     done_before = {f.name: _sha(f) for f in earlier.glob("global_round_*.pt")}
     assert "global_round_001.pt" in done_before and "global_round_003.pt" not in done_before
 
-    assert main(["poc", "resume", str(run), "--workspace", ws]) == 0
+    assert main(["poc", "submit", "--resume", str(run), "--workspace", ws]) == 0
     resumed = capsys.readouterr().out.strip().splitlines()[-1]
     assert resumed != job_id
     assert main(["poc", "wait", resumed, "--workspace", ws, "--timeout", "600"]) == 0  # --out: the run it continues

@@ -94,10 +94,10 @@ def test_poc_resume_names_the_missing_pieces(tmp_path, capsys):
     from lightning_modules.data.manifest import write_json
 
     workspace = tmp_path / "ws"
-    assert main(["poc", "resume", str(tmp_path / "run"), "--workspace", str(workspace)]) == 2
+    assert main(["poc", "submit", "--resume", str(tmp_path / "run"), "--workspace", str(workspace)]) == 2
     assert "no POC here" in capsys.readouterr().err
     write_json(workspace / STATE_FILE, {"workspace": str(workspace), "sites": ["st-mary-hospital"], "kits": "",
                                         "data_root": str(tmp_path)})
     run = _run_folder(tmp_path)
-    assert main(["poc", "resume", str(run), "--workspace", str(workspace)]) == 2
+    assert main(["poc", "submit", "--resume", str(run), "--workspace", str(workspace)]) == 2
     assert "['site-1', 'site-2'] are not in this POC" in capsys.readouterr().err

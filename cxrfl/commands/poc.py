@@ -1,4 +1,4 @@
-"""`cxrfl poc up|submit|wait|resume|restart|down`: a provisioned deployment (server + hospital sites) on this machine."""
+"""`cxrfl poc up|submit|wait|restart|down`: a provisioned deployment (server + hospital sites) on this machine."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
         "`wait` follows it, downloads its results and evaluates them into a run folder like `cxrfl sim`'s; "
         "`down` stops every process (`--clean` also removes the workspace).",
     )
-    sub = p.add_subparsers(dest="poc_command", metavar="{up,submit,wait,resume,restart,down}", required=True)
+    sub = p.add_subparsers(dest="poc_command", metavar="{up,submit,wait,restart,down}", required=True)
 
     up = sub.add_parser("up", help="provision and start server + sites", description="Provision and start the POC.")
     up.add_argument("--sites", type=positive_int, default=3, help="number of hospital sites (default 3)")
@@ -42,7 +42,12 @@ def add_parser(subparsers) -> None:
 
     submit = sub.add_parser("submit", help="export a job and submit it through the admin API",
                             description="Export the task's job (as `cxrfl export`) for the POC's sites and submit it.")
-    add_fl_options(submit)
+    add_fl_options(submit, task_required=False)  # --resume takes everything from the run folder
+    submit.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="a job whose server job was killed or crashed (`poc wait` says so and keeps its results "
+                        "in RUN_DIR): submit its remaining rounds as a new job that starts from the global model of "
+                        "its last completed round, with the run's own configuration (other options are ignored); "
+                        "`poc wait JOB` adds its rounds to RUN_DIR")
     _workspace(submit)
     submit.set_defaults(func=run_submit)
 
@@ -55,16 +60,6 @@ def add_parser(subparsers) -> None:
     wait.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
     _workspace(wait)
     wait.set_defaults(func=run_wait)
-
-    resume = sub.add_parser("resume", help="continue a job that ended early from its last completed round",
-                            description="A job whose server job was killed or crashed (`poc wait` says so and keeps "
-                            "its results in RUN_DIR): submit its remaining rounds as a new job that starts from the "
-                            "global model of its last completed round, with the run's own configuration. Completed "
-                            "rounds are kept; at most the interrupted round is redone. Prints the new job's id; "
-                            "`poc wait JOB` adds its rounds to RUN_DIR.")
-    resume.add_argument("run_dir", metavar="RUN_DIR", type=Path)
-    _workspace(resume)
-    resume.set_defaults(func=run_resume)
 
     restart = sub.add_parser("restart", help="start a site again after its processes died",
                              description="Start SITE's client again after a crash or kill and wait until it is "
@@ -105,11 +100,16 @@ def run_up(args) -> int:
 def run_submit(args) -> int:
     try:
         state = load_state(args.workspace)
-        cfg = config_from_args(args)
-        cfg.sites, cfg.data_root = state["sites"], None  # sites read their data from their local config
-        cfg.validate()
-        job_id = poc_submit(state, cfg)
-    except (PocError, ValueError, ManifestError) as exc:
+        if args.resume is not None:
+            job_id = poc_resume(state, args.resume)
+        else:
+            if not args.task:
+                raise ValueError("--task is required (or --resume RUN_DIR)")
+            cfg = config_from_args(args)
+            cfg.sites, cfg.data_root = state["sites"], None  # sites read their data from their local config
+            cfg.validate()
+            job_id = poc_submit(state, cfg)
+    except (PocError, ValueError, ManifestError, SimulationError) as exc:
         return _fail(exc)
     print(job_id)
     return 0
@@ -125,16 +125,6 @@ def run_wait(args) -> int:
     print(f"job {args.job_id}: {summary['status']}; run folder: {run_dir}")
     for key, value in sorted(summary["test"].items()):
         print(f"  {key:>24}: {value:.4f}")
-    return 0
-
-
-def run_resume(args) -> int:
-    try:
-        state = load_state(args.workspace)
-        job_id = poc_resume(state, args.run_dir)
-    except (PocError, SimulationError, ValueError) as exc:
-        return _fail(exc)
-    print(job_id)
     return 0
 
 
