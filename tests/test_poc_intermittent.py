@@ -10,17 +10,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import signal
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from conftest import running_poc
+from conftest import running_poc, send_signal, sha256_of
 
 from cxrfl.cli import main
 from cxrfl.poc import workspace_processes
@@ -56,14 +54,6 @@ def _submit(state: dict, data: Path, *options: str) -> str:
     return out.getvalue().strip().splitlines()[-1]
 
 
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 def _round_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]
 
@@ -77,13 +67,13 @@ def test_a_site_that_drops_out_comes_back_and_one_that_dies_mid_round(poc3, tmp_
     _wait_for(lambda: "Round 1 started." in _server_log(state, job_id), 300, "round 1")
     stopped = workspace_processes(kits / away)
     assert stopped, "the site's processes"
-    _signal(stopped, signal.SIGSTOP)
+    send_signal(stopped, signal.SIGSTOP)
     try:
         _wait_for(lambda: "Round 3 started." in _server_log(state, job_id), 300, "round 3 without the site")
     finally:
-        _signal(stopped, signal.SIGCONT)
+        send_signal(stopped, signal.SIGCONT)
     _wait_for(lambda: "Round 4 started." in _server_log(state, job_id), 300, "round 4")
-    _signal(workspace_processes(kits / dead), signal.SIGKILL)  # its client and its job process
+    send_signal(workspace_processes(kits / dead), signal.SIGKILL)  # its client and its job process
     run = tmp_path / "run"
     started = time.time()
     assert main(["poc", "wait", job_id, "--workspace", ws, "--out", str(run), "--timeout", "600"]) == 0
@@ -100,15 +90,11 @@ def test_a_site_that_drops_out_comes_back_and_one_that_dies_mid_round(poc3, tmp_
     assert all(len(fresh[r]) >= 2 for r in fresh)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_a_killed_site_rejoins_the_next_job_and_a_killed_server_job_resumes(poc3, tmp_path, capsys):
     state, data = poc3
     ws, kits = state["workspace"], Path(state["kits"])
     site = state["sites"][1]
-    _signal(workspace_processes(kits / site), signal.SIGKILL)  # dead, whether or not the test above ran
+    send_signal(workspace_processes(kits / site), signal.SIGKILL)  # dead, whether or not the test above ran
     _wait_for(lambda: workspace_processes(kits / site) == [], 30, "the site's processes to end")
     assert main(["poc", "restart", site, "--workspace", ws]) == 0
 
@@ -117,13 +103,13 @@ def test_a_killed_site_rejoins_the_next_job_and_a_killed_server_job_resumes(poc3
     server_job = [p for p in workspace_processes(kits / "localhost")
                   if job_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert server_job, "the server's job process"
-    _signal(server_job, signal.SIGKILL)
+    send_signal(server_job, signal.SIGKILL)
     run = tmp_path / "run"
     capsys.readouterr()
     assert main(["poc", "wait", job_id, "--workspace", ws, "--out", str(run), "--timeout", "600"]) == 2
     assert f"cxrfl poc submit --resume {run}" in capsys.readouterr().err
     earlier = run / "download" / "workspace" / "app_server" / "rounds"
-    done_before = {f.name: _sha(f) for f in earlier.glob("global_round_*.pt")}
+    done_before = {f.name: sha256_of(f) for f in earlier.glob("global_round_*.pt")}
     assert "global_round_001.pt" in done_before and "global_round_003.pt" not in done_before
 
     assert main(["poc", "submit", "--resume", str(run), "--workspace", ws]) == 0
@@ -133,7 +119,7 @@ def test_a_killed_site_rejoins_the_next_job_and_a_killed_server_job_resumes(poc3
     models = run / "models" / "rounds"
     assert sorted(f.name for f in models.glob("global_round_*.pt")) == [f"global_round_00{i}.pt" for i in range(4)]
     for name, digest in done_before.items():  # completed before the kill: kept, not redone
-        assert _sha(models / name) == digest
+        assert sha256_of(models / name) == digest
     accepted = sorted((e["round"], e["site"]) for e in _round_log(run) if e.get("accepted"))
     assert accepted == sorted((r, s) for r in range(4) for s in state["sites"])  # each once; the restarted site too
     summary = json.loads((run / "metrics.json").read_text())

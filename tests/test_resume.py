@@ -5,32 +5,18 @@ twice in the round log."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from conftest import send_signal, sha256_of
+
 from cxrfl.cli import main
 from cxrfl.poc import workspace_processes
 from lightning_modules.data.phantom import generate_dataset
-
-
-def _kill_everything_of(run: Path) -> None:
-    """SIGKILL every process whose command line names the run folder (the simulator's site workers
-    run in sessions of their own, so a process group kill alone would miss them)."""
-    for pid in workspace_processes(run):  # never this test's own process
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, capsys):
@@ -49,10 +35,12 @@ def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, cap
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
     finally:
-        _kill_everything_of(run)
+        # every process naming the run folder: the simulator's site workers run in sessions of
+        # their own, so a process group kill alone would miss them (never this test's own process)
+        send_signal(workspace_processes(run), signal.SIGKILL)
         proc.wait()
     config = (run / "config.json").read_text()
-    done_before = {f.name: _sha(f) for f in rounds.glob("global_round_*.pt")}
+    done_before = {f.name: sha256_of(f) for f in rounds.glob("global_round_*.pt")}
     assert "global_round_003.pt" not in done_before and not (run / "metrics.json").exists()
 
     capsys.readouterr()
@@ -61,7 +49,7 @@ def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, cap
     models = run / "models" / "rounds"
     assert sorted(f.name for f in models.glob("global_round_*.pt")) == [f"global_round_00{i}.pt" for i in range(4)]
     for name, digest in done_before.items():
-        assert _sha(models / name) == digest  # completed rounds are not redone
+        assert sha256_of(models / name) == digest  # completed rounds are not redone
     log = [json.loads(line) for line in (models / "round_log.jsonl").read_text().splitlines()]
     accepted = [(e["round"], e["site"]) for e in log if e.get("accepted")]
     assert sorted(accepted) == [(r, s) for r in range(4) for s in ("site-1", "site-2")]  # each once
