@@ -9,8 +9,11 @@ Per task from the server:
 - submit_model (cross-site evaluation): send this site's own last local model.
 
 A site finds its data through its own local configuration, `local/cxrfl_site.json` in its
-workspace (`{"data_dir": "/path/to/this/site"}`, the folder with its manifest.csv), so no data
-path travels in the job; without one (the simulator) it reads `<--data-root>/<site name>/`.
+workspace: `{"data_dir": "/path/to/this/site"}` (the folder with its manifest.csv) in a kit, or
+`{"data_root": "/path"}` (one folder per site name) in a simulator workspace, which copies its
+local/ into every site. No local path travels in the job: a lung-ROI job carries its segmenter as
+a file (`--segmenter NAME`, in the job's custom folder) unless the site's configuration names
+its own (`"segmenter": "/path"`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import copy
 import fcntl
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -43,8 +45,6 @@ from lightning_modules.segmentation import LungSegmentation
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--task", choices=["segment", "classify"], required=True)
-    p.add_argument("--data-root", default=None,
-                   help="folder holding one sub-folder per site (used when the site has no local/cxrfl_site.json)")
     p.add_argument("--model", default=None)
     p.add_argument("--classes", type=lambda text: json.loads(unquote(text)), default=None,
                    help="the job's class names as a URL-quoted JSON list (NVFlare splits script arguments "
@@ -55,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--roi", choices=["mask", "crop"], default=None)
     p.add_argument("--roi-threshold", type=float, default=0.5)
-    p.add_argument("--segmenter", default=None, help="segmentation checkpoint for ROI masks (else ground truth)")
+    p.add_argument("--segmenter", default=None,
+                   help="file name of the segmenter the job carries in its custom folder, for ROI masks (else "
+                   "ground truth)")
     p.add_argument("--class-weights", choices=["none", "balanced"], default="balanced")
     p.add_argument("--time-budget", type=float, default=0.0, help="max seconds of local training per round (0: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,15 +68,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="URL-quoted JSON {site: round ranges}: the rounds each listed site takes part in")
     p.add_argument("--rounds", type=int, default=None,
                    help="the job's number of rounds, for open-ended schedule ranges (default: the server's count)")
-    p.add_argument("--turn-lock", default=None,
-                   help="a file all simulated sites of one machine share: a site works on a task only while it "
-                   "holds the file's lock, so sites take turns and each site's local time is uncontended")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); set when sites share one machine")
     return p.parse_args(argv)
 
 
 SITE_CONFIG = Path("local") / "cxrfl_site.json"
+
+
+class SiteConfigError(RuntimeError):
+    """The site cannot find or read its data; an exception (not sys.exit), so NVFlare's task
+    runner logs the message and the coordinator can name it (sys.exit ends its thread silently)."""
+
+JOB_CUSTOM = Path(__file__).resolve().parents[1]  # the job's custom/ folder: files the job carries
 
 
 def site_config(start: Path) -> tuple[Path | None, dict]:
@@ -85,30 +91,30 @@ def site_config(start: Path) -> tuple[Path | None, dict]:
             try:
                 return path, json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
-                sys.exit(f"cxrfl client: {path}: unreadable site configuration ({exc})")
+                raise SiteConfigError(f"cxrfl client: {path}: unreadable site configuration ({exc})")
     return None, {}
 
 
-def site_data_dir(args, site: str) -> Path:
-    config_path, config = site_config(Path(__file__).resolve().parent)
+def site_data_dir(config_path: Path | None, config: dict, site: str) -> Path:
     if config.get("data_dir"):
         site_dir = Path(config["data_dir"])
         where = f"data_dir in {config_path}"
-    elif args.data_root:
-        site_dir = Path(args.data_root) / site
-        where = f"the data root {args.data_root} must hold one folder per site name"
+    elif config.get("data_root"):
+        site_dir = Path(config["data_root"]) / site
+        where = f"the data root in {config_path} must hold one folder per site name"
     else:
-        sys.exit(f"cxrfl client {site}: no data configured: put {{\"data_dir\": ...}} in the site's {SITE_CONFIG}")
+        raise SiteConfigError(f"cxrfl client {site}: no data configured: put {{\"data_dir\": ...}} in the site's {SITE_CONFIG}")
     if not (site_dir / MANIFEST_NAME).is_file():
-        sys.exit(f"cxrfl client {site}: no data for this site: {site_dir / MANIFEST_NAME} does not exist ({where})")
+        raise SiteConfigError(f"cxrfl client {site}: no data for this site: {site_dir / MANIFEST_NAME} does not exist ({where})")
     return site_dir
 
 
-def site_data_module(args, site: str) -> CXRDataModule:
-    site_dir = site_data_dir(args, site)
+def site_data_module(args, site: str, config_path: Path | None, config: dict) -> CXRDataModule:
+    site_dir = site_data_dir(config_path, config, site)
     mask_predictor = None
-    if args.roi and args.segmenter:
-        segmenter = LungSegmentation.from_checkpoint(args.segmenter)
+    segmenter_file = config.get("segmenter") or (JOB_CUSTOM / args.segmenter if args.segmenter else None)
+    if args.roi and segmenter_file:
+        segmenter = LungSegmentation.from_checkpoint(segmenter_file)
         mask_predictor = segmenter.mask_predictor(args.roi_threshold)
     dm = CXRDataModule(site_dir.parent, task=args.task, sites=[site_dir.name], image_size=args.image_size,
                        batch_size=args.batch_size, num_workers=args.workers, roi=args.roi,
@@ -202,7 +208,8 @@ def main(argv=None) -> None:
     flare.init()
     site = flare.get_site_name()
     pl.seed_everything(args.seed, workers=True)
-    dm = site_data_module(args, site)
+    config_path, config = site_config(Path(__file__).resolve().parent)
+    dm = site_data_module(args, site, config_path, config)
     counts = dm.class_counts("train") if args.task == "classify" and args.class_weights == "balanced" else None
     module = build_module(args.task, args.model, lr=args.lr, classes=dm.classes, class_counts=counts)
     # FedAvg weight: this site's number of training samples (not batches), read by the aggregator.
@@ -228,7 +235,7 @@ def main(argv=None) -> None:
         if input_model is None:
             break
         drill.current_round = input_model.current_round
-        with machine_turn(args.turn_lock):
+        with machine_turn(config.get("turn_lock")):
             local_seconds.task_received()
             local_params = handle_task(args, site, input_model, trainer, module, dm, local_params)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.abstract.fl_model import MetaKey
 
 from app_custom.intermittent import ABSENT, FRESH, KEPT, LOCAL_SECONDS
+from lightning_modules.data.atomic import atomic_path
 
 ROUNDS_DIR = "rounds"
 ROUND_LOG = "round_log.jsonl"
@@ -58,17 +58,10 @@ def _plain(props) -> dict:
 
 
 def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file."""
-    path = str(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file;
+    the file gets the umask's permissions like any other data file (atomic_path)."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class RoundRecorder(FLComponent):

@@ -57,7 +57,7 @@ class PocMonitor(threading.Thread):
 
     def __init__(self, workspace: Path, limit_gb: float, interval: float = 0.5):
         super().__init__(daemon=True)
-        self.needle = str(workspace).encode()
+        self.workspace = Path(workspace)
         self.limit_kib = int(limit_gb * 2 ** 20)
         self.interval = interval
         self.peaks: dict[str, int] = {}  # role -> KiB
@@ -68,20 +68,17 @@ class PocMonitor(threading.Thread):
         self.peaks = {}
 
     def run(self) -> None:
-        from cxrfl.poc import _kill
+        from cxrfl.poc import _kill, workspace_processes
 
         while not self._stop.is_set():
             total = 0
-            seen = []
-            for proc in Path("/proc").glob("[0-9]*"):
+            seen = workspace_processes(self.workspace)  # the POC's own processes, never a bystander's
+            for pid in seen:
                 try:
-                    cmd = (proc / "cmdline").read_bytes()
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                if self.needle not in cmd or int(proc.name) == os.getpid():
-                    continue
-                pid, role = int(proc.name), _role(cmd.decode(errors="replace"))
-                seen.append(pid)
+                role = _role(cmd.replace(b"\0", b" ").decode(errors="replace"))
                 total += _status_kib(pid, "VmRSS")
                 if role:
                     self.peaks[role] = max(self.peaks.get(role, 0), _status_kib(pid, "VmHWM"))

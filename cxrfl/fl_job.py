@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -33,13 +35,20 @@ from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
 import app_custom
+from cxrfl.runs import WANDB_PRIVATE_SETTINGS
+from lightning_modules.data.manifest import write_json
 from lightning_modules.factory import DEFAULT_MODEL
+from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
 from app_custom.contributions import UpdateValidator
 from app_custom.global_model import GlobalModel
 from app_custom.intermittent import SiteAwareFedAvg, check_schedule
 from app_custom.round_recorder import RoundRecorder
 
 TASKS = ("segment", "classify", "roi")
+# FLConfig fields that name files on this machine: they never travel in a job or to tracking.
+LOCAL_PATHS = ("data_root", "segmenter", "turn_lock", "initial_model")
+JOB_SEGMENTER = "segmenter.pt"  # a lung-ROI job's segmenter, in the job's custom/ folder
+SITE_CONFIG = Path("local") / "cxrfl_site.json"  # a site's own settings (app_custom/cxrfl_client.py)
 # Server-side aggregation: FedAvg, or FedOpt with a server optimizer (Reddi et al. 2021).
 AGGREGATIONS = {
     "fedavg": None,
@@ -128,6 +137,23 @@ class FLConfig:
             raise ValueError("need at least one site")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local epochs must be >= 1")
+        model = self.model or DEFAULT_MODEL[self.kind]
+        valid = SEGMENTERS if self.kind == "segment" else CLASSIFIERS
+        if model not in valid:
+            raise ValueError(f"--model {model!r} does not fit --task {self.task}; choose one of {', '.join(valid)}")
+        size_problem = input_size_problem(model, self.image_size)
+        if size_problem:
+            raise ValueError(size_problem)
+        for name, value in [("--lr", self.lr), ("--server-lr", self.server_lr)]:
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name, value in [("--time-budget", self.time_budget), ("--wait-after-min-clients", self.wait_after_min_clients)]:
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if not 0 < self.roi_threshold < 1:
+            raise ValueError(f"--roi-threshold must be between 0 and 1 (exclusive), got {self.roi_threshold}")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("--batch-size and --limit must be >= 1")
         if self.he and self.aggregation != "fedavg":
             raise ValueError("homomorphic encryption works with FedAvg only (the server cannot run an optimizer on ciphertexts)")
         if self.absent_weights not in ("drop", "keep"):
@@ -156,34 +182,32 @@ class FLConfig:
                                  "--absent-weights keep)")
         if not 0 <= self.start_round < self.rounds:
             raise ValueError(f"start_round {self.start_round} is outside the job's rounds 0..{self.rounds - 1}")
-        if self.wait_after_min_clients < 0:
-            raise ValueError("--wait-after-min-clients must be >= 0 seconds")
         if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
             raise ValueError(f"min_clients must be between 1 and the number of sites ({len(self.sites)})")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def without_paths(self) -> dict:
+        """The configuration for experiment tracking and anything else that leaves this machine."""
+        return {k: v for k, v in self.as_dict().items() if k not in LOCAL_PATHS}
+
     def client_args(self) -> str:
         args = ["--task", self.kind, "--image-size", self.image_size, "--batch-size", self.batch_size, "--lr", self.lr,
                 "--local-epochs", self.local_epochs, "--class-weights", self.class_weights, "--seed", self.seed,
                 "--accelerator", self.accelerator, "--time-budget", self.time_budget]
-        if self.data_root:
-            args += ["--data-root", str(Path(self.data_root).absolute())]
         if self.model:
             args += ["--model", self.model]
         if self.kind == "classify":
             args += ["--classes", quote(json.dumps(self.classes))]  # NVFlare splits script args on spaces
         if self.task == "roi":
             args += ["--roi", self.roi, "--roi-threshold", self.roi_threshold]
-            if self.segmenter:
-                args += ["--segmenter", str(Path(self.segmenter).absolute())]
+            if self.segmenter:  # the job carries it (see build_job)
+                args += ["--segmenter", JOB_SEGMENTER]
         if self.limit:
             args += ["--limit", self.limit]
         if self.torch_threads:
             args += ["--torch-threads", self.torch_threads]
-        if self.turn_lock:
-            args += ["--turn-lock", str(Path(self.turn_lock).absolute())]
         if self.schedule:  # with the job's round count: a resumed job's server counts only the rounds left
             args += ["--schedule", quote(json.dumps(self.schedule)), "--rounds", self.rounds]
         for a in args:
@@ -192,7 +216,24 @@ class FLConfig:
         return " ".join(str(a) for a in args)
 
 
-def build_job(cfg: FLConfig) -> BaseFedJob:
+@contextlib.contextmanager
+def built_job(cfg: FLConfig):
+    """The job, built from the package root, with the files it carries staged until it is exported."""
+    with tempfile.TemporaryDirectory(prefix="cxrfl-job-") as staging, from_package_root():
+        yield build_job(cfg, Path(staging))
+
+
+def write_simulator_site_config(workspace: Path, cfg: FLConfig) -> None:
+    """The simulated sites' local configuration: the simulator copies <workspace>/local/ into
+    every site, which reads <data_root>/<its name>/ (and takes turns on the lock, if any)."""
+    settings = {"data_root": str(Path(cfg.data_root).absolute())}
+    if cfg.turn_lock:
+        settings["turn_lock"] = str(Path(cfg.turn_lock).absolute())
+    write_json(Path(workspace) / SITE_CONFIG, settings)
+
+
+def build_job(cfg: FLConfig, staging: Path) -> BaseFedJob:
+    """staging: a folder for the files the job carries (a lung-ROI job's segmenter) until export."""
     cfg.validate()
     min_clients = cfg.min_clients or len(cfg.sites)
     job = BaseFedJob(name=cfg.job_name, min_clients=min_clients, key_metric=cfg.key_metric,
@@ -203,7 +244,8 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
         # Offline (files under the run folder) unless the user has set a W&B key; metrics only.
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         job.to_server(WandBReceiver(wandb_args={"project": cfg.wandb_project, "name": cfg.job_name,
-                                                "job_type": "federated", "config": cfg.as_dict()},
+                                                "job_type": "federated", "config": cfg.without_paths(),
+                                                "settings": WANDB_PRIVATE_SETTINGS},
                                     mode=mode), id="wandb_receiver")
 
     # One model component shared by the persistor and the FedOpt optimizer, so the server
@@ -263,6 +305,11 @@ def build_job(cfg: FLConfig) -> BaseFedJob:
         job.to_server(CrossSiteModelEval(model_locator_id=locator_id, submit_model_timeout=600,
                                          validation_timeout=6000))
 
+    if cfg.task == "roi" and cfg.segmenter:  # travels as a file: no site needs the exporter's path
+        from cxrfl.models import export_model
+
+        export_model(cfg.segmenter, staging / JOB_SEGMENTER)
+        job.add_file_to_clients(str(staging / JOB_SEGMENTER))
     job.to_clients(ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
                                 server_expected_format=exchange, params_transfer_type=transfer))
     if cfg.he:
@@ -307,9 +354,11 @@ def job_main(task: str, description: str, argv: list[str] | None = None) -> None
     target.add_argument("--simulate", metavar="WORKSPACE", help="run the job in the NVFlare simulator")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    with from_package_root():
-        job = build_job(cfg)
-        if args.export_dir:
-            job.export_job(str(Path(args.export_dir).absolute()))
+    export_dir = Path(args.export_dir).absolute() if args.export_dir else None
+    workspace = Path(args.simulate).absolute() if args.simulate else None
+    with built_job(cfg) as job:
+        if export_dir:
+            job.export_job(str(export_dir))
         else:
-            job.simulator_run(str(Path(args.simulate).absolute()), clients=cfg.sites, threads=len(cfg.sites))
+            write_simulator_site_config(workspace, cfg)
+            job.simulator_run(str(workspace), clients=cfg.sites, threads=len(cfg.sites))

@@ -25,27 +25,33 @@ def he_builder_args(project_file: Path = PROJECT_FILE) -> dict:
 
 
 def write_he_contexts(folder: Path, project_file: Path = PROJECT_FILE) -> None:
-    """Write server and client contexts into `folder` (a simulator workspace's startup/)."""
+    """Write server and client contexts into `folder` (a simulator workspace's startup/). The
+    client context holds the secret key: 0600, and the folder 0700 (NVFlare's HEBuilder leaves
+    both to the umask)."""
     from nvflare.lighter.impl.he import HEBuilder
+
+    from cxrfl.keyfiles import write_private_bytes
 
     builder = HEBuilder(**he_builder_args(project_file))
     builder.initialize(None, None)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    write_private_bytes(folder / CLIENT_CONTEXT, builder.get_serialized_context(is_client=True))
     (folder / SERVER_CONTEXT).write_bytes(builder.get_serialized_context(is_client=False))
-    (folder / CLIENT_CONTEXT).write_bytes(builder.get_serialized_context(is_client=True))
 
 
 def decrypt_checkpoint(path: Path, client_context: Path) -> dict[str, torch.Tensor]:
     """The plaintext state_dict of a saved HE global model (NVFlare persistor or round file),
-    with a site's secret-key context."""
+    with a site's secret-key context. The file is read without running code from it; ValueError
+    (one line, naming the file) for any other kind of file."""
     import tenseal as ts
 
     from app_custom.he_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
+    from lightning_modules.weights import read_model_file
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    weights = ckpt["model"]
-    meta = ckpt.get("meta_props") or ckpt.get("meta") or {}
+    saved = read_model_file(path)
+    if saved.kind != "nvflare":
+        raise ValueError(f"{path}: a {saved.kind} model file, not a federated (NVFlare) global model")
+    weights, meta = saved.state, saved.info
     if not any(is_packed(k) for k in weights):
         return {k: torch.as_tensor(v) for k, v in weights.items()}  # round 0: plaintext
     if not meta.get(SUM_WEIGHT):

@@ -15,14 +15,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lightning_modules.classification import CXRClassifier
 from lightning_modules.factory import DEFAULT_MODEL
+from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.segmentation import LungSegmentation
-from lightning_modules.weights import load_weights
+from lightning_modules.weights import EXPORT_FORMAT, ModelFile, load_weights, read_model_file
 
-BUNDLE_FORMAT = "cxrfl-model/1"
+BUNDLE_FORMAT = EXPORT_FORMAT
 # Every model here standardises each image (zero mean, unit variance) after scaling to [0,1] and
 # resizing (area) to image_size: lightning_modules/data/transforms.py.
 NORMALISATION = "per-image standardisation of [0,1] intensities after area resize to image_size"
@@ -81,16 +80,12 @@ def _weights_file(run: Path, config: dict) -> Path:
     raise ModelLoadError(f"{run}: no trained weights found (checkpoints/best.ckpt or models/global_*.pt){hint}")
 
 
-def _state_dict(path: Path) -> dict:
+def _read(path: Path) -> ModelFile:
+    """The model file at `path`, read without running code from it (lightning_modules/weights.py)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable PyTorch file ({exc})") from None
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        return ckpt["state_dict"]  # Lightning
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        return {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}  # NVFlare persistor / round file
-    raise ModelLoadError(f"{path}: holds no state_dict")
+        return read_model_file(path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _load_into(module, state: dict, path: Path):
@@ -127,9 +122,9 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    bundle = _read_bundle(path) if path.is_file() else None
-    if bundle is not None:
-        clf = _classifier_from_bundle(bundle, path)
+    given = _read(path) if path.is_file() else None
+    if given is not None and given.kind == "export":
+        clf = _classifier_from_bundle({**given.info, "state_dict": given.state}, path)
     else:
         run, config = _find_config(path)
         task = config.get("task")
@@ -140,8 +135,7 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
         weights = path if path.is_file() else _weights_file(run, config)
         classes = list(config.get("classes") or [])
         model = config.get("model") or DEFAULT_MODEL["classify"]
-        module = _load_into(CXRClassifier(model=model, num_classes=len(classes), class_names=classes),
-                            _state_dict(weights), weights)
+        module = _load_into(_classifier_module(model, classes, weights), (given or _read(weights)).state, weights)
         clf = Classifier(module, classes, int(config["image_size"]), roi, float(config.get("roi_threshold", 0.5)),
                          source=str(weights))
         if roi and config.get("segmenter") and segmenter is None:
@@ -155,34 +149,68 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
 
 
 # ---- single-file export ----------------------------------------------------------------------
-def _read_bundle(path: Path) -> dict | None:
+def _classifier_module(model, classes: list, source: Path) -> CXRClassifier:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        return None
-    return obj if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT else None
+        return CXRClassifier(model=model, num_classes=len(classes), class_names=classes)
+    except ValueError as exc:  # an unknown network name
+        raise ModelLoadError(f"{source}: {exc}") from None
 
 
-def _segmenter_from_bundle(bundle: dict, path: Path) -> Segmenter:
-    if bundle["task"] != "segment":
-        raise ModelLoadError(f"{path}: an exported {bundle['task']!r} model, not a segmenter")
+def _read_bundle(path: Path) -> dict | None:
+    """An exported file's fields (state_dict included); None for a file of another kind. A file
+    that is not a model file at all, or would run code, is refused here (ModelLoadError)."""
+    model = _read(path)
+    return {**model.info, "state_dict": model.state} if model.kind == "export" else None
+
+
+# Fields of an exported model and what each must be: a wrong file is refused in one line
+# instead of failing somewhere in the network or preprocessing.
+_BUNDLE_FIELDS = {"task": str, "model": str, "image_size": int, "state_dict": dict}
+
+
+def _check_bundle(bundle, path: Path, task: str, where: str = "") -> dict:
+    if not isinstance(bundle, dict):
+        raise ModelLoadError(f"{path}: its {where or 'contents'} is not an exported model")
+    for key, kind in _BUNDLE_FIELDS.items():
+        value = bundle.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ModelLoadError(f"{path}: an exported model without a valid {where}{key!r} "
+                                 f"(expected {kind.__name__}, found {type(value).__name__})")
+    if bundle["task"] != task:
+        wanted = "segmenter" if task == "segment" else "classifier"
+        raise ModelLoadError(f"{path}: an exported {bundle['task']!r} model, not a {wanted}")
+    if bundle["image_size"] < 1:
+        raise ModelLoadError(f"{path}: an exported model with image_size {bundle['image_size']}")
+    if task == "classify":
+        classes = bundle.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ModelLoadError(f"{path}: an exported classifier without its class names ('classes': a list of "
+                                 "strings)")
+        if bundle.get("roi") not in (None, *ROI_MODES):
+            raise ModelLoadError(f"{path}: an exported classifier with an unknown lung-ROI mode {bundle['roi']!r}")
+    threshold = bundle.get("roi_threshold" if task == "classify" else "threshold", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ModelLoadError(f"{path}: an exported model whose threshold {threshold!r} is not between 0 and 1")
+    return bundle
+
+
+def _segmenter_from_bundle(bundle: dict, path: Path, where: str = "") -> Segmenter:
+    bundle = _check_bundle(bundle, path, "segment", where)
     try:
         module = LungSegmentation.from_state_dict(bundle["state_dict"], bundle["model"],
-                                                  threshold=bundle.get("threshold", 0.5), source=path)
+                                                  threshold=float(bundle.get("threshold", 0.5)), source=path)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     return Segmenter(module, bundle["image_size"], str(path))
 
 
 def _classifier_from_bundle(bundle: dict, path: Path) -> Classifier:
-    if bundle["task"] != "classify":
-        raise ModelLoadError(f"{path}: an exported {bundle['task']!r} model, not a classifier")
+    bundle = _check_bundle(bundle, path, "classify")
     classes = list(bundle["classes"])
-    module = _load_into(CXRClassifier(model=bundle["model"], num_classes=len(classes), class_names=classes),
-                        bundle["state_dict"], path)
-    seg = _segmenter_from_bundle(bundle["segmenter"], path) if bundle.get("segmenter") else None
-    return Classifier(module, classes, bundle["image_size"], bundle.get("roi"), bundle.get("roi_threshold", 0.5),
-                      seg, str(path))
+    module = _load_into(_classifier_module(bundle["model"], classes, path), bundle["state_dict"], path)
+    seg = _segmenter_from_bundle(bundle["segmenter"], path, "segmenter's ") if bundle.get("segmenter") else None
+    return Classifier(module, classes, bundle["image_size"], bundle.get("roi"),
+                      float(bundle.get("roi_threshold", 0.5)), seg, str(path))
 
 
 def _segmenter_bundle(seg: Segmenter) -> dict:
@@ -196,15 +224,32 @@ def export_model(source: str | Path, out: str | Path) -> dict:
     segmenter) for `cxrfl predict`; returns its description without the weights."""
     from app_custom.round_recorder import atomic_torch_save
 
-    source = Path(source)
+    source, out = Path(source), Path(out)
+    _check_export_target(out)
     if _source_task(source) == "segment":
         bundle = _segmenter_bundle(load_segmenter(source))
     else:
         bundle = {"format": BUNDLE_FORMAT, **_classifier_bundle(load_classifier(source))}
-    bundle["source"] = str(source.absolute())
+    bundle["source"] = source.absolute().name  # an exported file travels; the exporter's paths do not
     atomic_torch_save(bundle, out)
     return {k: v for k, v in bundle.items() if k not in ("state_dict", "segmenter")} | (
         {"segmenter": "embedded"} if bundle.get("segmenter") else {})
+
+
+def _check_export_target(out: Path) -> None:
+    """Only an earlier export is overwritten: --out pointing at a checkpoint or any other file
+    would lose it."""
+    if out.is_dir():
+        raise ModelLoadError(f"{out}: a folder; --out names the file to write")
+    if not out.parent.is_dir():
+        raise ModelLoadError(f"{out.parent}: no such folder to write {out.name} into")
+    if out.exists():
+        try:
+            earlier_export = _read(out).kind == "export"
+        except ModelLoadError:
+            earlier_export = False
+        if not earlier_export:
+            raise ModelLoadError(f"{out}: exists and is not an exported model; not overwritten (choose another --out)")
 
 
 def _source_task(source: Path) -> str | None:
@@ -212,7 +257,7 @@ def _source_task(source: Path) -> str | None:
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file or folder")
     bundle = _read_bundle(source) if source.is_file() else None
-    return bundle["task"] if bundle else _find_config(source)[1].get("task")
+    return bundle.get("task") if bundle else _find_config(source)[1].get("task")
 
 
 def _classifier_bundle(clf: Classifier) -> dict:

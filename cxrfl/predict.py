@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from cxrfl.models import Classifier
-from lightning_modules.data.imageio import IMAGE_SUFFIXES, ImageReadError, read_image, write_png
+from lightning_modules.data.imageio import (
+    IMAGE_SUFFIXES,
+    PREDICT_BATCH_PIXELS,
+    ImageReadError,
+    read_header,
+    read_image,
+    write_png,
+)
 from lightning_modules.data.transforms import model_inputs
 from lightning_modules.interpret import heat_maps, mass_inside, overlay
 
@@ -48,6 +55,26 @@ def _read(path: Path) -> Loaded:
         return Loaded(path, error=str(exc).replace("\n", " "))
 
 
+def _batches(files: list[Path], batch_size: int):
+    """(index of the first file, decoded files) in batches of at most `batch_size` files and
+    PREDICT_BATCH_PIXELS decoded pixels, so the images held at once stay bounded whatever the
+    folder holds. Sizes come from the headers, before decoding."""
+    batch: list[Loaded] = []
+    first = pixels = 0
+    for index, path in enumerate(files):
+        try:
+            size = read_header(path).pixels
+        except (ImageReadError, OSError, ValueError):
+            size = 0  # _read reports it
+        if batch and (len(batch) >= batch_size or pixels + size > PREDICT_BATCH_PIXELS):
+            yield first, batch
+            batch, first, pixels = [], index, 0
+        batch.append(_read(path))
+        pixels += size
+    if batch:
+        yield first, batch
+
+
 def _columns(clf: Classifier) -> list[str]:
     return (["file", "status", "error", "predicted"] + [f"p_{c}" for c in clf.classes]
             + ["lung_area_fraction", "cam_in_lung", "mask_png", "gradcam_png"])
@@ -67,8 +94,7 @@ def predict(clf: Classifier, inputs: list[str | Path], out: Path, cam: str = "gr
     with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_columns(clf), lineterminator="\n")
         writer.writeheader()
-        for first in range(0, len(files), batch_size):
-            batch = [_read(p) for p in files[first:first + batch_size]]
+        for first, batch in _batches(files, batch_size):
             good = [b for b in batch if b.error is None]
             rows = {}
             if good:

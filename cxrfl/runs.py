@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import shutil
 import tempfile
@@ -16,6 +17,9 @@ from lightning_modules.data.manifest import atomic_write_text, write_json
 
 RUNS_DIR = Path("runs")
 MIN_FREE_BYTES = 200 * 1024 * 1024
+# W&B's system metadata holds the process's command line (data and model paths) and host facts:
+# tracking gets metrics and the configuration without paths only.
+WANDB_PRIVATE_SETTINGS = {"x_disable_meta": True, "disable_code": True, "disable_git": True}
 
 
 class RunDirError(RuntimeError):
@@ -23,12 +27,30 @@ class RunDirError(RuntimeError):
 
 
 def new_run_dir(out: str | os.PathLike | None, kind: str) -> Path:
-    """The given folder, or a new timestamped folder under runs/, as an absolute path; checked
-    writable with free space before any training starts."""
+    """A folder for a new run, as an absolute path: the given one, which must be new or empty (a
+    run folder holds one run; `--resume` is the only way to continue one), or a new timestamped
+    folder under runs/. Checked writable with free space before any training starts."""
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = RUNS_DIR / f"{stamp}-{kind}"
+        for n in range(2, 1000):  # two runs started in the same second get their own folders
+            if not out.exists():
+                break
+            out = RUNS_DIR / f"{stamp}-{kind}-{n}"
     out = Path(out).absolute()
+    if out.is_dir() and any(out.iterdir()):
+        held = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise RunDirError(f"{out}: already holds files ({shown}); a run folder holds one run: choose a new --out "
+                          "(to continue an interrupted run use --resume RUN_DIR)")
+    return run_dir_ready(out)
+
+
+def run_dir_ready(out: Path) -> Path:
+    """`out` created if needed and checked writable with free space (an existing run continued)."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out}: exists and is not a folder; choose another with --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
@@ -41,6 +63,31 @@ def new_run_dir(out: str | os.PathLike | None, kind: str) -> Path:
         raise RunDirError(f"{out}: only {free // 2**20} MiB free on this disk; need at least "
                           f"{MIN_FREE_BYTES // 2**20} MiB for checkpoints and logs")
     return out
+
+
+def finite_or_none(value) -> float | None:
+    """A metric as JSON can hold it: NaN/Inf (undefined, e.g. AUROC on one class) become null."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def undefined_reason(classes: list[str], test_counts: list[int] | None) -> str:
+    """Why a test metric can be undefined on this test set, for the terminal."""
+    present = [c for c, n in zip(classes, test_counts or []) if n]
+    if classes and test_counts is not None and len(present) < 2:
+        only = f"only class {present[0]!r}" if present else "no labelled image"
+        return f"the test set holds {only}"
+    return "not a finite number on this test set"
+
+
+def print_test_metrics(test: dict, why_undefined: str, indent: str = "  ") -> None:
+    """One line per metric; an undefined one (null/NaN) prints as n/a with the reason."""
+    for key in sorted(test):
+        value = finite_or_none(test[key])
+        shown = f"{value:.4f}" if value is not None else f"n/a ({why_undefined})"
+        print(f"{indent}{key:>24}: {shown}")
 
 
 def save_config(run_dir: Path, config: dict) -> None:

@@ -36,9 +36,11 @@ import pytorch_lightning as pl
 import torch
 
 from app_custom.round_recorder import atomic_torch_save
-from cxrfl.fl_job import FLConfig, build_job, from_package_root
+from app_custom.intermittent import check_schedule
+from cxrfl.fl_job import FLConfig, built_job, write_simulator_site_config
+from cxrfl.keyfiles import restrict_private_files
 from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
-from cxrfl.runs import write_test_predictions
+from cxrfl.runs import finite_or_none, undefined_reason, write_test_predictions
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import atomic_write_text, write_json
 from lightning_modules.factory import build_module
@@ -52,8 +54,8 @@ class SimulationError(RuntimeError):
 def export_job(cfg: FLConfig, out_dir: Path) -> Path:
     """Write the job folder for `nvflare job submit -j` / `submit_job`; returns its path."""
     out_dir = Path(out_dir).absolute()
-    with from_package_root():
-        build_job(cfg).export_job(str(out_dir))
+    with built_job(cfg) as job:
+        job.export_job(str(out_dir))
     return out_dir / cfg.job_name
 
 
@@ -80,6 +82,7 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, tak
     if workspace.exists():
         shutil.rmtree(workspace)
     he_key = None
+    write_simulator_site_config(workspace, cfg)  # where each site finds its data: not in the job
     if cfg.he:  # no kits here: the project's HE contexts, made for this run (the simulator copies startup/)
         write_he_contexts(workspace / "startup")
         he_key = workspace / "startup" / CLIENT_CONTEXT
@@ -92,10 +95,13 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, tak
                "-n", str(len(cfg.sites)), "-t", str(threads), "-c", ",".join(cfg.sites)]
     start = time.time()
     returncode = _run_logged(command, run_dir / "simulator.log", env, cwd=run_dir)
+    if cfg.he:  # the simulator copied the secret context into every site's startup/
+        restrict_private_files(workspace)
     wall = time.time() - start
     collected = collect_server_results(cfg, workspace / "server" / "simulate_job", run_dir, append_logs=resuming)
     if returncode != 0:
         raise SimulationError(f"nvflare simulator exited with {returncode}; see {run_dir / 'simulator.log'}")
+    check_contributions(cfg, run_dir, {site: [workspace / site / "log.txt"] for site in cfg.sites})
     summary = evaluate_run(cfg, run_dir, collected, he_key=he_key)
     summary.update(wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
     write_json(run_dir / "metrics.json", summary)
@@ -154,6 +160,63 @@ def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path, append_lo
     return {"local_sites": sorted(local), "cse": cse if cse.is_file() else None}
 
 
+class RunFailed(SimulationError):
+    """Rounds ran without the contributions they need; metrics.json says which and why."""
+
+
+def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[Path]]) -> None:
+    """Every round needs --min-clients accepted updates (all sites by default; a site scheduled away
+    is not expected), as the round log records them. NVFlare goes on to the next round, and ends
+    the job 'successfully', when a round's updates were all refused or every site crashed.
+    Otherwise writes metrics.json with the short rounds and each failing site's error, and raises."""
+    import json
+
+    accepted: dict[int, set[str]] = {r: set() for r in range(cfg.rounds)}
+    log = run_dir / "models" / "rounds" / "round_log.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if entry.get("accepted") and entry.get("round") in accepted:
+            accepted[entry["round"]].add(entry.get("site"))
+    plan = check_schedule(cfg.schedule or {}, cfg.sites, cfg.rounds)
+    short = {}
+    for r, sites in accepted.items():
+        present = [s for s in cfg.sites if r in plan[s]]
+        needed = max(1, min(cfg.min_clients or len(cfg.sites), len(present)))
+        if len(sites) < needed:
+            short[r] = {"accepted": sorted(sites), "needed": needed, "missing": sorted(set(present) - sites)}
+    if not short:
+        return
+    failing = sorted({s for entry in short.values() for s in entry["missing"]})
+    errors = {site: site_error(site_logs.get(site, [])) for site in failing}
+    first = min(short)
+    message = (f"{len(short)} of {cfg.rounds} rounds lacked the updates they need (round {first}: "
+               f"{len(short[first]['accepted'])} of {short[first]['needed']} accepted); "
+               + "; ".join(f"{site}: {err}" for site, err in errors.items())
+               + f"; see {run_dir / 'metrics.json'} and the site logs")
+    write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "short_rounds": short,
+                                          "site_errors": errors, "task": cfg.task, "sites": cfg.sites})
+    raise RunFailed(message)
+
+
+# The last line of a Python traceback or a client's own exit message.
+ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception|Exit)|cxrfl client[^:]*): .+")
+
+
+def site_error(logs: list[Path]) -> str:
+    """The first error a site's logs name, in one line (else where to look)."""
+    for log in logs:
+        if not log.is_file():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if ERROR_LINE.match(line.strip()):
+                return " ".join(line.split())[:300]
+    where = ", ".join(str(p) for p in logs) or "its log"
+    return f"no update accepted and no error in {where} (rejected by the server? see its log)"
+
+
 def _append_lines(source: Path, target: Path, keep=lambda entry: True) -> None:
     """Append a JSON-lines file's entries that `keep` accepts to another, rewritten atomically."""
     import json
@@ -175,15 +238,20 @@ ROUND_FILE = re.compile(r"global_round_(\d+)\.pt$")
 
 def last_complete_round(folder: Path) -> tuple[int, dict] | tuple[None, None]:
     """The last round whose global model file is readable, with its contents (a copy into the run
-    folder cut by a kill is not)."""
+    folder cut by a kill is not). A round file that would run code when loaded stops the resume
+    (SimulationError naming it): it is not ours, so the folder is not to be trusted."""
+    from lightning_modules.weights import UnsafeFileError, read_model_file
+
     rounds = sorted((int(m.group(1)), f) for f in folder.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name)))
     for number, path in reversed(rounds):
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            saved["model"]
-            return number, saved
-        except Exception:  # noqa: BLE001 - an unreadable file is simply not a complete round
+            saved = read_model_file(path)
+        except UnsafeFileError as exc:
+            raise SimulationError(str(exc)) from None
+        except ValueError:  # an unreadable file is simply not a complete round
             continue
+        if saved.kind == "nvflare":
+            return number, {"model": saved.state, "meta": saved.info}
     return None, None
 
 
@@ -202,7 +270,8 @@ def prepare_resume(run_dir: Path, interrupted: Path | None) -> FLConfig:
     if not config_file.is_file():
         raise SimulationError(f"{run_dir}: no config.json, so not a run folder to resume")
     if (run_dir / "metrics.json").is_file():
-        raise SimulationError(f"{run_dir}: this run finished (metrics.json exists); nothing to resume")
+        ended = "failed" if '"failed"' in (run_dir / "metrics.json").read_text() else "finished"
+        raise SimulationError(f"{run_dir}: this run {ended} (see its metrics.json); nothing to resume: start a new run")
     fields = {f.name for f in dataclasses.fields(FLConfig)}
     try:
         cfg = FLConfig(**{k: v for k, v in json.loads(config_file.read_text()).items() if k in fields})
@@ -260,8 +329,10 @@ def _local_models(folder: Path, sites: list[str]) -> dict:
 
 
 def load_state(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}
+    """The tensors of a global or local model file of a run, read without running code from it."""
+    from lightning_modules.weights import read_model_file
+
+    return {k: torch.as_tensor(v) for k, v in read_model_file(path).state.items()}
 
 
 def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | None = None) -> dict:
@@ -309,8 +380,11 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
         matrix.setdefault(name, {})["test"] = metrics
     write_json(run_dir / "cross_site.json", {"key_metric": cfg.key_metric, "matrix": matrix})
     _write_matrix_csv(run_dir / "cross_site.csv", matrix, cfg)
-    return {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
-            "test": test_metrics.get(main, {}), "test_by_model": test_metrics}
+    summary = {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
+               "test": test_metrics.get(main, {}), "test_by_model": test_metrics}
+    if None in summary["test"].values():  # e.g. AUROC on a test set of one class
+        summary["undefined_reason"] = undefined_reason(cfg.classes, dm.class_counts("test") if cfg.classes else None)
+    return summary
 
 
 def select_global_model(cfg: FLConfig, candidates: dict, matrix: dict) -> str:
@@ -369,4 +443,4 @@ def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_
     results = trainer.test(module, datamodule=dm, verbose=False)[0]
     if predictions_dir is not None and cfg.kind == "classify":
         write_test_predictions(predictions_dir / "test_predictions.csv", module, cfg.classes)
-    return {k: float(v) for k, v in results.items()}
+    return {k: finite_or_none(v) for k, v in results.items()}

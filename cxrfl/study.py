@@ -109,6 +109,7 @@ def run_study(config: dict, out: Path, log=print) -> list[dict]:
     central_dir = out / "central"
     if not (central_dir / "metrics.json").is_file():
         log(f"[study] central baseline -> {central_dir}")
+        _set_aside_unfinished(central_dir, log)
         _central(config, pool, central_dir)  # the union of the same training data
     else:
         log("[study] central baseline: done, skipped")
@@ -118,6 +119,7 @@ def run_study(config: dict, out: Path, log=print) -> list[dict]:
         run_dir = out / spec["id"]
         if not (run_dir / "metrics.json").is_file():
             log(f"[study] {spec['id']}")
+            _set_aside_unfinished(run_dir, log)
             data = split_for(pool, spec["sites"], out, base.get("seed", 0))
             cfg = FLConfig(task=config.get("task", "classify"), data_root=str(data.absolute()),
                            sites=[f"site-{i + 1}" for i in range(spec["sites"])], rounds=spec["rounds"],
@@ -134,6 +136,16 @@ def run_study(config: dict, out: Path, log=print) -> list[dict]:
         rows.append(_row(spec["id"], summary.get("test", {}), summary["wall_seconds"], critical, spec, central))
     write_table(rows, out)
     return rows
+
+
+def _set_aside_unfinished(run_dir: Path, log) -> None:
+    """An interrupted run is redone in a fresh folder; what it wrote is kept beside it."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        n = 1
+        while (aside := run_dir.with_name(f"{run_dir.name}.unfinished-{n}")).exists():
+            n += 1
+        run_dir.rename(aside)
+        log(f"[study] {run_dir.name}: unfinished earlier attempt kept in {aside.name}")
 
 
 def _central(config: dict, data: Path, run_dir: Path) -> None:

@@ -45,6 +45,22 @@ def compute_metrics(metrics: torchmetrics.MetricCollection) -> dict[str, torch.T
     return values
 
 
+def undefined_as_nan(values: dict, target: torch.Tensor, num_classes: int, prefix: str) -> dict:
+    """Metrics the labels cannot define set to NaN (reported as n/a), where torchmetrics returns
+    0 with a warning: AUROC without both classes; for two classes, sensitivity without positives,
+    specificity without negatives, and the balanced accuracy of either."""
+    present = set(target.unique().tolist())
+    nan = torch.tensor(float("nan"))
+    undefined = []
+    if len(present) < 2:
+        undefined.append("auroc")
+    if num_classes == 2 and 1 not in present:
+        undefined += ["sensitivity", "balanced_acc", "f1"]
+    if num_classes == 2 and 0 not in present:
+        undefined += ["specificity", "balanced_acc"]
+    return {k: (nan if k.removeprefix(prefix) in undefined else v) for k, v in values.items()}
+
+
 def bootstrap_auroc(probs: torch.Tensor, target: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of AUROC by resampling the whole test set (torchmetrics'
     BootStrapper resamples within each batch, which is not the test-set bootstrap)."""
@@ -132,10 +148,10 @@ class CXRClassifier(pl.LightningModule):
         self.test_outputs["probs"].append(torch.softmax(logits.float(), dim=1).cpu())
 
     def on_test_epoch_end(self):
-        self.log_dict(compute_metrics(self.test_metrics))
-        self.test_metrics.reset()
         target = torch.cat(self.test_outputs["target"])
         probs = torch.cat(self.test_outputs["probs"])
+        self.log_dict(undefined_as_nan(compute_metrics(self.test_metrics), target, self.hparams.num_classes, "test_"))
+        self.test_metrics.reset()
         if self.hparams.bootstrap:
             low, high = bootstrap_auroc(probs[:, 1] if self.binary else probs, target, self.hparams.bootstrap)
             self.log_dict({"test_auroc_ci_low": low, "test_auroc_ci_high": high})

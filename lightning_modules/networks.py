@@ -11,6 +11,20 @@ CLASSIFIERS = ("densenet121", "cnn5")
 # The last feature maps before global pooling: where Grad-CAM reads activations and gradients.
 CAM_LAYERS = {"densenet121": "class_layers.relu", "cnn5": "features.20"}
 SEGMENTERS = ("unet", "flexunet-b4")
+# Input sides each network takes: (smallest, must be a multiple of). DenseNet121 and CNN5 pool
+# down to one pixel before global pooling; the U-Nets' skip connections need sides that halve
+# evenly at every level (4 strides of 2 for our U-Net, 5 for the EfficientNet encoder).
+INPUT_SIDES = {"densenet121": (32, 1), "cnn5": (16, 1), "unet": (32, 16), "flexunet-b4": (32, 32)}
+MAX_INPUT_SIDE = 2048
+
+
+def input_size_problem(name: str, size: int) -> str | None:
+    """Why `size` x `size` inputs do not fit network `name`, or None when they do."""
+    smallest, multiple = INPUT_SIDES[name]
+    if size < smallest or size > MAX_INPUT_SIDE or size % multiple:
+        rule = f"a multiple of {multiple} from {smallest}" if multiple > 1 else f"from {smallest}"
+        return f"--image-size {size} does not fit {name}: use {rule} to {MAX_INPUT_SIDE} px"
+    return None
 
 
 class CNN5(nn.Module):

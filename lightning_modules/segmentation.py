@@ -15,7 +15,7 @@ from monai.utils import convert_to_tensor
 
 from lightning_modules.data.transforms import normalize_image
 from lightning_modules.networks import build_segmenter
-from lightning_modules.weights import load_weights
+from lightning_modules.weights import load_weights, read_model_file
 
 
 def _run_config(weights: Path) -> dict:
@@ -87,35 +87,41 @@ class LungSegmentation(pl.LightningModule):
     def from_checkpoint(cls, path, arch: str | None = None, map_location="cpu") -> "LungSegmentation":
         """The one loader of a segmentation weights file, for sites, central runs and `cxrfl.models`:
         a Lightning checkpoint (central runs), an NVFlare persistor/round file (`{"model": state_dict}`,
-        federated runs) or a `cxrfl export-model` file. The network is `arch` if given, else the
-        one the file names (Lightning, export) or its run's config.json does, else a U-Net."""
-        path = Path(path)
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable PyTorch file ({exc})") from None
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"{path}: not a segmentation checkpoint (expected a Lightning, NVFlare or exported model file)")
+        federated runs) or a `cxrfl export-model` file, read without running code from it
+        (lightning_modules/weights.py). The network is `arch` if given, else the one the file names
+        (Lightning, export) or its run's config.json does, else a U-Net. ValueError (one line, naming
+        the file) for anything else, a classifier's weights included."""
+        model = read_model_file(path, map_location)
         threshold = 0.5
-        if "state_dict" in ckpt and "hyper_parameters" in ckpt:  # Lightning
-            state, arch = ckpt["state_dict"], arch or ckpt["hyper_parameters"].get("arch")
-            threshold = ckpt["hyper_parameters"].get("threshold", threshold)
-        elif "format" in ckpt and "state_dict" in ckpt:  # cxrfl export-model
-            if ckpt.get("task") != "segment":
-                raise ValueError(f"{path}: an exported {ckpt.get('task')!r} model, not a segmenter")
-            state, arch, threshold = ckpt["state_dict"], arch or ckpt.get("model"), ckpt.get("threshold", threshold)
-        elif isinstance(ckpt.get("model"), dict):  # NVFlare
-            state, arch = ckpt["model"], arch or _run_config(path).get("model")
-        else:
-            raise ValueError(f"{path}: holds no segmentation state_dict")
-        return cls.from_state_dict(state, arch, threshold=threshold, source=path)
+        if model.kind == "lightning":
+            if "arch" not in model.info and "num_classes" in model.info:
+                raise ValueError(f"{model.path}: a classifier's checkpoint, not a segmenter")
+            arch, threshold = arch or model.info.get("arch"), model.info.get("threshold", threshold)
+        elif model.kind == "export":
+            if model.info.get("task") != "segment":
+                raise ValueError(f"{model.path}: an exported {model.info.get('task')!r} model, not a segmenter")
+            arch, threshold = arch or model.info.get("model"), model.info.get("threshold", threshold)
+        else:  # NVFlare
+            config = _run_config(model.path)
+            if config.get("task") not in (None, "segment"):
+                raise ValueError(f"{model.path}: a model of a {config['task']!r} run, not a segmenter")
+            arch = arch or config.get("model")
+        if not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"{model.path}: threshold {threshold!r} is not a probability between 0 and 1")
+        if arch is not None and not isinstance(arch, str):
+            raise ValueError(f"{model.path}: network name {arch!r} is not a name")
+        return cls.from_state_dict(model.state, arch, threshold=float(threshold), source=model.path)
 
     @classmethod
     def from_state_dict(cls, state: dict, arch: str | None = None, threshold: float = 0.5,
                         source="weights") -> "LungSegmentation":
         """A segmenter in eval mode with `state` loaded; errors name `source` and what does not fit."""
         arch = arch or "unet"
-        return load_weights(cls(arch=arch, threshold=threshold), state, source, f"a {arch!r} segmentation network")
+        try:
+            module = cls(arch=arch, threshold=threshold)
+        except ValueError as exc:  # an unknown network name
+            raise ValueError(f"{source}: {exc}") from None
+        return load_weights(module, state, source, f"a {arch!r} segmentation network")
 
     def mask_predictor(self, threshold: float | None = None):
         """predict_masks with a fixed threshold: the MaskPredictor the data module and predict take."""

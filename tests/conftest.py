@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import stat
 import sys
 from pathlib import Path
 
@@ -35,11 +37,50 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
+def _holds_secret_key(path: Path) -> bool:
+    """By content: a PEM private key (also inside JSON, as in NVFlare's state/cert.json), or a
+    TenSEAL context with its secret key; by name: *.key."""
+    if path.suffix == ".key":
+        return True
+    if path.stat().st_size > 16 * 2**20:
+        return False
+    data = path.read_bytes()
+    if PEM_PRIVATE_KEY.search(data):
+        return True
+    if path.suffix == ".tenseal":
+        import tenseal as ts
+
+        try:
+            return ts.context_from(data).is_private()
+        except Exception:
+            return path.name == "client_context.tenseal"
+    return False
+
+
+def readable_private_keys(folder: Path) -> list[str]:
+    """Every file under `folder` holding a private or secret key that is not 0600 in a 0700 folder
+    (group or others may read it, or enter its folder), as "MODE FOLDER_MODE PATH"; [] if none."""
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if path.is_symlink() or not path.is_file() or not _holds_secret_key(path):
+                continue
+            mode, folder_mode = stat.S_IMODE(path.stat().st_mode), stat.S_IMODE(path.parent.stat().st_mode)
+            if mode & 0o077 or folder_mode & 0o077:
+                found.append(f"{mode:o} {folder_mode:o} {path}")
+    return sorted(found)
+
+
 @contextlib.contextmanager
 def running_poc(base, sites: int = 2, he: bool = False, heartbeat_timeout: float = 60):
     """A POC (server + `sites` hospitals) on a free local port with its own HOME; always torn down.
 
-    Yields (state, data root). After it: no POC process is left and the workspace is gone.
+    Yields (state, data root). Its key files are private to their owner. After it: no POC process
+    is left and the workspace is gone (`poc down` never fails for a slow shutdown).
     """
     from cxrfl.poc import poc_down, poc_up, workspace_processes
 
@@ -50,9 +91,13 @@ def running_poc(base, sites: int = 2, he: bool = False, heartbeat_timeout: float
     generate_dataset(data, sites=sites, per_site=16, test_size=8, size=32, seed=1)
     workspace = base / "ws"
     try:
-        yield poc_up(workspace, sites, data, he=he, heartbeat_timeout=heartbeat_timeout), data
+        # generous: on a busy machine the sites take a while to connect
+        state = poc_up(workspace, sites, data, he=he, heartbeat_timeout=heartbeat_timeout, connect_timeout=400)
+        assert readable_private_keys(workspace) == []
+        yield state, data
     finally:
-        poc_down(workspace, clean=True)
+        if workspace.exists():  # poc_up removes what it made when provisioning fails
+            poc_down(workspace, clean=True)
         patch.undo()
     assert workspace_processes(workspace) == []
     assert not workspace.exists()

@@ -64,6 +64,8 @@ def test_central_classification_beats_chance_with_wandb_offline(synthetic_root, 
     assert len(rows) == metrics["num_test"] == 60
     assert all(abs(float(r["p_normal"]) + float(r["p_pneumonia"]) - 1) < 1e-4 for r in rows)
     assert list((run / "wandb").glob("offline-run-*"))
+    for f in (run / "wandb").rglob("*"):  # W&B gets metrics and the configuration, never the data's path
+        assert not f.is_file() or str(synthetic_root).encode() not in f.read_bytes(), f
 
 
 @pytest.mark.parametrize("argv,message", [

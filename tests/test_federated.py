@@ -134,7 +134,7 @@ def test_tracking_gets_metrics_but_no_image_file_or_patient_id(classify_run, fl_
     for site in ("site-1", "site-2"):
         for record in read_manifest(fl_root / site / "manifest.csv"):
             identifiers |= {Path(record.image).name, record.patient_id}
-    identifiers = {i for i in identifiers if len(i) >= 6}
+    identifiers = {i for i in identifiers if len(i) >= 6} | {str(fl_root)}  # nor the data root's path
     tracked = [f for folder in ("tb", "wandb") for f in (classify_run / folder).rglob("*") if f.is_file()]
     assert any("wandb" in str(f) for f in tracked)
     for f in tracked:
@@ -190,7 +190,9 @@ def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["segmenter"] == str(segmenter) and config["roi"] == "crop"
     client_config = (run / "job" / "cxrfl_roi" / "app" / "config" / "config_fed_client.json").read_text()
-    assert "--segmenter" in client_config and "--roi crop" in client_config
+    assert "--segmenter segmenter.pt" in client_config and "--roi crop" in client_config
+    assert str(segmenter) not in client_config  # the segmenter travels as a file in the job
+    assert (run / "job" / "cxrfl_roi" / "app" / "custom" / "segmenter.pt").is_file()
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["selected_model"] == "global_final"  # one round: NVFlare selects no best model
     assert 0 <= summary["test"]["test_auroc"] <= 1
@@ -199,11 +201,11 @@ def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
 
 def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_path, monkeypatch):
     """Also a failure drill: site-2 sends NaN weights in round 1; the server refuses that update with
-    its reason logged and the round goes on with site-1 (FedOpt's weight differences, too)."""
+    its reason logged and, with --min-clients 1, the round goes on with site-1 (FedOpt's weight differences, too)."""
     monkeypatch.setenv("CXRFL_FAULT_DRILL", "site-2:nan@1")
     run = tmp_path / "yogi"
     assert main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
-                 "--aggregation", "fedyogi", "--server-lr", "0.01", "--no-cross-site-eval",
+                 "--min-clients", "1", "--wait-after-min-clients", "120", "--aggregation", "fedyogi", "--server-lr", "0.01", "--no-cross-site-eval",
                  "--out", str(run)] + COMMON) == 0
     server = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
     client = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
@@ -257,11 +259,13 @@ def test_federated_arguments_fail_fast(fl_root, capsys):
 
 
 def test_client_without_site_data_names_the_missing_path(fl_root):
-    from app_custom.cxrfl_client import parse_args, site_data_module
+    from app_custom.cxrfl_client import SiteConfigError, parse_args, site_data_module
 
-    args = parse_args(["--task", "classify", "--data-root", str(fl_root)])
-    with pytest.raises(SystemExit, match=r"site-7.*manifest\.csv does not exist"):
-        site_data_module(args, "site-7")
+    args = parse_args(["--task", "classify"])
+    with pytest.raises(SiteConfigError, match=r"site-7.*manifest\.csv does not exist"):
+        site_data_module(args, "site-7", Path("local/cxrfl_site.json"), {"data_root": str(fl_root)})
+    with pytest.raises(SiteConfigError, match=r"no data configured"):
+        site_data_module(args, "site-1", None, {})
 
 
 @pytest.mark.parametrize("task", ["segment", "classify", "roi"])
@@ -292,8 +296,8 @@ def test_client_uses_the_job_classes_even_when_its_site_lacks_one(fl_root, tmp_p
     write_manifest(root / "site-1" / "manifest.csv", rows)
     from urllib.parse import quote
 
-    args = parse_args(["--task", "classify", "--data-root", str(root), "--classes", quote('["normal", "pneumonia"]')])
-    dm = site_data_module(args, "site-1")
+    args = parse_args(["--task", "classify", "--classes", quote('["normal", "pneumonia"]')])
+    dm = site_data_module(args, "site-1", root / "local.json", {"data_dir": str(root / "site-1")})
     assert dm.classes == ["normal", "pneumonia"] and dm.class_counts("train")[0] == 0
 
 
@@ -303,9 +307,8 @@ def test_client_arguments_survive_nvflare_splitting_on_spaces():
 
     cfg = FLConfig(classes=["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"], data_root="/data/x")
     args = parse_args(cfg.client_args().split(" "))  # what NVFlare's in-process runner does
-    assert args.classes == cfg.classes and args.data_root == "/data/x" and args.task == "classify"
-    with pytest.raises(ValueError, match="without spaces"):
-        FLConfig(data_root="/my data").client_args()
+    assert args.classes == cfg.classes and args.task == "classify"
+    assert "/data/x" not in cfg.client_args()  # sites read their data folder from their own configuration
 
 
 def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
@@ -349,6 +352,9 @@ def test_he_job_runs_in_the_simulator_and_a_site_key_decrypts_the_result(fl_root
     from cxrfl.models import load_classifier
 
     assert load_classifier(run).source.endswith("decrypted/global_best.pt")  # predict takes the decrypted model
+    from conftest import readable_private_keys
+
+    assert readable_private_keys(run) == []  # the secret-key context, in every site's copy: 0600 in 0700
 
 
 def test_federated_runs_load_for_predict_like_central_ones(classify_run, fl_root, tmp_path):

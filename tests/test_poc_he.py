@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 import torch
-from conftest import running_poc
+from conftest import readable_private_keys, running_poc
 
 from app_custom.he_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
 from cxrfl.cli import main
@@ -60,6 +60,8 @@ def test_server_holds_only_ciphertexts_and_no_secret_key(he_run):
     # the coordinator's copy, decrypted with a site's key (all kits are on this machine), is what was tested
     assert (he_run["run"] / "models" / "decrypted" / "global_final.pt").is_file()
     assert 0.0 <= summary["test"]["test_auroc"] <= 1.0
+    # after a job: every private key (TLS, root CA in state/cert.json, HE secret contexts) 0600 in 0700
+    assert readable_private_keys(Path(he_run["state"]["workspace"])) == []
 
 
 def test_decrypted_aggregate_is_the_sample_weighted_mean(he_run):

@@ -77,7 +77,7 @@ def test_a_site_that_drops_out_comes_back_and_one_that_dies_mid_round(poc3, tmp_
     run = tmp_path / "run"
     started = time.time()
     assert main(["poc", "wait", job_id, "--workspace", ws, "--out", str(run), "--timeout", "600"]) == 0
-    assert time.time() - started < 240  # not NVFlare's default 10-minute wait for the dead site
+    assert time.time() - started < 480  # not NVFlare's default 10-minute wait for the dead site (busy machine: slack)
     assert f"Client {dead} is deemed disconnected" in (run / "download" / "workspace" / "log.txt").read_text()
     log = _round_log(run)
     fresh = {e["round"]: e["fresh"] for e in log if e.get("global_model")}
@@ -95,7 +95,7 @@ def test_a_killed_site_rejoins_the_next_job_and_a_killed_server_job_resumes(poc3
     ws, kits = state["workspace"], Path(state["kits"])
     site = state["sites"][1]
     send_signal(workspace_processes(kits / site), signal.SIGKILL)  # dead, whether or not the test above ran
-    _wait_for(lambda: workspace_processes(kits / site) == [], 30, "the site's processes to end")
+    _wait_for(lambda: workspace_processes(kits / site) == [], 120, "the site's processes to end")
     assert main(["poc", "restart", site, "--workspace", ws]) == 0
 
     job_id = _submit(state, data, "--rounds", "4", "--no-cross-site-eval")  # every site must take part

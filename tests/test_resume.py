@@ -5,7 +5,9 @@ twice in the round log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,10 +37,13 @@ def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, cap
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
     finally:
-        # every process naming the run folder: the simulator's site workers run in sessions of
-        # their own, so a process group kill alone would miss them (never this test's own process)
-        send_signal(workspace_processes(run), signal.SIGKILL)
-        proc.wait()
+        # every process at once: `cxrfl sim` and its group, and the simulator's processes, whose site
+        # workers run in sessions of their own (a process group kill alone would miss them)
+        simulator = workspace_processes(run)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        send_signal(simulator, signal.SIGKILL)
+        proc.wait(timeout=60)
     config = (run / "config.json").read_text()
     done_before = {f.name: sha256_of(f) for f in rounds.glob("global_round_*.pt")}
     assert "global_round_003.pt" not in done_before and not (run / "metrics.json").exists()

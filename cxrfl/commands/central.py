@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -13,13 +12,17 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from cxrfl.commands.options import add_training_options, positive_int, resolve_data_root
-from cxrfl.runs import AtomicCheckpointIO, RunDirError, new_run_dir, save_config, write_test_predictions
+from cxrfl.commands.options import (add_training_options, non_negative_int, positive_int, probability,
+                                    resolve_data_root)
+from cxrfl.runs import (WANDB_PRIVATE_SETTINGS, AtomicCheckpointIO, RunDirError, finite_or_none, new_run_dir, print_test_metrics, save_config,
+                        undefined_reason, write_test_predictions)
 from lightning_modules.factory import build_module
+from lightning_modules.data.check import refuse_leakage
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import ManifestError, write_json
 from lightning_modules.data.transforms import ROI_MODES
-from lightning_modules.networks import CLASSIFIERS, SEGMENTERS
+from lightning_modules.factory import DEFAULT_MODEL
+from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
 from lightning_modules.segmentation import LungSegmentation
 
 # Best-model selection uses the sites' validation splits only, never the test set.
@@ -46,12 +49,12 @@ def add_parser(subparsers) -> None:
                    "is given alone), 'crop' crops to the lungs' bounding box")
     p.add_argument("--segmenter", type=Path, default=None, metavar="CKPT",
                    help="with --roi: predict lung masks with this segmentation checkpoint (default: ground-truth masks)")
-    p.add_argument("--roi-threshold", type=float, default=0.5,
+    p.add_argument("--roi-threshold", type=probability, default=0.5,
                    help="with --roi: lung probability above which a pixel counts as lung (default 0.5)")
     p.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
                    help="cross-entropy class weights from training label counts (default balanced)")
-    p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement (0: off)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many images per split (quick checks)")
+    p.add_argument("--patience", type=non_negative_int, default=0, help="stop after this many epochs without improvement (0: off)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per split (quick checks)")
     add_training_options(p, image_size=128, batch_size=16, lr=1e-3)
     p.set_defaults(func=run)
 
@@ -68,24 +71,35 @@ def validate_args(args) -> str | None:
         return f"--model {args.model!r} is not a {args.task} network; choose one of {', '.join(valid)}"
     if not 0 < args.roi_threshold < 1:
         return "--roi-threshold must be between 0 and 1"
+    if args.segmenter is not None:
+        try:  # read (safely) and fitted to its network now: a wrong file stops before a run folder exists
+            LungSegmentation.from_checkpoint(args.segmenter)
+        except ValueError as exc:
+            return f"--segmenter {exc}"
     return None
 
 
+def input_problem(args) -> str | None:
+    """What does not fit the chosen network, found before anything starts."""
+    return input_size_problem(args.model or DEFAULT_MODEL[args.task], args.image_size)
+
+
 def run(args) -> int:
-    problem = validate_args(args)
+    problem = validate_args(args) or input_problem(args)
     if problem:
         print(f"cxrfl central: {problem}", file=sys.stderr)
         return 2
     try:
         data_root = resolve_data_root(args.data)
+        if not args.allow_leakage:  # a contaminated test set or split: refused before anything is written
+            refuse_leakage(data_root)
         run_dir = new_run_dir(args.out, f"central-{args.task}")
         metrics = train_central(args, data_root, run_dir)
     except (ManifestError, RunDirError) as exc:
         print(f"cxrfl central: {exc}", file=sys.stderr)
         return 2
     print(f"\nrun folder: {run_dir}")
-    for key in sorted(k for k in metrics["test"]):
-        print(f"  {key:>24}: {metrics['test'][key]:.4f}")
+    print_test_metrics(metrics["test"], metrics.get("undefined_reason", ""))
     return 0
 
 
@@ -96,7 +110,7 @@ def _loggers(args, run_dir: Path) -> list:
 
         offline = not os.environ.get("WANDB_API_KEY")
         loggers.append(WandbLogger(project="cxr-fl", name=run_dir.name, save_dir=str(run_dir), offline=offline,
-                                   job_type=f"central-{args.task}"))
+                                   job_type=f"central-{args.task}", settings=WANDB_PRIVATE_SETTINGS))
     return loggers
 
 
@@ -138,24 +152,17 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
         "model": module.hparams.get("model") or module.hparams.get("arch"),
         "roi": args.roi,
         "monitor": monitor,
-        "best_val": _finite(checkpoint.best_model_score),
+        "best_val": finite_or_none(checkpoint.best_model_score),
         "best_checkpoint": str(Path(best).relative_to(run_dir)) if best else None,
         "epochs_run": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2),
         "num_train": dm.num_train_samples,
         "num_test": len(dm.items["test"]),
-        "test": {k: _finite(v) for k, v in test_results.items()},
+        "test": {k: finite_or_none(v) for k, v in test_results.items()},
     }
+    if None in metrics["test"].values():  # e.g. AUROC on a test set of one class
+        metrics["undefined_reason"] = undefined_reason(dm.classes, dm.class_counts("test") if dm.classes else None)
     write_json(run_dir / "metrics.json", metrics)
     if args.task == "classify":
         write_test_predictions(run_dir / "test_predictions.csv", module, dm.classes)
     return metrics
-
-
-def _finite(value) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-

@@ -7,16 +7,18 @@ import sys
 from pathlib import Path
 
 from lightning_modules.data.check import check_data, format_report
+from lightning_modules.data.imageio import DECODE_MEMORY_BUDGET
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "check",
-        help="check a data set for bad files, unknown labels and patient leakage",
+        help="check a data set for bad files, unknown labels and leakage (patients or identical files)",
         description=(
             "Check a data root (site folders + test/), a folder with a manifest.csv, or a manifest.csv. "
             "Every image and mask is decoded. Prints one line per problem (ERROR: the set is unusable, "
-            "e.g. patient leakage or a site without usable images; WARNING: a file the loader will skip) "
+            "e.g. leakage: one patient, or byte-identical image files, in two sites or splits or in a site "
+            "and the test set; or a site without usable images; WARNING: a file the loader will skip) "
             "and a summary of usable images per site and split. Exit status: 0 usable, 1 unusable "
             "(or, with --strict, any warning)."
         ),
@@ -28,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--require-mask", action="store_true",
                         help="report rows without a lung mask (needed for the segmentation task)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="threads used to decode images (default: number of CPUs, at most 8)")
+                        help="threads used to decode images (default: number of CPUs, at most 8); however "
+                        f"many, the decodes running at once stay within {DECODE_MEMORY_BUDGET / 1e9:.1f} GB")
     parser.set_defaults(func=run)
     return parser
 

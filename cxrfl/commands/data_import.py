@@ -16,8 +16,10 @@ _EPILOG = "formats and their expected native layout (SRC is read in place, never
     for name in ADAPTERS
 ) + (
     "\n\nwrites OUT/manifest.csv (absolute paths), OUT/dataset.json (classes, source, task_hint) and, where\n"
-    "masks must be combined or rasterised, OUT/masks/*.png. A single missing/unreadable item is skipped\n"
-    "and logged; a broken source (missing folder, CSV column, bad JSON) stops with exit code 2.\n\n"
+    "masks must be combined or rasterised, OUT/masks/*.png. Every image and mask is decoded as\n"
+    "`cxrfl data check` decodes it: an unusable item (missing, truncated, too large, undecodable, a mask\n"
+    "of another size or all zero) is skipped with one line giving the reason `data check` would give;\n"
+    "a broken source (missing folder, CSV column, bad JSON) stops with exit code 2.\n\n"
     "examples:\n"
     "  cxrfl data import kermany ~/chest_xray --out imports/kermany\n"
     "  cxrfl data import rsna ~/rsna --out imports/rsna --classes three\n"

@@ -6,8 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from cxrfl.commands.options import add_training_options, positive_float, positive_int, resolve_data_root
+from cxrfl.commands.options import (add_training_options, non_negative_float, positive_float, positive_int,
+                                    probability, resolve_data_root)
 from cxrfl.fl_job import AGGREGATIONS, TASKS, FLConfig
+from lightning_modules.data.check import refuse_leakage
 from lightning_modules.data.manifest import ManifestError, class_names, load_split, site_dirs
 from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS
@@ -24,11 +26,11 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None, task_req
     g.add_argument("--local-epochs", type=positive_int, default=1, help="local epochs per round (default 1)")
     g.add_argument("--min-clients", type=positive_int, default=None,
                    help="sites that must answer before a round is aggregated (default: all)")
-    g.add_argument("--wait-after-min-clients", type=float, default=0.0, metavar="SECONDS",
+    g.add_argument("--wait-after-min-clients", type=non_negative_float, default=0.0, metavar="SECONDS",
                    help="once --min-clients sites answered, how long a round still waits for the others (default 0); "
                    "with sites that may drop out, set --min-clients below the number of sites and this above the "
                    "spread of the sites' training times")
-    g.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+    g.add_argument("--time-budget", type=non_negative_float, default=0.0, metavar="SECONDS",
                    help="stop a site's local training after this many seconds in a round (0: no limit)")
     g.add_argument("--aggregation", choices=list(AGGREGATIONS), default="fedavg",
                    help="server-side aggregation: FedAvg (sample-weighted mean) or FedOpt with Adam/Yogi/Adagrad")
@@ -52,7 +54,7 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None, task_req
                    help="differential privacy on each site's update (NVFlare privacy filters, applied at the site): "
                    "percentile: share only the largest weight changes, clipped (Shokri & Shmatikov); svt: sparse "
                    "vector technique with Laplace noise")
-    g.add_argument("--dp-percentile", type=float, default=10.0,
+    g.add_argument("--dp-percentile", type=non_negative_float, default=10.0,
                    help="--dp percentile: changes smaller than this percentile are not shared (default 10)")
     g.add_argument("--dp-gamma", type=positive_float, default=None,
                    help="--dp percentile: clip changes to +-gamma (default 0.01); svt: gamma (default 1e-5)")
@@ -73,10 +75,10 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None, task_req
     m.add_argument("--segmenter", type=Path, default=None, metavar="CKPT",
                    help="roi task: lung masks from this segmentation model (a federated run's "
                    "models/global_best.pt or a central best.ckpt); default: ground-truth masks")
-    m.add_argument("--roi-threshold", type=float, default=0.5, help="roi task: lung probability threshold")
+    m.add_argument("--roi-threshold", type=probability, default=0.5, help="roi task: lung probability threshold")
     m.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
                    help="class-weighted cross-entropy from each site's own label counts (default balanced)")
-    m.add_argument("--limit", type=int, default=None, help="use at most this many images per site and split")
+    m.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per site and split")
     add_training_options(p, image_size=128, batch_size=16, lr=1e-3)
 
 
@@ -92,20 +94,27 @@ def config_from_args(args) -> FLConfig:
         raise ValueError(f"--sites {n}: the data root {data_root} has only {len(available)} site folders "
                          f"({', '.join(available)}); lower --sites or split the data into more sites")
     sites = available[:n]
+    if not args.allow_leakage:  # a contaminated test set or split: refused before anything is written
+        try:
+            refuse_leakage(data_root, sites)
+        except ManifestError as exc:
+            raise ValueError(str(exc)) from None
     if args.min_clients and args.min_clients > n:
         raise ValueError(f"--min-clients {args.min_clients} is more than the {n} sites")
     kind = "segment" if args.task == "segment" else "classify"
-    valid = SEGMENTERS if kind == "segment" else CLASSIFIERS
-    if args.model and args.model not in valid:
-        raise ValueError(f"--model {args.model!r} does not fit --task {args.task}; choose one of {', '.join(valid)}")
     if args.segmenter and args.task != "roi":
         raise ValueError("--segmenter applies to --task roi only")
     if args.segmenter and not args.segmenter.is_file():
         raise ValueError(f"--segmenter {args.segmenter}: file not found")
-    if args.time_budget < 0:
-        raise ValueError("--time-budget must be >= 0")
+    if args.segmenter:
+        from lightning_modules.segmentation import LungSegmentation
+
+        try:  # read (safely) and fitted to its network now: a wrong file stops before anything is written
+            LungSegmentation.from_checkpoint(args.segmenter)
+        except ValueError as exc:
+            raise ValueError(f"--segmenter {exc}") from None
     classes = class_names(data_root, (r for _, r in load_split(data_root, "train", sites))) if kind == "classify" else []
-    return FLConfig(
+    cfg = FLConfig(
         task=args.task, data_root=str(data_root.absolute()), sites=sites, rounds=args.rounds,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
         model=args.model, classes=classes, roi=args.roi_mode, roi_threshold=args.roi_threshold,
@@ -118,6 +127,8 @@ def config_from_args(args) -> FLConfig:
         schedule=_schedule(args.schedule), absent_weights=args.absent_weights,
         wait_after_min_clients=args.wait_after_min_clients, dp=args.dp, dp_args=_dp_args(args),
     )
+    cfg.validate()  # before any run folder is made
+    return cfg
 
 
 def _dp_args(args) -> dict | None:

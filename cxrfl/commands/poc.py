@@ -9,7 +9,7 @@ from cxrfl.commands.fl_options import add_fl_options, config_from_args
 from cxrfl.commands.options import positive_int, resolve_data_root
 from cxrfl.poc import (PocError, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait,
                        resumed_run)
-from cxrfl.runs import RunDirError, new_run_dir
+from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics, run_dir_ready
 from cxrfl.simulate import SimulationError
 from lightning_modules.data.manifest import ManifestError
 
@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
         "server, N hospital sites and admins from provision/project.yml (mutual TLS startup kits), starts them "
         "and waits until every site is connected; `submit` exports a job and submits it as the project admin; "
         "`wait` follows it, downloads its results and evaluates them into a run folder like `cxrfl sim`'s; "
-        "`down` stops every process (`--clean` also removes the workspace).",
+        "`down` stops the POC's processes (`--clean` also removes what `up` created). `up` takes a new or empty "
+        "folder, or one holding only an earlier POC (stopped and replaced).",
     )
     sub = p.add_subparsers(dest="poc_command", metavar="{up,submit,wait,restart,down}", required=True)
 
@@ -69,8 +70,13 @@ def add_parser(subparsers) -> None:
     _workspace(restart)
     restart.set_defaults(func=run_restart)
 
-    down = sub.add_parser("down", help="stop every POC process", description="Stop server and sites.")
-    down.add_argument("--clean", action="store_true", help="also delete the POC workspace")
+    down = sub.add_parser("down", help="stop every POC process",
+                          description="Stop server, sites and their job processes: NVFlare's own stop, then the "
+                          "POC's processes that still run (recognised by what they run and their workspace path; "
+                          "nothing else is touched). A folder without the state file `poc up` writes is refused.")
+    down.add_argument("--clean", action="store_true",
+                      help="also remove what `poc up` created in the workspace (the folder too, unless it holds "
+                      "other files); refused for a folder `poc up` did not create")
     _workspace(down)
     down.set_defaults(func=run_down)
 
@@ -118,13 +124,15 @@ def run_submit(args) -> int:
 def run_wait(args) -> int:
     try:
         state = load_state(args.workspace)
-        run_dir = new_run_dir(args.out or resumed_run(state, args.job_id), "poc")
+        continues = resumed_run(state, args.job_id)  # a resumed job adds to its run's folder
+        if continues is not None and args.out is not None and args.out.absolute() != continues:
+            raise PocError(f"job {args.job_id} continues the run in {continues}; wait for it with --out {continues}")
+        run_dir = run_dir_ready(continues) if continues is not None else new_run_dir(args.out, "poc")
         summary = poc_wait(state, args.job_id, run_dir, timeout=args.timeout)
     except (PocError, SimulationError, RunDirError) as exc:
         return _fail(exc)
     print(f"job {args.job_id}: {summary['status']}; run folder: {run_dir}")
-    for key, value in sorted(summary["test"].items()):
-        print(f"  {key:>24}: {value:.4f}")
+    print_test_metrics(summary["test"], summary.get("undefined_reason", ""))
     return 0
 
 
@@ -138,9 +146,14 @@ def run_restart(args) -> int:
 
 
 def run_down(args) -> int:
+    if not args.workspace.exists():
+        print(f"nothing to stop: {args.workspace} does not exist")
+        return 0
     try:
-        poc_down(args.workspace, clean=args.clean)
+        notes = poc_down(args.workspace, clean=args.clean)
     except PocError as exc:
         return _fail(exc)
-    print("POC stopped" + (" and removed" if args.clean else ""))
+    for note in notes:  # NVFlare's stop failed and the processes were stopped directly; files kept
+        print(f"cxrfl poc: {note}", file=sys.stderr)
+    print("POC stopped" + (" and removed" if args.clean and not args.workspace.exists() else ""))
     return 0

@@ -54,7 +54,7 @@ def run_export_model(args) -> int:
 
     try:
         info = export_model(args.source, args.out)
-    except ModelLoadError as exc:
+    except (ModelLoadError, OSError) as exc:  # OSError: --out not writable
         print(f"cxrfl export-model: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info))

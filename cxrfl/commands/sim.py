@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from cxrfl.commands.fl_options import add_fl_options, config_from_args
-from cxrfl.runs import RunDirError, new_run_dir
+from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics
 from cxrfl.simulate import SimulationError, resume_simulation, run_simulation
 from lightning_modules.data.manifest import ManifestError
 
@@ -49,6 +49,5 @@ def run(args) -> int:
         return 2
     print(f"\nrun folder: {run_dir}  ({summary['wall_seconds']:.0f} s)")
     print(f"test metrics of the {summary['selected_model']} model:")
-    for key, value in sorted(summary["test"].items()):
-        print(f"  {key:>24}: {value:.4f}")
+    print_test_metrics(summary["test"], summary.get("undefined_reason", ""))
     return 0

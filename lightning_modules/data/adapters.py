@@ -14,8 +14,9 @@ Errors. A problem with the source as a whole (a missing folder or CSV, missing C
 unparsable annotation JSON, labels that contradict each other, nothing usable at all) raises
 ``ManifestError`` naming the file and the problem. A single unusable item (a missing, empty or
 unrecognisable image, a missing mask) is skipped and reported through the ``cxrfl.data`` logger
-with one line naming the file and why, so one bad file never aborts an import. Adapters check each
-image's header (cheap); fully decoding every pixel is ``cxrfl data check``'s job.
+with one line naming the file and why, so one bad file never aborts an import. Before the manifest is
+written every kept row is decoded exactly as ``cxrfl data check`` decodes it (image, mask: size,
+emptiness), so import and check give the same verdict and the same one-line reason for a file.
 
 Each adapter returns an ``ImportResult``: a ``list`` of ``Record`` that also carries ``skipped``
 (the (path, reason) pairs of the skipped items).
@@ -32,12 +33,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
+from lightning_modules.data.check import row_problems
 from lightning_modules.data.imageio import (
     RASTER_SUFFIXES,
     ImageReadError,
-    is_dicom,
+    read_header,
     read_mask,
     write_png,
 )
@@ -106,7 +108,11 @@ class _Import:
     def mask_path(self, stem: str) -> Path:
         return self.out / MASK_DIR / f"{stem}.png"
 
-    def finish(self, records: list[Record], classes: list[str], task_hint: str) -> ImportResult:
+    def finish(self, records: list[Record], classes: list[str], task_hint: str, *,
+               optional_masks: bool = False) -> ImportResult:
+        """Decode every row as `data check` does, drop (or, with optional_masks, un-mask) the
+        unusable ones, then write the manifest and dataset.json."""
+        records = self._verify(records, classes, optional_masks)
         if not records:
             if self.skipped:
                 path, reason = self.skipped[0]
@@ -123,40 +129,40 @@ class _Import:
         )
         return ImportResult(records, self.skipped)
 
+    def _verify(self, records: list[Record], classes: list[str], optional_masks: bool) -> list[Record]:
+        kept = []
+        for record, found in zip(records, row_problems(self.out, records, classes or None)):
+            mask = os.path.normpath(record.mask) if record.mask else None
+            if found and optional_masks and all(p.file == mask for p in found):
+                for p in found:
+                    log.warning("%s: mask %s not used: %s", self.fmt, p.file, p.reason)
+                self._drop_created(record.mask)
+                record.mask = ""
+                found = []
+            if not found:
+                kept.append(record)
+                continue
+            self.skip(found[0].file, found[0].reason)
+            for p in found[1:]:
+                log.warning("%s: also %s: %s", self.fmt, p.file, p.reason)
+            self._drop_created(record.mask)
+        return kept
+
+    def _drop_created(self, mask: str) -> None:
+        """Delete a mask this import wrote (under OUT/masks/) for a row it does not keep."""
+        if mask and Path(mask).parent == self.out / MASK_DIR:
+            Path(mask).unlink(missing_ok=True)
+
 
 def _abs(path: str | os.PathLike) -> str:
     return os.path.abspath(path)
 
 
 def probe(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding pixels; ImageReadError if unusable."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageReadError(path, "file does not exist")
-    if not path.is_file():
-        raise ImageReadError(path, "not a regular file")
-    if path.stat().st_size == 0:
-        raise ImageReadError(path, "zero-byte file")
-    if is_dicom(path):
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(path, defer_size=1024)
-        except Exception as exc:  # pydicom raises many types for corrupt files
-            raise ImageReadError(path, f"unreadable DICOM ({exc})") from None
-        if "PixelData" not in ds:
-            raise ImageReadError(path, "DICOM has no pixel data")
-        try:
-            return int(ds.Columns), int(ds.Rows)
-        except (AttributeError, TypeError, ValueError):
-            raise ImageReadError(path, "DICOM has no Rows/Columns") from None
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(path, f"unreadable image ({exc or exc.__class__.__name__})") from None
+    """(width, height) from the file header, without decoding pixels; ImageReadError (with the reason
+    `cxrfl data check` gives) if missing, empty, unrecognised, unreadable or too large."""
+    header = read_header(path)
+    return header.width, header.height
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -391,28 +397,20 @@ def shenzhen(src: str | os.PathLike, out: str | os.PathLike) -> ImportResult:
     mask_dir = next((root / d for d in ("mask", "masks") if (root / d).is_dir()), None)
     if mask_dir is None:
         log.warning("shenzhen: %s has no mask/ folder; importing images without masks", root)
-    records, unmasked = [], 0
-    for path, pid, label, (w, h) in _tb_images(run, root):
+    records = []
+    for path, pid, label, _ in _tb_images(run, root):
         mask = ""
         if mask_dir is not None:
             candidates = [mask_dir / f"{path.stem}_mask.png", mask_dir / path.name, mask_dir / f"{path.stem}.png"]
             found = next((m for m in candidates if m.is_file()), None)
-            if found is not None:
-                try:
-                    size = probe(found)
-                except ImageReadError as exc:
-                    log.warning("shenzhen: mask %s not used: %s", found, exc.reason)
-                else:
-                    if size == (w, h):
-                        mask = _abs(found)
-                    else:
-                        log.warning("shenzhen: mask %s not used: it is %dx%d, image is %dx%d", found, *size, w, h)
-        unmasked += not mask
+            mask = _abs(found) if found is not None else ""
         records.append(Record(image=_abs(path), mask=mask, label=label, patient_id=pid))
+    result = run.finish(records, _TB_CLASSES, "segment", optional_masks=True)  # unusable masks: logged, dropped
+    unmasked = sum(not r.mask for r in result)
     if unmasked and mask_dir is not None:
         log.warning("shenzhen: %d of %d image(s) have no usable mask in %s; kept with an empty mask",
-                    unmasked, len(records), mask_dir)
-    return run.finish(records, _TB_CLASSES, "segment")
+                    unmasked, len(result), mask_dir)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- V7
@@ -631,7 +629,7 @@ def generic_csv(
             try:
                 probe(mask_file)
             except ImageReadError as exc:
-                run.skip(image, f"mask {mask_file}: {exc.reason} ({where})")
+                run.skip(mask_file, f"mask unusable: {exc.reason} ({where})")
                 continue
             mask = _abs(mask_file)
         pid = (row.get(patient_col, "") if patient_col else "") or Path(cell).stem

@@ -7,15 +7,18 @@ a file that passes here also loads in training. It reports one `Problem` per fin
   non-image files; masks that are missing, unreadable, empty or of another size than the image;
   unknown labels; duplicate rows; rows whose split the loader ignores).
 - ``error``: the set is unusable as it stands (unreadable manifest or dataset.json, missing site
-  or test folders, patient leakage across sites or splits, a site or the test set without usable
-  images, fewer than 2 classes among the usable training labels).
+  or test folders, leakage across sites or splits: one patient, or byte-identical image files under
+  different patients, in two places; a site or the test set without usable images, fewer than 2
+  classes among the usable training labels).
 
 `usable_records` is the per-row part, shared with the training data loader so both skip the same
-files for the same reasons.
+files for the same reasons. `refuse_leakage` is the leakage part alone (no decoding), which the
+training commands run before they start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +28,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lightning_modules.data.imageio import ImageReadError, check_file, read_image, read_mask
+from lightning_modules.data.imageio import (
+    DECODE_BUDGET,
+    ImageReadError,
+    check_file,
+    decode_cost,
+    one_line,
+    read_image,
+    read_mask,
+)
 from lightning_modules.data.manifest import (
     DATASET_JSON,
     MANIFEST_NAME,
@@ -99,6 +110,17 @@ def inspect_record(
     row is usable, shared by `data check` and the training loader. Arrays are None when not
     decoded; ``use_masks=False`` ignores the mask and opacity columns (whole-image classification)."""
     folder = Path(folder)
+    if decode:  # the row's image and masks decode under the process-wide memory budget (imageio)
+        columns = ("mask", "opacity") if use_masks else ()
+        paths = [resolve(folder, record.image)] + [resolve(folder, getattr(record, c)) for c in columns]
+        with DECODE_BUDGET.reserve(decode_cost(*paths)):
+            return _inspect_record(folder, record, classes, require_mask, decode, use_masks)
+    return _inspect_record(folder, record, classes, require_mask, decode, use_masks)
+
+
+def _inspect_record(
+    folder: Path, record: Record, classes: Sequence[str] | None, require_mask: bool, decode: bool, use_masks: bool
+) -> tuple[list[Problem], np.ndarray | None, np.ndarray | None]:
     problems: list[Problem] = []
     image_path = resolve(folder, record.image)
     if classes is not None and record.label and record.label not in classes:
@@ -166,15 +188,47 @@ def usable_records(
     absent, or it repeats an earlier row's image. ``decode=False`` only checks that files exist and
     are non-empty (the loader then meets decode errors when it reads them). Order is kept.
     """
-    folder = Path(folder)
-    records = list(records)
+    folder, records = Path(folder), list(records)
+    per_row = _inspect_rows(folder, records, classes, require_mask, decode, workers, digests=False)
+    return _split_usable(folder, records, [found for found, _ in per_row])
+
+
+def row_problems(
+    folder: str | os.PathLike, records: Sequence[Record], classes: Sequence[str] | None = None,
+    require_mask: bool = False, *, workers: int | None = None,
+) -> list[list[Problem]]:
+    """The problems of each row, decoded exactly as `data check` decodes it (for `data import`)."""
+    return [found for found, _ in _inspect_rows(Path(folder), list(records), classes, require_mask, True, workers, False)]
+
+
+def file_digest(path: str | os.PathLike) -> str | None:
+    """sha256 of a file's bytes (streamed), or None when it is missing, empty or unreadable."""
+    try:
+        check_file(path)
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except (ImageReadError, OSError):
+        return None
+
+
+def _inspect_rows(
+    folder: Path, records: list[Record], classes, require_mask: bool, decode: bool, workers: int | None, digests: bool
+) -> list[tuple[list[Problem], str | None]]:
+    """(problems, sha256 of the image file or None) per row, decoded in threads (decoders release
+    the GIL; their memory is bounded by imageio.DECODE_BUDGET, not by the thread count)."""
+
+    def one(record: Record) -> tuple[list[Problem], str | None]:
+        found = check_record(folder, record, classes, require_mask, decode)
+        return found, file_digest(resolve(folder, record.image)) if digests else None
+
     workers = workers or _default_workers()
     if workers > 1 and len(records) > 8:
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # decoders release the GIL
-            per_row = list(pool.map(lambda r: check_record(folder, r, classes, require_mask, decode), records))
-    else:
-        per_row = [check_record(folder, r, classes, require_mask, decode) for r in records]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one, records))
+    return [one(r) for r in records]
 
+
+def _split_usable(folder: Path, records: list[Record], per_row: list[list[Problem]]) -> tuple[list[Record], list[Problem]]:
     ok: list[Record] = []
     problems: list[Problem] = []
     first_row: dict[str, int] = {}
@@ -210,6 +264,86 @@ def _patient_key(folder: Path, record: Record) -> str:
     if record.patient_id:
         return record.patient_id
     return "image " + os.path.normpath(os.path.abspath(resolve(folder, record.image)))
+
+
+def _abs_image(folder: Path, record: Record) -> str:
+    return os.path.normpath(os.path.abspath(resolve(folder, record.image)))
+
+
+def _where(names: set[str]) -> str:
+    if len(names - {TEST_SITE}) > 1:
+        return "in two or more sites"
+    if TEST_SITE in names and len(names) > 1:
+        return "in both a site and the test set"
+    return "in two splits"
+
+
+def leakage_problems(rows: Sequence[tuple[str, Path, Record]], digests: dict[str, str]) -> list[Problem]:
+    """ERRORs for data that would leak between sites, splits or into the test set.
+
+    rows: (location: site name or "test", manifest folder, record) of every row the loader reads;
+    digests: absolute image path -> sha256 of the file. Reported: one patient in two places, and
+    byte-identical image files (whatever their names) in two places under different patients (the
+    same patient is already reported as patient leakage).
+    """
+    problems: list[Problem] = []
+    where: dict[str, dict[tuple[str, str], Path]] = {}
+    copies: dict[str, dict[tuple[str, str], tuple[str, str]]] = {}  # digest -> place -> (image, patient)
+    for name, folder, r in rows:
+        place = (name, r.split or (TEST_SITE if name == TEST_SITE else ""))
+        patient = _patient_key(folder, r)
+        where.setdefault(patient, {}).setdefault(place, folder / MANIFEST_NAME)
+        digest = digests.get(_abs_image(folder, r))
+        if digest is not None:
+            copies.setdefault(digest, {}).setdefault(place, (_shown(resolve(folder, r.image)), patient))
+    for patient, locs in where.items():
+        if len(locs) < 2:
+            continue
+        places = ", ".join(f"{n} ({s or 'no split'})" for n, s in locs)
+        who = f"{patient!r}" if not patient.startswith("image ") else f"with {patient}"
+        problems.append(Problem(str(list(locs.values())[-1]),
+                                f"patient leakage: patient {who} is {_where({n for n, _ in locs})}: {places}", ERROR))
+    for digest, locs in copies.items():
+        if len(locs) < 2 or len({patient for _, patient in locs.values()}) < 2:
+            continue
+        shown = [f"{n} ({s or 'no split'}) {image}" for (n, s), (image, _) in locs.items()]
+        more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+        problems.append(Problem(
+            list(locs.values())[-1][0],
+            f"identical-file leakage: the same file content (sha256 {digest[:12]}) is "
+            f"{_where({n for n, _ in locs})} under different patients: {', '.join(shown[:3])}{more}",
+            ERROR,
+        ))
+    return problems
+
+
+def refuse_leakage(data_root: str | os.PathLike, sites: Sequence[str] | None = None, *, workers: int | None = None) -> None:
+    """Raise ManifestError (one line) when the rows training would read leak between sites, splits or
+    into the test set (see `leakage_problems`); the training commands call this before they start,
+    unless the user passed --allow-leakage. Only hashes the image files (no decoding); manifests
+    that cannot be read are left to the loader, which reports them."""
+    root = Path(data_root)
+    wanted = None if sites is None else set(sites)
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and p.name != TEST_SITE
+                      and (wanted is None or p.name in wanted)), key=lambda p: natural_key(p.name)) if root.is_dir() else []
+    rows: list[tuple[str, Path, Record]] = []
+    for folder, splits in [(f, SITE_SPLITS) for f in folders] + [(root / TEST_SITE, ("", TEST_SITE))]:
+        try:
+            records = read_manifest(folder / MANIFEST_NAME)
+        except ManifestError:
+            continue
+        rows.extend((folder.name, folder, r) for r in records if r.split in splits)
+    paths = sorted({_abs_image(folder, r) for _, folder, r in rows})
+    with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+        digests = {p: d for p, d in zip(paths, pool.map(file_digest, paths)) if d is not None}
+    problems = leakage_problems(rows, digests)
+    if problems:
+        shown = "; ".join(one_line(f"{p.file}: {p.reason}", 240) for p in problems[:2])
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise ManifestError(
+            f"{root}: data leakage, training refused: {shown}{more}; `cxrfl data check {root}` lists every "
+            "problem; pass --allow-leakage to train anyway"
+        )
 
 
 def _load_classes(folders: Sequence[Path], problems: list[Problem]) -> list[str] | None:
@@ -289,7 +423,7 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
     # Per manifest: parse, check rows.
     used: list[tuple[str, Path, Record]] = []  # (location, folder, record) of rows the loader reads
     usable_by_loc: dict[str, list[Record]] = {}
-    seen_images: dict[str, tuple[str, str]] = {}  # abs image path -> (location, patient key)
+    digests: dict[str, str] = {}  # abs image path -> sha256 of its bytes
     for name, manifest, splits in manifests:
         folder = manifest.parent
         try:
@@ -309,8 +443,12 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
                 )
                 continue
             rows.append(r)
-        ok, found = usable_records(folder, rows, classes, require_mask, workers=workers)
+        per_row = _inspect_rows(folder, rows, classes, require_mask, True, workers, digests=True)
+        ok, found = _split_usable(folder, rows, [f for f, _ in per_row])
         problems.extend(found)
+        for r, (_, digest) in zip(rows, per_row):
+            if digest is not None:
+                digests[_abs_image(folder, r)] = digest
         usable_by_loc[name] = ok
         counts: dict[str, list[int]] = {}
         for r in rows:
@@ -322,38 +460,10 @@ def check_data(path: str | os.PathLike, *, workers: int | None = None, require_m
             problems.append(Problem(str(manifest), f"no usable images in {name} ({len(rows)} rows, 0 usable)", ERROR))
         elif splits == SITE_SPLITS and not any(r.split == "train" for r in ok):
             problems.append(Problem(str(manifest), f"no usable training images in {name}", ERROR))
-        for r in rows:
-            used.append((name, folder, r))
-            img = os.path.normpath(os.path.abspath(resolve(folder, r.image)))
-            key = _patient_key(folder, r)
-            if img not in seen_images:
-                seen_images[img] = (name, key)
-            elif seen_images[img][0] != name and seen_images[img][1] != key:
-                # same file under another patient elsewhere (same patient: reported as leakage below)
-                problems.append(
-                    Problem(_shown(resolve(folder, r.image)), f"duplicate image: also listed in {seen_images[img][0]}/{MANIFEST_NAME}")
-                )
+        used.extend((name, folder, r) for r in rows)
 
-    # Patient leakage across sites / splits (the rows the loader reads, usable or not).
-    where: dict[str, dict[tuple[str, str], Path]] = {}
-    for name, folder, r in used:
-        split = r.split or (TEST_SITE if name == TEST_SITE else "")
-        where.setdefault(_patient_key(folder, r), {}).setdefault((name, split), folder / MANIFEST_NAME)
-    for patient, locs in where.items():
-        names = {n for n, _ in locs}
-        if len(locs) < 2:
-            continue
-        if len(names - {TEST_SITE}) > 1:
-            kind = "in two or more sites"
-        elif TEST_SITE in names and len(names) > 1:
-            kind = "in both a site and the test set"
-        else:
-            kind = "in two splits"
-        places = ", ".join(f"{n} ({s or 'no split'})" for n, s in locs)
-        who = f"{patient!r}" if not patient.startswith("image ") else f"with {patient}"
-        problems.append(
-            Problem(str(list(locs.values())[-1]), f"patient leakage: patient {who} is {kind}: {places}", ERROR)
-        )
+    # Leakage across sites / splits (the rows the loader reads, usable or not).
+    problems.extend(leakage_problems(used, digests))
 
     # Enough classes to train a classifier.
     if manifests and all(kind is None for _, _, kind in manifests):

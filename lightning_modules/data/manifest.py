@@ -21,10 +21,11 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from lightning_modules.data.atomic import atomic_path
 
 MANIFEST_NAME = "manifest.csv"
 DATASET_JSON = "dataset.json"
@@ -109,18 +110,14 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temp file, fsync, rename onto `path` (mode from the umask, see atomic.py)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(path: str | os.PathLike, records: Iterable[Record]) -> None:
