@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(BIN)/cxrfl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop (~3 min on 2 cores): everything but the simulator, POC, demo, study and resume runs.
+SLOW_TESTS := federated poc poc_intermittent poc_he demo resume study
+test-fast: install
+	$(BIN)/python -m pytest -q $(foreach t,$(SLOW_TESTS),--ignore=tests/test_$(t).py)
 
 clean:
 	rm -rf $(VENV) runs data *.egg-info

@@ -143,6 +143,20 @@ def test_a_finished_run_with_an_undefined_metric_prints_na_and_exits_0(tiny_root
     assert metrics["test"]["test_auroc"] is None and metrics["test"]["test_acc"] is not None
 
 
+def test_a_simulation_with_an_undefined_test_metric_prints_na_and_exits_0(tiny_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root, root)
+    _one_class_test_set(root)
+    run = tmp_path / "run"
+    assert main(["sim", "--task", "classify", "--rounds", "1", "--no-cross-site-eval", "--data", str(root),
+                 "--out", str(run)] + TINY) == 0
+    assert "test_auroc: n/a (the test set holds only class 'normal')" in capsys.readouterr().out
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["test"]["test_auroc"] is None and summary["test"]["test_loss"] is not None
+
+
 # ---- item 9: a round needs its accepted updates ----------------------------------------------
 def _round_log(run: Path, entries: list[dict]) -> None:
     log = run / "models" / "rounds" / "round_log.jsonl"

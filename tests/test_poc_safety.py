@@ -148,6 +148,19 @@ def _decoys(spawned: Spawned, workspace: Path) -> list[subprocess.Popen]:
             spawned.nvflare("server.server_train", sibling, "-s", "fed_server.json")]  # another POC's server
 
 
+def _wait_until_it_ignores_sigterm(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """A stand-in's interpreter starts slowly on a busy machine: signal it only once its SIGTERM
+    handler is in place (the kernel's ignored-signal mask says so)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+        if ignored & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"stand-in {proc.pid} never ignored SIGTERM")
+
+
 def _descends_from(pid: int, ancestors: set[int]) -> bool:
     while pid > 1:
         if pid in ancestors:
@@ -163,6 +176,7 @@ def test_down_stops_exactly_the_poc_processes_even_when_nvflares_stop_fails(prep
     workspace = Path(prepared["workspace"])
     stand_ins = _stand_ins(spawned, prepared)
     decoys = _decoys(spawned, workspace)
+    _wait_until_it_ignores_sigterm(stand_ins[-1])
     listed = workspace_processes(workspace)
     ours = {p.pid for p in stand_ins}
     assert ours <= set(listed)
