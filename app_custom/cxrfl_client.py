@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--deterministic", action="store_true", help="torch's deterministic algorithms where they exist")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--schedule", type=lambda text: json.loads(unquote(text)), default=None,
                    help="URL-quoted JSON {site: round ranges}: the rounds each listed site takes part in")
@@ -226,7 +227,7 @@ def main(argv=None) -> None:
     trainer = pl.Trainer(max_epochs=args.local_epochs, accelerator=args.accelerator, devices=1,
                          logger=flare.logger(), callbacks=callbacks, enable_checkpointing=False,
                          log_every_n_steps=5, enable_model_summary=False, num_sanity_val_steps=0,
-                         check_val_every_n_epoch=2**31 - 1)
+                         check_val_every_n_epoch=2**31 - 1, deterministic=args.deterministic)
     flare.patch(trainer)
 
     local_params = None  # this site's own model after its last training round

@@ -8,16 +8,22 @@ LightningModule would export with empty arguments).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lightning_modules.networks import build_classifier, build_segmenter
 
 
 class GlobalModel(nn.Module):
-    def __init__(self, task: str = "classify", model: str = "densenet121", num_classes: int = 2):
+    """seed: the initial weights are a function of the run's seed (the same seed, the same starting
+    model, byte for byte), drawn from a forked RNG so the server process's own stream is untouched."""
+
+    def __init__(self, task: str = "classify", model: str = "densenet121", num_classes: int = 2, seed: int = 0):
         super().__init__()
-        self.task, self.model, self.num_classes = task, model, num_classes
-        self.net = build_segmenter(model) if task == "segment" else build_classifier(model, num_classes)
+        self.task, self.model, self.num_classes, self.seed = task, model, num_classes, seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = build_segmenter(model) if task == "segment" else build_classifier(model, num_classes)
 
     def forward(self, x):
         return self.net(x)

@@ -37,10 +37,11 @@ def weighted_mean(contributions: dict[str, tuple[dict, float]]) -> dict:
     if total <= 0:
         raise ValueError("the contributions' weights sum to zero")
     keys = next(iter(contributions.values()))[0].keys()
+    in_site_order = [contributions[site] for site in sorted(contributions)]  # not arrival order: reproducible sums
     mean = {}
     for key in keys:
         acc = None
-        for params, weight in contributions.values():
+        for params, weight in in_site_order:
             value = params[key]
             value = value.double() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float64)
             acc = value * (weight / total) if acc is None else acc + value * (weight / total)

@@ -98,6 +98,7 @@ class FLConfig:
     aggregation: str = "fedavg"
     server_lr: float = 1.0
     seed: int = 0
+    deterministic: bool = False  # torch's deterministic algorithms at every site (slower where they differ)
     class_weights: str = "balanced"
     accelerator: str = "auto"
     limit: int | None = None
@@ -206,6 +207,8 @@ class FLConfig:
                 args += ["--segmenter", JOB_SEGMENTER]
         if self.limit:
             args += ["--limit", self.limit]
+        if self.deterministic:
+            args += ["--deterministic"]
         if self.torch_threads:
             args += ["--torch-threads", self.torch_threads]
         if self.schedule:  # with the job's round count: a resumed job's server counts only the rounds left
@@ -251,7 +254,7 @@ def build_job(cfg: FLConfig, staging: Path) -> BaseFedJob:
     # One model component shared by the persistor and the FedOpt optimizer, so the server
     # optimizer steps from the current global weights.
     model_name = cfg.model or DEFAULT_MODEL[cfg.kind]
-    model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes)), id="model")
+    model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes), seed=cfg.seed), id="model")
     initial_model = None
     if cfg.initial_model:  # a resumed job carries its starting model; the persistor reads it from custom/
         job.add_file_to_server(cfg.initial_model)
@@ -276,7 +279,7 @@ def build_job(cfg: FLConfig, staging: Path) -> BaseFedJob:
                 optimizer_args={"path": optimizer, "args": {"lr": cfg.server_lr}, "config_type": "dict"},
                 source_model=model_id, device="cpu")
             data_kind, transfer = DataKind.WEIGHT_DIFF, TransferType.DIFF
-        if cfg.schedule or cfg.absent_weights == "keep":  # sites come and go: who counts is the point
+        if optimizer is None:  # FedAvg sums the sites' weights in site order, not arrival order: reproducible
             aggregator = SiteAwareFedAvg(keep_absent=cfg.absent_weights == "keep")
         else:
             aggregator = InTimeAccumulateWeightedAggregator(expected_data_kind=data_kind)

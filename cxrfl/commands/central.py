@@ -140,7 +140,7 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=args.patience))
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, logger=_loggers(args, run_dir),
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], log_every_n_steps=5,
-                         deterministic=False, enable_model_summary=False)
+                         deterministic=args.deterministic, enable_model_summary=False)
     start = time.time()
     trainer.fit(module, datamodule=dm)
     train_seconds = time.time() - start

@@ -121,7 +121,7 @@ def config_from_args(args) -> FLConfig:
         segmenter=str(args.segmenter.absolute()) if args.segmenter else None, min_clients=args.min_clients,
         time_budget=args.time_budget, aggregation=args.aggregation,
         server_lr=args.server_lr if args.server_lr is not None else (1.0 if args.aggregation == "fedavg" else 0.01),
-        seed=args.seed, class_weights=args.class_weights, accelerator=args.accelerator, limit=args.limit,
+        seed=args.seed, deterministic=args.deterministic, class_weights=args.class_weights, accelerator=args.accelerator, limit=args.limit,
         cross_site_eval=not (args.no_cross_site_eval or args.he), wandb=args.wandb, wandb_project=args.wandb_project,
         record_contributions=args.record_contributions, he=args.he, he_encrypt_layers=args.he_encrypt_layers,
         schedule=_schedule(args.schedule), absent_weights=args.absent_weights,

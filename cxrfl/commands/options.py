@@ -80,6 +80,9 @@ def add_training_options(p: argparse.ArgumentParser, *, image_size: int, batch_s
     g.add_argument("--out", type=Path, default=None, metavar="RUN_DIR",
                    help="run folder to write (default: a new timestamped folder under runs/)")
     g.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default 0: data is cached)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms where they exist (same seed, same result also on GPU; "
+                   "slower); on CPU runs with the same seed repeat without it")
     g.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: GPU when one exists)")
     g.add_argument("--wandb", action="store_true",
                    help="also log to Weights & Biases (offline unless WANDB_API_KEY is set)")

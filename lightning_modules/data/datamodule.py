@@ -65,6 +65,7 @@ class CXRDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.roi, self.roi_threshold, self.mask_predictor = roi, roi_threshold, mask_predictor
         self.augment, self.seed, self.limit = augment, seed, limit
+        self._train_loaders = 0  # training loaders made so far: each one's augmentation seed differs
         self.classes: list[str] = []
         self.items: dict[str, list[dict]] = {}
         self.skipped: list[str] = []
@@ -130,7 +131,7 @@ class CXRDataModule(pl.LightningDataModule):
     def _mask_in_batch(self) -> bool:
         return self.task == "segment"
 
-    def _transform(self, train: bool) -> Compose:
+    def _transform(self, train: bool, seed: int) -> Compose:
         keys = ["image", "mask"] if self._mask_in_batch() else ["image"]
         steps = [CastToTyped(keys=keys, dtype=torch.float32)]
         if train and self.augment:
@@ -138,13 +139,19 @@ class CXRDataModule(pl.LightningDataModule):
         steps.append(normalize(lung_only=self.roi == "mask"))
         # plain tensors, not MetaTensors: they would leak into metrics and checkpoints
         steps.append(EnsureTyped(keys=keys, data_type="tensor", track_meta=False))
-        return Compose(steps)
+        transform = Compose(steps)
+        transform.set_random_state(seed=seed)  # MONAI's Compose re-seeds its transforms from an unseeded draw
+        return transform
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         keep = {"image", "mask", "label", "id"} if self._mask_in_batch() else {"image", "label", "id"}
         data = [{k: v for k, v in it.items() if k in keep} for it in self.items[split]]
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(Dataset(data, transform=self._transform(train)), batch_size=self.batch_size,
+        # The same seed, the same order and augmentations; each new training loader (a federated
+        # site makes one per round) shuffles and augments anew.
+        self._train_loaders += int(train)
+        seed = (self.seed + 7919 * self._train_loaders) % 2**32 if train else self.seed
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(Dataset(data, transform=self._transform(train, seed)), batch_size=self.batch_size,
                           shuffle=train, drop_last=train and len(data) > self.batch_size,
                           num_workers=self.num_workers, generator=generator,
                           persistent_workers=self.num_workers > 0)
