@@ -96,29 +96,43 @@ def grid_runs(config: dict) -> list[dict]:
     return runs
 
 
-def run_study(config: dict, out: Path, log=print) -> list[dict]:
-    """Run what is not done yet (a run with metrics.json is done), then write the table."""
-    from cxrfl.simulate import run_simulation
-
+def run_study(config: dict, out: Path, log=print, seeds: int = 1) -> list[dict]:
+    """Run what is not done yet (a run with metrics.json is done), then write the table.
+    seeds: every run (the central baseline too) with training seeds seed, seed+1, ... (in seed-K/
+    folders when more than one), the table reporting each number's mean and spread over them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "study_config.json", config)
+    write_json(out / "study_config.json", dict(config, seeds=seeds))
     pool = pooled_data(config, out)
+    first = config.get("train", {}).get("seed", 0)
+    rows = []
+    for seed in range(first, first + seeds):
+        folder = out if seeds == 1 else out / f"seed-{seed}"
+        rows += [dict(row, seed=seed) for row in _run_grid(config, pool, out, folder, seed, log)]
+    write_table(rows, out)
+    return rows
+
+
+def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log) -> list[dict]:
+    """The central baseline and every grid run with one training seed, into `folder`; the sites'
+    data splits (from the data's own seed) are the same for every training seed."""
+    from cxrfl.simulate import run_simulation
+
     base = config.get("train", {})
     rows = []
-    central_dir = out / "central"
+    central_dir = folder / "central"
     if not (central_dir / "metrics.json").is_file():
         log(f"[study] central baseline -> {central_dir}")
         _set_aside_unfinished(central_dir, log)
-        _central(config, pool, central_dir)  # the union of the same training data
+        _central(config, pool, central_dir, seed)  # the union of the same training data
     else:
-        log("[study] central baseline: done, skipped")
+        log(f"[study] {central_dir.relative_to(out)}: done, skipped")
     central = json.loads((central_dir / "metrics.json").read_text())
     rows.append(_row("central", central["test"], central["train_seconds"], central["train_seconds"], {}, central))
     for spec in grid_runs(config):
-        run_dir = out / spec["id"]
+        run_dir = folder / spec["id"]
         if not (run_dir / "metrics.json").is_file():
-            log(f"[study] {spec['id']}")
+            log(f"[study] {run_dir.relative_to(out)}")
             _set_aside_unfinished(run_dir, log)
             data = split_for(pool, spec["sites"], out, base.get("seed", 0))
             cfg = FLConfig(task=config.get("task", "classify"), data_root=str(data.absolute()),
@@ -126,15 +140,14 @@ def run_study(config: dict, out: Path, log=print) -> list[dict]:
                            local_epochs=spec["local_epochs"], batch_size=base.get("batch_size", 16),
                            lr=base.get("lr", 1e-3), image_size=base.get("image_size", 64), model=base.get("model"),
                            classes=read_dataset_info(data).get("classes") or ["normal", "pneumonia"],
-                           seed=base.get("seed", 0), cross_site_eval=False, schedule=spec["schedule"],
+                           seed=seed, cross_site_eval=False, schedule=spec["schedule"],
                            absent_weights=spec["approach"] or "drop")
             run_simulation(cfg, run_dir, take_turns=True)  # each site's local time is its own
         else:
-            log(f"[study] {spec['id']}: done, skipped")
+            log(f"[study] {run_dir.relative_to(out)}: done, skipped")
         summary = json.loads((run_dir / "metrics.json").read_text())
         critical = critical_path_seconds(run_dir)
         rows.append(_row(spec["id"], summary.get("test", {}), summary["wall_seconds"], critical, spec, central))
-    write_table(rows, out)
     return rows
 
 
@@ -148,7 +161,7 @@ def _set_aside_unfinished(run_dir: Path, log) -> None:
         log(f"[study] {run_dir.name}: unfinished earlier attempt kept in {aside.name}")
 
 
-def _central(config: dict, data: Path, run_dir: Path) -> None:
+def _central(config: dict, data: Path, run_dir: Path, seed: int) -> None:
     from cxrfl.cli import build_parser
     from cxrfl.commands import central
     from cxrfl.runs import new_run_dir
@@ -157,7 +170,7 @@ def _central(config: dict, data: Path, run_dir: Path) -> None:
     epochs = config.get("central", {}).get("epochs", 5)
     argv = ["central", "--task", config.get("task", "classify"), "--data", str(data), "--epochs", str(epochs),
             "--image-size", str(base.get("image_size", 64)), "--batch-size", str(base.get("batch_size", 16)),
-            "--lr", str(base.get("lr", 1e-3)), "--seed", str(base.get("seed", 0)), "--out", str(run_dir)]
+            "--lr", str(base.get("lr", 1e-3)), "--seed", str(seed), "--out", str(run_dir)]
     if base.get("model"):
         argv += ["--model", base["model"]]
     args = build_parser().parse_args(argv)
@@ -205,16 +218,48 @@ def _row(run: str, test: dict, wall: float, critical: float | None, spec: dict, 
             "time_reduction_critical_path": round(1 - critical / central_time, 3) if critical and central_time else None}
 
 
+# Numbers averaged over seeds in the table; the others describe the run.
+MEASURED = ["test_loss", "test_acc", "test_auroc", "wall_s", "critical_path_s", "time_reduction_wall",
+            "time_reduction_critical_path"]
+
+
 def write_table(rows: list[dict], out: Path) -> None:
+    """study.csv: one row per run and seed; study.md: one row per run, each number as its mean
+    ± sample standard deviation over the seeds (and the number of seeds) when there are several."""
+    columns = ["seed"] + COLUMNS
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "study.csv", buf.getvalue())
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    by_run: dict[str, list[dict]] = {}
     for r in rows:
-        md.append("| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |")
+        by_run.setdefault(r["run"], []).append(r)
+    md = []
+    if len(seeds) > 1:
+        md.append(f"Mean ± standard deviation over {len(seeds)} training seeds ({', '.join(map(str, seeds))}); "
+                  "one row per seed in study.csv.\n")
+    else:
+        md.append(f"One training seed ({seeds[0]}): a single draw; `cxrfl study --seeds 3` gives mean ± spread.\n")
+    md += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for run, group in by_run.items():
+        cells = [_summary_cell([r[c] for r in group]) if c in MEASURED else _cell(group[0][c]) for c in COLUMNS]
+        md.append("| " + " | ".join(cells) + " |")
     atomic_write_text(out / "study.md", "\n".join(md) + "\n")
+
+
+def _summary_cell(values: list) -> str:
+    import statistics
+
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    if len(values) == 1 or not numbers:
+        return _cell(values[0]) if len(values) == 1 else "n/a"
+    mean = statistics.fmean(numbers)
+    spread = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    missing = f", {len(values) - len(numbers)} n/a" if len(numbers) < len(values) else ""
+    digits = 4 if abs(mean) < 10 else 1
+    return f"{mean:.{digits}f} ± {spread:.{digits}f} (n={len(numbers)}{missing})"
 
 
 def _cell(value) -> str:

@@ -28,6 +28,7 @@ def test_quick_demo_prints_the_comparison_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| lung segmentation | FL | test_dice |" in out
     assert "| lung segmentation | FL | test_dice |" in (run / "summary.md").read_text()
+    assert "One training seed (0): a single draw" in (run / "summary.md").read_text()  # never a bare single draw
     # where each classifier looks, next to its test AUROC; ROI settings as trained
     scores = json.loads((run / "interpretability.json").read_text())
     assert set(scores) == {"fl-classify", "central-classify", "fl-roi", "central-roi", "central-roi-crop",

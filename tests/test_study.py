@@ -108,3 +108,24 @@ def test_the_shipped_study_configs_load():
         config = yaml.safe_load((CONFIGS / name).read_text())
         runs = grid_runs(config)
         assert runs and {r["sites"] for r in runs} >= {3, 10}
+
+
+def test_seeds_give_each_number_its_mean_and_spread(tmp_path):
+    """`--seeds 2`: every run once per training seed, in seed-K/ folders; study.csv one row per run
+    and seed, study.md the mean ± standard deviation over the seeds."""
+    config = tmp_path / "central-only.yaml"
+    config.write_text(yaml.safe_dump(dict(TINY, grid={"sites": []})))  # the central baseline alone: quick
+    out = tmp_path / "study"
+    assert main(["study", "--config", str(config), "--out", str(out), "--seeds", "2"]) == 0
+    with open(out / "study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["seed"]) for r in rows] == [("central", "0"), ("central", "1")]
+    seeds = [json.loads((out / f"seed-{k}" / "central" / "config.json").read_text())["seed"] for k in (0, 1)]
+    assert seeds == [0, 1]
+    losses = [float(r["test_loss"]) for r in rows]
+    assert losses[0] != losses[1]  # two draws, not one run twice
+    import statistics
+
+    line = next(line for line in (out / "study.md").read_text().splitlines() if line.startswith("| central"))
+    assert f"{statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f} (n=2)" in line
+    assert "over 2 training seeds" in (out / "study.md").read_text()

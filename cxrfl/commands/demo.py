@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxrfl.commands.options import DEFAULT_DATA, DEFAULT_SYNTH
+from cxrfl.commands.options import DEFAULT_DATA, DEFAULT_SYNTH, seed
 from cxrfl.runs import RunDirError, new_run_dir
 from cxrfl.simulate import SimulationError
 from lightning_modules.data.manifest import DATASET_JSON, ManifestError, atomic_write_text, write_json
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
                    help=f"data root to use instead of the synthetic default ({DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=None, metavar="RUN_DIR",
                    help="run folder (default: a new timestamped folder under runs/)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed, default=0, help="random seed")
     p.set_defaults(func=run)
 
 
@@ -128,7 +128,8 @@ def run(args) -> int:
         return 2
     print("\n=== where the classifiers look: Grad-CAM on the test set ===", flush=True)
     classifiers = {folder: run_dir / folder for folder in CLASSIFIER_RUNS if (run_dir / folder).is_dir()}
-    table = format_table(rows)
+    table = format_table(rows) + (f"\n\nOne training seed ({args.seed}): a single draw, and federated runs move "
+                                  "between seeds; intervals over seeds: `cxrfl study --seeds 3` (README, Reproducibility).")
     try:
         table += "\n\n" + format_interpretability(score_models(classifiers, data, run_dir))
         segmentation_overlays(fl_segment, data, run_dir)

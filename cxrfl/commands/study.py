@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cxrfl.commands.options import positive_int
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,6 +20,9 @@ def add_parser(subparsers) -> None:
                    help="study configuration (default cxrfl/studies/default.yaml; cxrfl/studies/full.yaml for real data)")
     p.add_argument("--full", action="store_true", help="use cxrfl/studies/full.yaml")
     p.add_argument("--out", type=Path, default=None, help="study folder (default runs/study-<name>)")
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="run the whole grid (and the central baseline) with this many training seeds, from the "
+                   "configuration's seed up; the table gives each number's mean ± standard deviation (default 1)")
     p.set_defaults(func=run)
 
 
@@ -29,7 +34,7 @@ def run(args) -> int:
     try:
         config = load_config(path)
         out = args.out or Path("runs") / f"study-{config['name']}"
-        run_study(config, out)
+        run_study(config, out, seeds=args.seeds)
     except (StudyError, ValueError, SimulationError) as exc:
         print(f"cxrfl study: {exc}", file=sys.stderr)
         return 2
