@@ -78,7 +78,8 @@ def test_classification_job_writes_models_metrics_and_logs(classify_run):
 def test_global_model_is_the_sample_weighted_mean_of_the_sites(classify_run, fl_root):
     rounds = classify_run / "models" / "rounds"
     log = [json.loads(line) for line in (rounds / "round_log.jsonl").read_text().splitlines()]
-    weights = {(e["round"], e["site"]): e["weight"] for e in log}
+    weights = {(e["round"], e["site"]): e["weight"] for e in log if "site" in e}  # contributions, not global models
+    assert [e["fresh"] for e in log if e.get("global_model")] == [["site-1", "site-2"]] * 2  # who made each
     # aggregation weight = the site's number of training samples, not its number of batches
     for site in ("site-1", "site-2"):
         assert weights[(1, site)] == _train_count(fl_root, site)
