@@ -5,7 +5,8 @@ Per task from the server:
 - train: validate the received global model on the local validation split (these `val_*` metrics
   drive the server's best-model selection), train `--local-epochs`, send the weights with the
   number of local training samples as the aggregation weight.
-- validate (cross-site evaluation): evaluate the received model on the local validation split.
+- validate (cross-site evaluation): evaluate the received model on the local validation split;
+  a classifier also sends histograms of its positive-class score per true class (bin counts).
 - submit_model (cross-site evaluation): send this site's own last local model.
 
 A site finds its data through its own local configuration, `local/cxrfl_site.json` in its
@@ -187,7 +188,14 @@ def handle_task(args, site, input_model, trainer, module, dm, local_params):
         send(FLModel(params=local_params, meta={"site": site}))
         return local_params
     if is_evaluate():
-        trainer.validate(module, datamodule=dm)  # the patched trainer loads the model and sends metrics
+        # a classifier adds per-class score histograms: the server's threshold, without any image or score leaving
+        histogram = hasattr(module, "report_score_histogram")
+        module.report_score_histogram = histogram
+        try:
+            trainer.validate(module, datamodule=dm)  # the patched trainer loads the model and sends metrics
+        finally:
+            if histogram:
+                module.report_score_histogram = False
         return local_params
     if args.schedule and site in args.schedule and input_model.current_round not in parse_rounds(
             args.schedule[site], args.rounds or input_model.total_rounds):

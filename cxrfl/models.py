@@ -18,6 +18,7 @@ from pathlib import Path
 from lightning_modules.classification import CXRClassifier
 from lightning_modules.factory import DEFAULT_MODEL
 from lightning_modules.data.transforms import ROI_MODES
+from lightning_modules.operating_point import DEFAULT_THRESHOLD
 from lightning_modules.segmentation import LungSegmentation
 from lightning_modules.weights import EXPORT_FORMAT, ModelFile, load_weights, read_model_file
 
@@ -48,6 +49,10 @@ class Classifier:
     segmenter: Segmenter | None = None
     source: str = ""
     extra: dict = field(default_factory=dict)
+    # Two classes: the second class is predicted where its probability >= threshold, chosen on
+    # validation when the run stored one (metrics.json "operating_point"), else 0.5 (argmax).
+    threshold: float = DEFAULT_THRESHOLD
+    temperature: float = 1.0  # fitted on validation; `predict --calibrated` divides the logits by it
 
     def mask_predictor(self):
         return self.segmenter.module.mask_predictor(self.roi_threshold) if self.segmenter else None
@@ -138,6 +143,7 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
         module = _load_into(_classifier_module(model, classes, weights), (given or _read(weights)).state, weights)
         clf = Classifier(module, classes, int(config["image_size"]), roi, float(config.get("roi_threshold", 0.5)),
                          source=str(weights))
+        clf.threshold, clf.temperature = _stored_operating_point(run, weights)
         if roi and config.get("segmenter") and segmenter is None:
             clf.segmenter = load_segmenter(config["segmenter"])
     if segmenter is not None:
@@ -146,6 +152,34 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
         raise ModelLoadError(f"{path}: a lung-ROI classifier trained on ground-truth masks; pass --segmenter "
                              "to predict lung masks for new images")
     return clf
+
+
+def _stored_operating_point(run: Path, weights: Path) -> tuple[float, float]:
+    """(threshold, temperature) a run chose on validation for its tested model; (0.5, 1.0) for a
+    run without them (older runs, federated runs) or when `weights` is not the model it tested."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return DEFAULT_THRESHOLD, 1.0
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("operating_point"), dict):
+        return DEFAULT_THRESHOLD, 1.0
+    point = metrics["operating_point"]
+    checkpoint, selected = metrics.get("best_checkpoint"), metrics.get("selected_model")
+    if checkpoint and (run / checkpoint).resolve() != weights.resolve():  # central: another checkpoint
+        return DEFAULT_THRESHOLD, 1.0
+    if selected and weights.stem != selected:  # federated: another of the run's models
+        return DEFAULT_THRESHOLD, 1.0
+    return _valid_threshold(point.get("threshold")), _valid_temperature(point.get("temperature"))
+
+
+def _valid_threshold(value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+    return float(value) if ok else DEFAULT_THRESHOLD
+
+
+def _valid_temperature(value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    return float(value) if ok else 1.0
 
 
 # ---- single-file export ----------------------------------------------------------------------
@@ -191,6 +225,14 @@ def _check_bundle(bundle, path: Path, task: str, where: str = "") -> dict:
     threshold = bundle.get("roi_threshold" if task == "classify" else "threshold", 0.5)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
         raise ModelLoadError(f"{path}: an exported model whose threshold {threshold!r} is not between 0 and 1")
+    if task == "classify":  # older exports lack both: 0.5 and 1.0
+        decision = bundle.get("decision_threshold", DEFAULT_THRESHOLD)
+        if _valid_threshold(decision) != decision:
+            raise ModelLoadError(f"{path}: an exported classifier whose decision_threshold {decision!r} is not "
+                                 "between 0 and 1")
+        temperature = bundle.get("temperature", 1.0)
+        if _valid_temperature(temperature) != temperature:
+            raise ModelLoadError(f"{path}: an exported classifier whose temperature {temperature!r} is not positive")
     return bundle
 
 
@@ -210,7 +252,9 @@ def _classifier_from_bundle(bundle: dict, path: Path) -> Classifier:
     module = _load_into(_classifier_module(bundle["model"], classes, path), bundle["state_dict"], path)
     seg = _segmenter_from_bundle(bundle["segmenter"], path, "segmenter's ") if bundle.get("segmenter") else None
     return Classifier(module, classes, bundle["image_size"], bundle.get("roi"),
-                      float(bundle.get("roi_threshold", 0.5)), seg, str(path))
+                      float(bundle.get("roi_threshold", 0.5)), seg, str(path),
+                      threshold=float(bundle.get("decision_threshold", DEFAULT_THRESHOLD)),
+                      temperature=float(bundle.get("temperature", 1.0)))
 
 
 def _segmenter_bundle(seg: Segmenter) -> dict:
@@ -263,5 +307,6 @@ def _source_task(source: Path) -> str | None:
 def _classifier_bundle(clf: Classifier) -> dict:
     return {"task": "classify", "model": clf.module.hparams.model, "classes": clf.classes,
             "image_size": clf.image_size, "normalisation": NORMALISATION, "roi": clf.roi,
-            "roi_threshold": clf.roi_threshold, "state_dict": clf.module.state_dict(),
+            "roi_threshold": clf.roi_threshold, "decision_threshold": clf.threshold,
+            "temperature": clf.temperature, "state_dict": clf.module.state_dict(),
             "segmenter": _segmenter_bundle(clf.segmenter) if clf.segmenter else None}

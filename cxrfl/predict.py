@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from cxrfl.models import Classifier
+from cxrfl.runs import predicted_index
 from lightning_modules.data.imageio import (
     IMAGE_SUFFIXES,
     PREDICT_BATCH_PIXELS,
@@ -81,9 +82,11 @@ def _columns(clf: Classifier) -> list[str]:
 
 
 def predict(clf: Classifier, inputs: list[str | Path], out: Path, cam: str = "gradcam", batch_size: int = 8,
-            log=sys.stderr) -> dict:
+            log=sys.stderr, calibrated: bool = False) -> dict:
     """Write per image a lung mask PNG and a Grad-CAM overlay PNG (full resolution) and one row of
-    predictions.csv; returns counts and throughput."""
+    predictions.csv; returns counts and throughput. `calibrated`: the p_<class> columns are the
+    temperature-scaled probabilities (the model's temperature, fitted on validation); the
+    predicted class is the same either way (the threshold applies to the unscaled probability)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = collect_inputs(inputs)
@@ -99,7 +102,7 @@ def predict(clf: Classifier, inputs: list[str | Path], out: Path, cam: str = "gr
             rows = {}
             if good:
                 try:
-                    rows = _predict_batch(clf, good, first, out, cam)
+                    rows = _predict_batch(clf, good, first, out, cam, calibrated)
                 except Exception as exc:  # e.g. an image too small for the network: per file, not fatal
                     for b in good:
                         b.error = f"prediction failed: {exc}"
@@ -118,21 +121,25 @@ def predict(clf: Classifier, inputs: list[str | Path], out: Path, cam: str = "gr
             "images_per_second": round(ok / seconds, 2) if seconds > 0 else None, "csv": str(out / CSV_NAME)}
 
 
-def _predict_batch(clf: Classifier, batch: list[Loaded], first: int, out: Path, cam: str) -> dict:
+def _predict_batch(clf: Classifier, batch: list[Loaded], first: int, out: Path, cam: str,
+                   calibrated: bool = False) -> dict:
     x, resized, masks = model_inputs([b.image for b in batch], clf.image_size, clf.roi, clf.roi_threshold,
                                      clf.mask_predictor())
     module = clf.module
     with torch.no_grad():
-        probs = torch.softmax(module(x.to(module.device)), dim=1).cpu()
+        logits = module(x.to(module.device)).float().cpu()
+    probs = torch.softmax(logits, dim=1)
+    shown = torch.softmax(logits / clf.temperature, dim=1) if calibrated else probs
     maps = heat_maps(module, x, class_index=None, method=cam)  # for each image's predicted class
     in_lung = mass_inside(maps, masks[:, 0]) if masks is not None else None
     rows = {}
     for i, b in enumerate(batch):
         stem = f"{first + i:05d}_{b.path.stem}"
         h, w = b.image.shape
+        # two classes: at the threshold chosen on validation (before: argmax, i.e. 0.5)
         row = {"file": str(b.path), "status": "ok", "error": "",
-               "predicted": clf.classes[int(probs[i].argmax())]}
-        row.update({f"p_{c}": f"{float(p):.6f}" for c, p in zip(clf.classes, probs[i])})
+               "predicted": clf.classes[predicted_index(probs[i].tolist(), clf.threshold)]}
+        row.update({f"p_{c}": f"{float(p):.6f}" for c, p in zip(clf.classes, shown[i])})
         if masks is not None:
             full_mask = _resize(masks[i, 0].numpy(), (h, w), Image.NEAREST) > 0.5
             write_png(out / f"{stem}_mask.png", full_mask.astype(np.uint8), mask=True)

@@ -84,10 +84,11 @@ def undefined_reason(classes: list[str], test_counts: list[int] | None) -> str:
 
 def print_test_metrics(test: dict, why_undefined: str, indent: str = "  ") -> None:
     """One line per metric; an undefined one (null/NaN) prints as n/a with the reason."""
+    width = max([24, *map(len, test)])
     for key in sorted(test):
         value = finite_or_none(test[key])
         shown = f"{value:.4f}" if value is not None else f"n/a ({why_undefined})"
-        print(f"{indent}{key:>24}: {shown}")
+        print(f"{indent}{key:>{width}}: {shown}")
 
 
 def save_config(run_dir: Path, config: dict) -> None:
@@ -103,9 +104,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def write_test_predictions(path: Path, module, classes: list[str]) -> None:
+def write_test_predictions(path: Path, module, classes: list[str], threshold: float | None = None) -> None:
     """test_predictions.csv of a classifier's last `trainer.test` run: image, label, predicted,
-    p_<class>... (what the report's ROC curves and confusion matrices read)."""
+    p_<class>... (what the report's ROC curves and confusion matrices read). `predicted`: for two
+    classes with a `threshold`, the second class where its probability >= threshold; else argmax."""
     import csv
     import io
 
@@ -117,5 +119,32 @@ def write_test_predictions(path: Path, module, classes: list[str]) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "label", "predicted"] + [f"p_{c}" for c in classes])
     for image, t, p in zip(out["id"], targets.tolist(), probs.tolist()):
-        w.writerow([image, classes[t], classes[max(range(len(p)), key=p.__getitem__)]] + [f"{x:.6f}" for x in p])
+        w.writerow([image, classes[t], classes[predicted_index(p, threshold)]] + [f"{x:.6f}" for x in p])
     atomic_write_text(path, buf.getvalue())
+
+
+def predicted_index(probs, threshold: float | None = None) -> int:
+    """The predicted class of one image's class probabilities: for two classes with a decision
+    threshold, 1 where p[1] >= threshold (the operating point's convention), else the argmax."""
+    probs = [float(p) for p in probs]
+    if threshold is not None and len(probs) == 2:
+        return int(probs[1] >= threshold)
+    return max(range(len(probs)), key=probs.__getitem__)
+
+
+def test_at_operating_point(module, point: dict) -> dict:
+    """Test metrics of a classifier's last `trainer.test` run at the operating point chosen on
+    validation (the trainer's own test metrics use argmax, i.e. 0.5), and the test ECE; for more
+    than two classes (no threshold) the ECE only."""
+    import torch
+
+    from lightning_modules.operating_point import expected_calibration_error, metrics_at_threshold
+
+    probs, target = torch.cat(module.test_outputs["probs"]), torch.cat(module.test_outputs["target"])
+    values = {"test_ece": expected_calibration_error(probs, target)}
+    if point.get("threshold") is not None:
+        at = metrics_at_threshold(probs[:, 1], target, point["threshold"])
+        values.update({f"test_{name}_at_threshold": at[key] for name, key in [
+            ("acc", "accuracy"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+            ("balanced_acc", "balanced_accuracy")]})
+    return {k: finite_or_none(v) for k, v in values.items()}

@@ -40,7 +40,7 @@ from app_custom.intermittent import check_schedule
 from cxrfl.fl_job import FLConfig, built_job, write_simulator_site_config
 from cxrfl.keyfiles import restrict_private_files
 from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
-from cxrfl.runs import finite_or_none, undefined_reason, write_test_predictions
+from cxrfl.runs import finite_or_none, test_at_operating_point, undefined_reason, write_test_predictions
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import atomic_write_text, write_json
 from lightning_modules.factory import build_module
@@ -354,6 +354,7 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
             name = rename.get(model_name, f"local_{model_name}")
             matrix.setdefault(name, {})[data_site] = metrics
     main = select_global_model(cfg, candidates, matrix)
+    point = federated_operating_point(cfg, matrix.get(main, {}))
     if cfg.he:
         test_metrics = {}
         if he_key is not None:
@@ -362,7 +363,8 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
             for name, path in candidates.items():
                 state = decrypt_checkpoint(path, he_key)
                 atomic_torch_save({"model": state}, models / "decrypted" / f"{name}.pt")
-                test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None)
+                test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None,
+                                                      point if name == main else None)
     else:
         dm = test_data_module(cfg)
         test_metrics, tested = {}, []  # (state, metrics) already computed: the best model is often the final one
@@ -370,10 +372,11 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
             state = load_state(candidates[name])
             same = next((m for s, m in tested if s.keys() == state.keys() and all(torch.equal(s[k], state[k]) for k in s)),
                         None)
-            if same is not None:
-                test_metrics[name] = dict(same)
+            if same is not None:  # at-threshold metrics belong to the selected model only
+                test_metrics[name] = {k: v for k, v in same.items() if not k.endswith("_at_threshold")}
                 continue
-            test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None)
+            test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None,
+                                                  point if name == main else None)
             tested.append((state, test_metrics[name]))
 
     for name, metrics in test_metrics.items():
@@ -382,6 +385,8 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
     _write_matrix_csv(run_dir / "cross_site.csv", matrix, cfg)
     summary = {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
                "test": test_metrics.get(main, {}), "test_by_model": test_metrics}
+    if point:
+        summary["operating_point"] = point
     if None in summary["test"].values():  # e.g. AUROC on a test set of one class
         summary["undefined_reason"] = undefined_reason(cfg.classes, dm.class_counts("test") if cfg.classes else None)
     return summary
@@ -433,14 +438,33 @@ def test_data_module(cfg: FLConfig) -> CXRDataModule:
     return dm
 
 
-def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_dir: Path | None = None) -> dict:
+def federated_operating_point(cfg: FLConfig, by_site: dict) -> dict | None:
+    """A two-class classifier's decision threshold from the sites' validation in cross-site
+    evaluation: their per-class score histograms pooled (no image or score leaves a site), Youden's
+    J; 0.5 when no site sent one (no cross-site evaluation). None for other tasks."""
+    from lightning_modules.operating_point import DEFAULT_THRESHOLD, histogram_counts, threshold_from_histograms
+
+    if cfg.kind != "classify" or len(cfg.classes) != 2:
+        return None
+    histograms = [h for site, m in by_site.items() if site in cfg.sites for h in [histogram_counts(m)] if h]
+    if not histograms:
+        return {"threshold": DEFAULT_THRESHOLD, "rule": "default 0.5 (no site sent validation histograms)"}
+    return {**threshold_from_histograms(histograms), "sites": len(histograms)}
+
+
+def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_dir: Path | None = None,
+                     point: dict | None = None) -> dict:
     """Load a state_dict into the task's module and run it on the held-out test set (a classifier
-    writes test_predictions.csv into predictions_dir when given)."""
+    writes test_predictions.csv into predictions_dir when given); with an operating `point`, also
+    the test metrics at its threshold and the test ECE."""
     module = build_module(cfg.kind, cfg.model, lr=cfg.lr, classes=cfg.classes)
     module.load_state_dict(state)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    results = trainer.test(module, datamodule=dm, verbose=False)[0]
+    results = {k: finite_or_none(v) for k, v in trainer.test(module, datamodule=dm, verbose=False)[0].items()}
+    if point is not None:
+        results.update(test_at_operating_point(module, point))
     if predictions_dir is not None and cfg.kind == "classify":
-        write_test_predictions(predictions_dir / "test_predictions.csv", module, cfg.classes)
-    return {k: finite_or_none(v) for k, v in results.items()}
+        write_test_predictions(predictions_dir / "test_predictions.csv", module, cfg.classes,
+                               point.get("threshold") if point else None)
+    return results

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from lightning_modules.networks import build_classifier
+from lightning_modules.operating_point import score_histogram
 
 
 def _metrics(num_classes: int) -> torchmetrics.MetricCollection:
@@ -101,6 +102,10 @@ class CXRClassifier(pl.LightningModule):
         self.val_metrics = _metrics(num_classes).clone(prefix="val_")
         self.test_metrics = _metrics(num_classes).clone(prefix="test_")
         self.test_outputs: dict[str, list] = {}
+        # Set by a federated site for cross-site evaluation: validation also logs per-class score
+        # histograms (counts only, no image's score), from which the server chooses the threshold.
+        self.report_score_histogram = False
+        self._val_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def binary(self) -> bool:
@@ -129,10 +134,19 @@ class CXRClassifier(pl.LightningModule):
         self.log_dict(compute_metrics(self.train_metrics))
         self.train_metrics.reset()
 
+    def on_validation_epoch_start(self):
+        self._val_scores = []
+
     def validation_step(self, batch, batch_idx):
-        self._step(batch, self.val_metrics, "val")
+        _, logits = self._step(batch, self.val_metrics, "val")
+        if self.report_score_histogram and self.binary:
+            self._val_scores.append((self._scores(logits.detach()).cpu(), batch["label"].long().cpu()))
 
     def on_validation_epoch_end(self):
+        if self._val_scores:  # not to the loggers: the metrics sent back to the server only
+            scores, labels = (torch.cat(part) for part in zip(*self._val_scores))
+            self.log_dict(score_histogram(scores, labels), logger=False)
+            self._val_scores = []
         computed = compute_metrics(self.val_metrics)
         self.log("val_auroc", computed.pop("val_auroc"), prog_bar=True)
         self.log_dict(computed)
@@ -155,6 +169,19 @@ class CXRClassifier(pl.LightningModule):
         if self.hparams.bootstrap:
             low, high = bootstrap_auroc(probs[:, 1] if self.binary else probs, target, self.hparams.bootstrap)
             self.log_dict({"test_auroc_ci_low": low, "test_auroc_ci_high": high})
+
+    @torch.no_grad()
+    def logits_and_labels(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels over a whole loader in eval mode (e.g. the validation split, for
+        choosing the operating point after training)."""
+        was_training = self.training
+        self.eval()
+        logits, labels = [], []
+        for batch in loader:
+            logits.append(self(batch["image"].to(self.device)).float().cpu())
+            labels.append(batch["label"].long().cpu())
+        self.train(was_training)
+        return torch.cat(logits), torch.cat(labels)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

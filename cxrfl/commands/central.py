@@ -15,13 +15,14 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from cxrfl.commands.options import (add_training_options, non_negative_int, positive_int, probability,
                                     resolve_data_root)
 from cxrfl.runs import (WANDB_PRIVATE_SETTINGS, AtomicCheckpointIO, RunDirError, finite_or_none, new_run_dir, print_test_metrics, save_config,
-                        undefined_reason, write_test_predictions)
+                        test_at_operating_point, undefined_reason, write_test_predictions)
 from lightning_modules.factory import build_module
 from lightning_modules.data.check import refuse_leakage
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import ManifestError, write_json
 from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.factory import DEFAULT_MODEL
+from lightning_modules.operating_point import operating_point
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
 from lightning_modules.segmentation import LungSegmentation
 
@@ -54,6 +55,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
                    help="cross-entropy class weights from training label counts (default balanced)")
     p.add_argument("--patience", type=non_negative_int, default=0, help="stop after this many epochs without improvement (0: off)")
+    p.add_argument("--target-sensitivity", type=probability, default=None, metavar="S",
+                   help="classify, two classes: decision threshold = the highest one whose sensitivity on the "
+                   "validation split is at least S (default: the threshold maximising Youden's J on validation)")
     p.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per split (quick checks)")
     add_training_options(p, image_size=128, batch_size=16, lr=1e-3)
     p.set_defaults(func=run)
@@ -69,6 +73,8 @@ def validate_args(args) -> str | None:
     valid = CLASSIFIERS if args.task == "classify" else SEGMENTERS
     if args.model is not None and args.model not in valid:
         return f"--model {args.model!r} is not a {args.task} network; choose one of {', '.join(valid)}"
+    if getattr(args, "target_sensitivity", None) is not None and args.task != "classify":
+        return "--target-sensitivity applies to --task classify only"
     if not 0 < args.roi_threshold < 1:
         return "--roi-threshold must be between 0 and 1"
     if args.segmenter is not None:
@@ -100,6 +106,8 @@ def run(args) -> int:
         return 2
     print(f"\nrun folder: {run_dir}")
     print_test_metrics(metrics["test"], metrics.get("undefined_reason", ""))
+    if metrics.get("operating_point"):
+        print_operating_point(metrics["operating_point"])
     return 0
 
 
@@ -160,9 +168,30 @@ def train_central(args, data_root: Path, run_dir: Path) -> dict:
         "num_test": len(dm.items["test"]),
         "test": {k: finite_or_none(v) for k, v in test_results.items()},
     }
+    if args.task == "classify":  # chosen on validation with the tested (best) weights, then applied to test
+        val_logits, val_labels = module.logits_and_labels(dm.val_dataloader())
+        point = operating_point(val_logits, val_labels, getattr(args, "target_sensitivity", None))
+        metrics["operating_point"] = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in point.items()}
+        metrics["test"].update({k: finite_or_none(v) for k, v in test_at_operating_point(module, point).items()})
     if None in metrics["test"].values():  # e.g. AUROC on a test set of one class
         metrics["undefined_reason"] = undefined_reason(dm.classes, dm.class_counts("test") if dm.classes else None)
     write_json(run_dir / "metrics.json", metrics)
     if args.task == "classify":
-        write_test_predictions(run_dir / "test_predictions.csv", module, dm.classes)
+        write_test_predictions(run_dir / "test_predictions.csv", module, dm.classes,
+                               metrics["operating_point"].get("threshold"))
     return metrics
+
+
+def print_operating_point(point: dict) -> None:
+    if "threshold" in point:
+        print(f"  operating point (chosen on validation): threshold {point['threshold']:.4f} by {point['rule']}, "
+              f"validation sensitivity {_shown(point.get('val_sensitivity'))}, "
+              f"specificity {_shown(point.get('val_specificity'))}")
+    else:
+        print(f"  operating point: {point['rule']}")
+    print(f"  temperature scaling (fitted on validation): T = {_shown(point.get('temperature'))}, validation ECE "
+          f"{_shown(point.get('val_ece_before'))} -> {_shown(point.get('val_ece_after'))}")
+
+
+def _shown(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

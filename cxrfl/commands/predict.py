@@ -15,7 +15,9 @@ def add_parser(subparsers) -> None:
         description="Run a classifier on image files or folders (PNG/JPEG 8/16-bit, grayscale/RGB/RGBA, any size, "
         "DICOM incl. MONOCHROME1), preprocessed exactly as its training data (input size, standardisation, lung "
         "ROI). Writes per image a lung mask PNG (with a segmenter) and a Grad-CAM overlay PNG, and one "
-        "predictions.csv with a row per file; an unreadable file gets an error row and the rest still run.")
+        "predictions.csv with a row per file; an unreadable file gets an error row and the rest still run. "
+        "For two classes `predicted` uses the decision threshold the run chose on validation (0.5 for "
+        "models without one).")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders (searched recursively)")
     p.add_argument("--classifier", type=Path, required=True,
                    help="a run folder (central, sim, POC), a weights file inside one, or a `cxrfl export-model` file")
@@ -24,6 +26,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--cam", choices=("gradcam", "gradcam++"), default="gradcam", help="heat-map method")
     p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--calibrated", action="store_true",
+                   help="p_<class> columns: probabilities after the temperature scaling fitted on validation "
+                   "(1.0 for models without one); the predicted class is the same either way")
     p.set_defaults(func=run_predict)
 
     e = subparsers.add_parser(
@@ -41,7 +46,8 @@ def run_predict(args) -> int:
 
     try:
         clf = load_classifier(args.classifier, segmenter=args.segmenter)
-        summary = predict(clf, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size)
+        summary = predict(clf, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size,
+                          calibrated=args.calibrated)
     except (ModelLoadError, ValueError) as exc:
         print(f"cxrfl predict: {exc}", file=sys.stderr)
         return 2
