@@ -5,6 +5,7 @@ bench/results/<date>.json and .md (case, measured, target, pass/fail).
     python -m bench                 # the sizes the targets are meant for (~40 min on 2 CPU cores)
     python -m bench --quick         # a smoke run at toy sizes (the numbers mean nothing)
     python -m bench --cases loop,he # some cases only
+    python -m bench --cases attribution  # the heat-map sanity checks alone (~1.5 min)
 """
 
 from __future__ import annotations

@@ -41,12 +41,18 @@ class Scale:
     he_rounds: int = 3
     predict_size: int = 224
     predict_images: int = 24
+    attribution_model: str = "cnn5"
+    attribution_size: int = 64
+    attribution_train: int = 400
+    attribution_epochs: int = 12
+    attribution_test: int = 60
 
 
 FULL = Scale()
 QUICK = Scale(quick=True, reps=2, loop_model="cnn5", loop_size=32, loop_images=32, fed_model="cnn5", fed_size=32,
               fed_train_per_site=16, fed_rounds=2, scaling_sites=(2, 3), scaling_total_train=16, scaling_rounds=2,
-              he_size=32, he_per_site=12, he_rounds=2, predict_size=64, predict_images=4)
+              he_size=32, he_per_site=12, he_rounds=2, predict_size=64, predict_images=4,
+              attribution_size=32, attribution_train=32, attribution_epochs=1, attribution_test=12)
 
 
 def row(case: str, measured: float | None, target: str, ok: bool | None, unit: str = "", **detail) -> dict:
@@ -332,12 +338,46 @@ def inference(scale: Scale, work: Path) -> list[dict]:
                 "images/s", setup=f"{model} lung-ROI + U-Net, {len(images)} images, {torch.get_num_threads()} threads")]
 
 
+# ---- Attribution sanity checks -----------------------------------------------------------------------
+def attribution(scale: Scale, work: Path) -> list[dict]:
+    """Both heat-map methods through both sanity checks (lightning_modules/attribution_checks.py)
+    for a classifier trained on the opacity-only phantom; passing is what publishing a map needs."""
+    from lightning_modules.attribution_checks import (
+        fit_classifier,
+        planted_signal_check,
+        planted_signal_data,
+        randomisation_check,
+        randomised_copy,
+    )
+
+    images, labels, _ = planted_signal_data(scale.attribution_train, scale.attribution_size, seed=0)
+    net = fit_classifier(scale.attribution_model, images, labels, epochs=scale.attribution_epochs)
+    test, test_labels, opacity = planted_signal_data(scale.attribution_test, scale.attribution_size, seed=1)
+    positive = test_labels == 1
+    with torch.no_grad():
+        accuracy = float((net(test).argmax(1) == test_labels).float().mean())
+    setup = (f"{scale.attribution_model} at {scale.attribution_size} px, {scale.attribution_train} training images x "
+             f"{scale.attribution_epochs} epochs, {int(positive.sum())} positive test images")
+    rows = []
+    for method in ("gradcam", "occlusion"):
+        random = randomisation_check(net, randomised_copy(net), scale.attribution_model, test[positive], method)
+        planted = planted_signal_check(net, scale.attribution_model, test[positive], opacity[positive], method)
+        rows += [row(f"Attribution {method}: Spearman trained vs randomised maps", random["spearman"],
+                     f"< {random['threshold']}", random["pass"], setup=setup, ci_low=random["ci95"][0],
+                     ci_high=random["ci95"][1], test_accuracy=round(accuracy, 3)),
+                 row(f"Attribution {method}: opacity mass ÷ uniform (planted signal)", planted["ratio_to_uniform"],
+                     f"95 % CI low > {planted['threshold']}", planted["pass"], setup=setup, ci_low=planted["ci95"][0],
+                     ci_high=planted["ci95"][1], opacity_area_share=planted["opacity_area_share"])]
+    return rows
+
+
 CASES = {
     "loop": loop_and_pipeline,
     "federation": federation_overhead,
     "scaling": site_scaling,
     "he": homomorphic_encryption,
     "inference": inference,
+    "attribution": attribution,
 }
 
 

@@ -1,6 +1,6 @@
-"""Where do the classifiers look? Grad-CAM on the held-out test set, scored without a radiologist:
-the share of each positive image's heat-map mass inside the ground-truth lungs (and, where the data
-has them, e.g. the synthetic phantom, inside the opacities). Also the figures the report shows:
+"""Where do the classifiers look? Grad-CAM and occlusion sensitivity on the held-out test set,
+scored without a radiologist: the share of each positive image's heat-map mass inside the
+ground-truth lungs (and, where the data has them, e.g. the synthetic phantom, inside the opacities). Also the figures the report shows:
 a Grad-CAM grid of the models side by side and segmentation overlays."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cxrfl.models import Classifier, load_classifier, load_segmenter
 from lightning_modules.data.imageio import read_image, read_mask
 from lightning_modules.data.manifest import load_split, resolve, write_json
 from lightning_modules.data.transforms import deterministic_transforms, lung_roi, model_inputs
-from lightning_modules.interpret import heat_maps, mass_inside, overlay
+from lightning_modules.interpret import heat_maps, mass_inside, occlusion_maps, overlay
 
 FIGURES = "figures"
 
@@ -59,8 +59,10 @@ def _nanmean(values: torch.Tensor) -> float | None:
 
 
 def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str = "gradcam", limit: int | None = 200,
-                 show: int = 4) -> dict:
-    """interpretability.json and figures/gradcam_grid.png for `models` (name -> run folder)."""
+                 show: int = 4, occlusion_limit: int = 16) -> dict:
+    """interpretability.json and figures/gradcam_grid.png for `models` (name -> run folder).
+    Each row also scores MONAI's occlusion sensitivity, the second method, on the first
+    occlusion_limit positive images (it runs the model once per patch: ~64 times per image)."""
     items = _test_set(Path(data_root), limit)
     results, grid = {}, {}
     for name, run in models.items():
@@ -85,6 +87,10 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
             opacity = _in_model_frame(clf, [chosen[i]["opacity"] for i in with_opacity],
                                       masks[with_opacity] if masks is not None else None)
             row["in_opacity_share"] = _nanmean(mass_inside(maps[with_opacity], opacity))
+        if occlusion_limit > 0:
+            row.update(_occlusion_scores(clf, x[:occlusion_limit], lung[:occlusion_limit],
+                                         [it.get("opacity") for it in chosen[:occlusion_limit]],
+                                         masks[:occlusion_limit] if masks is not None else None))
         metrics = Path(run) / "metrics.json"
         if metrics.is_file():
             row["test_auroc"] = json.loads(metrics.read_text()).get("test", {}).get("test_auroc")
@@ -94,6 +100,18 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
     write_json(out / "interpretability.json", results)
     _grid_figure(grid, out / FIGURES / "gradcam_grid.png", cam)
     return results
+
+
+def _occlusion_scores(clf: Classifier, x: torch.Tensor, lung: torch.Tensor, opacities: list, masks) -> dict:
+    """The in-lung (and in-opacity) mass shares of occlusion-sensitivity maps."""
+    maps = occlusion_maps(clf.module.net, x, class_index=len(clf.classes) - 1)
+    scores = {"occlusion_images": len(x), "occlusion_in_lung_share": _nanmean(mass_inside(maps, lung))}
+    with_opacity = [i for i, o in enumerate(opacities) if o is not None]
+    if with_opacity:
+        opacity = _in_model_frame(clf, [opacities[i] for i in with_opacity],
+                                  masks[with_opacity] if masks is not None else None)
+        scores["occlusion_in_opacity_share"] = _nanmean(mass_inside(maps[with_opacity], opacity))
+    return scores
 
 
 def _grid_figure(grid: dict, path: Path, cam: str) -> None:

@@ -30,6 +30,8 @@ from lightning_modules.data.manifest import (
 )
 
 CLASSES = ["normal", "pneumonia"]
+# What tells the label: the opacity plus site cues (default), or the opacity only.
+LABEL_SIGNALS = ("opacity+site", "opacity")
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,11 @@ def _lung(x, y, side, anatomy):
     return inside_x & (y >= top) & (y <= dome) & (t > 0)
 
 
-def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pneumonia: bool, anatomy=None) -> Phantom:
-    """One frontal (PA) chest radiograph phantom with its lung and opacity masks."""
+def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pneumonia: bool, anatomy=None,
+                   marker: bool = True, opacity_gain: float = 1.0) -> Phantom:
+    """One frontal (PA) chest radiograph phantom with its lung and opacity masks; marker False
+    leaves out the burned-in side marker (a site cue, so a label cue wherever prevalence differs);
+    opacity_gain scales the opacities' density (same masks)."""
     if anatomy is None:
         anatomy = sample_anatomy(rng)
     # Acquisition geometry: the grid the anatomy is evaluated on.
@@ -196,17 +201,18 @@ def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pn
             strength = rng.uniform(0.16, 0.34)
             opacity += strength * np.exp(-r2) * np.clip(0.85 + 0.35 * patch, 0, None)
         opacity *= lungs
-    density += opacity
+    density += opacity_gain * opacity  # x * 1.0 is exact: the default phantom keeps its bytes
 
     # --- acquisition ---
     density = gaussian_filter(density, sigma=profile.blur * size / 256.0)
     image = np.clip(density * profile.contrast + profile.exposure, 0.0, 1.0) ** profile.gamma
     image = image + rng.normal(0.0, profile.noise, size=image.shape)
     # burned-in side marker ("L") in a site-specific corner: a realistic shortcut to avoid
-    m = max(3, size // 20)
-    r0, c0 = [(m, m), (m, size - 3 * m), (size - 3 * m, m), (size - 3 * m, size - 3 * m)][profile.marker_corner]
-    image[r0 : r0 + 2 * m, c0 : c0 + m // 2 + 1] = 0.95
-    image[r0 + 2 * m - m // 2 - 1 : r0 + 2 * m, c0 : c0 + m + 1] = 0.95
+    if marker:
+        m = max(3, size // 20)
+        r0, c0 = [(m, m), (m, size - 3 * m), (size - 3 * m, m), (size - 3 * m, size - 3 * m)][profile.marker_corner]
+        image[r0 : r0 + 2 * m, c0 : c0 + m // 2 + 1] = 0.95
+        image[r0 + 2 * m - m // 2 - 1 : r0 + 2 * m, c0 : c0 + m + 1] = 0.95
     image = np.clip(image, 0.0, 1.0).astype(np.float32)
 
     opacity_mask = ((opacity > 0.06) & lungs).astype(np.uint8)
@@ -231,16 +237,35 @@ def sample_anatomy(rng: np.random.Generator) -> dict:
     }
 
 
+def planted_signal_phantoms(count: int, size: int = 64, seed: int = 0, opacity_gain: float = 3.0) -> list[Phantom]:
+    """Phantoms whose label depends ONLY on the opacity: one acquisition profile for every image,
+    no side marker, pneumonia with probability 0.5 independent of anatomy and positioning. An
+    attribution method has one thing to find here, and each image's opacity mask says where.
+    The opacities are opacity_gain times denser than by default so that a small model learns
+    them in a few epochs at 64 px (the checks test the map, not how hard the task is)."""
+    if count < 1 or size < 32:
+        raise ValueError("need count >= 1 and size >= 32")
+    profile = site_profiles(1, seed)[0]
+    rng = np.random.default_rng([seed, 4242])
+    return [render_phantom(rng, profile, size, bool(rng.random() < 0.5), marker=False, opacity_gain=opacity_gain)
+            for _ in range(count)]
+
+
 def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, test_size: int | None = None,
                      size: int = 256, seed: int = 0, val_fraction: float = 0.2,
-                     follow_up_rate: float = 0.1) -> dict:
+                     follow_up_rate: float = 0.1, label_signal: str = "opacity+site") -> dict:
     """Write a multi-site data root (site-1..N + test) of phantoms; returns its dataset info.
 
     About follow_up_rate of patients get a second image (same anatomy and label, new
-    positioning), so splitting has to respect patients.
+    positioning), so splitting has to respect patients. label_signal "opacity" removes the
+    site cues from the label (every site at prevalence 0.5, no side marker): only the opacity
+    tells pneumonia, as an attribution check needs.
     """
     if sites < 1 or per_site < 2 or size < 32:
         raise ValueError("need sites >= 1, per_site >= 2 and size >= 32")
+    if label_signal not in LABEL_SIGNALS:
+        raise ValueError(f"label_signal must be one of {', '.join(LABEL_SIGNALS)}")
+    opacity_only = label_signal == "opacity"
     out = Path(out)
     profiles = site_profiles(sites, seed)
     test_size = per_site if test_size is None else test_size
@@ -260,7 +285,7 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
             n_images = 2 if (rng.random() < follow_up_rate and index + 1 < count) else 1
             split = split_for_patient(rng)
             for k in range(n_images):
-                ph = render_phantom(rng, profile, size, pneumonia, anatomy)
+                ph = render_phantom(rng, profile, size, pneumonia, anatomy, marker=not opacity_only)
                 stem = f"{pid}-{k}"
                 write_png(folder / "images" / f"{stem}.png", ph.image)
                 write_png(folder / "masks" / f"{stem}.png", ph.lung_mask, mask=True)
@@ -276,7 +301,7 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
 
     summary = {}
     for i, profile in enumerate(profiles):
-        records = make_set(profile.name, per_site, lambda rng, p=profile: p, None,
+        records = make_set(profile.name, per_site, lambda rng, p=profile: p, 0.5 if opacity_only else None,
                            lambda rng: "val" if rng.random() < val_fraction else "train", stream=i + 1)
         summary[profile.name] = _counts(records)
     test_records = make_set(TEST_SITE, test_size, lambda rng: profiles[rng.integers(len(profiles))], 0.5,
@@ -286,7 +311,8 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
         "classes": CLASSES,
         "source": "synthetic-phantom",
         "generator": {"sites": sites, "per_site": per_site, "test_size": test_size, "size": size, "seed": seed,
-                      "val_fraction": val_fraction, "follow_up_rate": follow_up_rate},
+                      "val_fraction": val_fraction, "follow_up_rate": follow_up_rate,
+                      **({"label_signal": label_signal} if opacity_only else {})},
         "site_profiles": [asdict(p) for p in profiles],
         "counts": summary,
     }
