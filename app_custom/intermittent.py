@@ -84,8 +84,11 @@ class SiteAwareFedAvg(Aggregator):
                     counted[site] = update
                     kept.append(site)
             self._last.update(fresh)
-        if not counted:
-            raise RuntimeError("no site contributed this round and none is remembered")
+        if not counted:  # every site failed or was refused: the global model stays as it was, and the
+            # round log's empty `fresh` lets the coordinator fail the run, naming each site's error
+            self.log_warning(fl_ctx, "no site contributed this round: the global model is unchanged")
+            self.reset(fl_ctx)
+            return DXO(data_kind=DataKind.WEIGHTS, data={}, meta={FRESH: [], KEPT: []}).to_shareable()
         mean = weighted_mean(counted)
         self.log_info(fl_ctx, f"averaged fresh updates of {sorted(fresh)}"
                               + (f" and the last updates of {sorted(kept)}" if kept else ""))
