@@ -25,7 +25,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The inner loop (~3 min on 2 cores): everything but the simulator, POC, demo, study and resume runs.
+# The inner loop (~4 min on 2 cores): everything but the simulator, POC, demo, study and resume runs.
 SLOW_TESTS := federated poc poc_intermittent poc_he demo resume study
 test-fast: install
 	$(BIN)/python -m pytest -q $(foreach t,$(SLOW_TESTS),--ignore=tests/test_$(t).py)
