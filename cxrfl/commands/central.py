@@ -14,14 +14,14 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from cxrfl.commands.options import (add_training_options, non_negative_int, positive_int, probability,
                                     resolve_data_root)
-from cxrfl.runs import (WANDB_PRIVATE_SETTINGS, AtomicCheckpointIO, RunDirError, finite_or_none, new_run_dir, print_test_metrics, save_config,
-                        test_at_operating_point, undefined_reason, write_test_predictions)
-from lightning_modules.factory import build_module
+from cxrfl.runs import (WANDB_PRIVATE_SETTINGS, AtomicCheckpointIO, RunDirError, finite_or_none, new_run_dir,
+                        print_test_metrics, save_config, test_at_operating_point, undefined_reason,
+                        write_test_predictions)
 from lightning_modules.data.check import refuse_leakage
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import ManifestError, write_json
 from lightning_modules.data.transforms import ROI_MODES
-from lightning_modules.factory import DEFAULT_MODEL
+from lightning_modules.factory import DEFAULT_MODEL, build_module
 from lightning_modules.operating_point import operating_point
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
 from lightning_modules.segmentation import LungSegmentation
