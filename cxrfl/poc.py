@@ -22,12 +22,13 @@ from pathlib import Path
 
 import yaml
 
-from cxrfl.fl_job import FLConfig
+from cxrfl.fl_job import SITE_CONFIG, FLConfig
 from cxrfl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
 from cxrfl.keyfiles import restrict_private_files
 from cxrfl.poc_processes import stop_processes, wait_until_ended, workspace_process_list
 from cxrfl.simulate import (SimulationError, check_contributions, collect_server_results, evaluate_run, export_job,
                             prepare_resume)
+from lightning_modules.data.imageio import one_line
 from lightning_modules.data.manifest import atomic_write_text, site_dirs, write_json
 
 STATE_FILE = "cxrfl_poc.json"
@@ -196,7 +197,7 @@ def poc_prepare(workspace: Path, n_sites: int, data_root: Path, he: bool = False
     write_json(workspace / STATE_FILE, state)
     restrict_private_files(workspace)  # cert.json (every private key) and HE secret contexts
     for site, data_dir in zip(sites, data_sites):  # each hospital's own data, in its own local config
-        write_json(kits / site / "local" / "cxrfl_site.json", {"data_dir": str(data_dir.absolute())})
+        write_json(kits / site / SITE_CONFIG, {"data_dir": str(data_dir.absolute())})
     set_heartbeat_timeout(kits / "localhost", heartbeat_timeout)
     return state
 
@@ -407,7 +408,7 @@ def _stop_poc(workspace: Path) -> str | None:
     try:
         _nvflare(["poc", "stop"], workspace, timeout=NVFLARE_STOP_TIMEOUT)
     except PocError as exc:  # e.g. "server did not stop within 30.0 seconds; Communication Error"
-        failure = " ".join(str(exc).split())[:300]
+        failure = one_line(str(exc))
     else:
         wait_until_ended(workspace_process_list(workspace), SETTLE_AFTER_STOP)
     stopped = 0

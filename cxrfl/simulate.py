@@ -42,6 +42,7 @@ from cxrfl.keyfiles import restrict_private_files
 from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
 from cxrfl.runs import finite_or_none, test_at_operating_point, undefined_reason, write_test_predictions
 from lightning_modules.data.datamodule import CXRDataModule
+from lightning_modules.data.imageio import one_line
 from lightning_modules.data.manifest import atomic_write_text, write_json
 from lightning_modules.factory import build_module
 from lightning_modules.segmentation import LungSegmentation
@@ -212,7 +213,7 @@ def site_error(logs: list[Path]) -> str:
             continue
         for line in log.read_text(errors="replace").splitlines():
             if ERROR_LINE.match(line.strip()):
-                return " ".join(line.split())[:300]
+                return one_line(line)
     where = ", ".join(str(p) for p in logs) or "its log"
     return f"no update accepted and no error in {where} (rejected by the server? see its log)"
 
