@@ -24,6 +24,7 @@ from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 from nvflare.app_common.shareablegenerators import FullModelShareableGenerator
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
+from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.pt.fedopt import PTFedOptModelShareableGenerator
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
@@ -100,9 +101,13 @@ class FLConfig:
     seed: int = 0
     deterministic: bool = False  # torch's deterministic algorithms at every site (slower where they differ)
     class_weights: str = "balanced"
+    target_sensitivity: float | None = None  # two-class classify: threshold reaching this validation sensitivity
     accelerator: str = "auto"
     limit: int | None = None
     cross_site_eval: bool = True
+    # without cross-site evaluation: still each site's validation of the global models (NVFlare's
+    # GlobalModelEval, no local models sent), which the operating point and model selection need
+    global_model_eval: bool = False
     wandb: bool = False
     wandb_project: str = "cxr-fl"
     record_contributions: bool = False
@@ -172,6 +177,9 @@ class FLConfig:
                 re.compile(self.he_encrypt_layers)
             except re.error as exc:
                 raise ValueError(f"--he-encrypt-layers {self.he_encrypt_layers!r} is not a valid regular expression: {exc}") from None
+        if self.he and self.global_model_eval:
+            raise ValueError("global-model evaluation is not available with HE (NVFlare cannot broadcast "
+                             "ciphertext models)")
         if self.he and self.cross_site_eval:
             raise ValueError("cross-site evaluation is not available with HE (NVFlare cannot broadcast ciphertext "
                              "models); pass --no-cross-site-eval")
@@ -307,6 +315,9 @@ def build_job(cfg: FLConfig, staging: Path) -> BaseFedJob:
         locator_id = job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="locator")
         job.to_server(CrossSiteModelEval(model_locator_id=locator_id, submit_model_timeout=600,
                                          validation_timeout=6000))
+    elif cfg.global_model_eval:
+        locator_id = job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="locator")
+        job.to_server(GlobalModelEval(model_locator_id=locator_id, validation_timeout=6000))
 
     if cfg.task == "roi" and cfg.segmenter:  # travels as a file: no site needs the exporter's path
         from cxrfl.models import export_model

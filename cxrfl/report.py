@@ -7,6 +7,7 @@ works when copied elsewhere), and each figure also as a PNG next to it:
 - per FL run: the sites' per-round validation of the global model (key metric and loss);
 - ROC curves of every classification run with ``test_predictions.csv``, overlaid per class set;
 - a confusion matrix per classification run;
+- reliability diagrams (calibration) of the two-class runs, with their expected calibration error;
 - per FL run: the cross-site evaluation heat map (models x sites' validation splits + test);
 - ``interpretability.json`` as a table and every ``figures/*.png`` of the run folder.
 
@@ -139,7 +140,8 @@ def write_report(run_dir: Path) -> Path:
         report.sections.append(test_metrics_section(runs))
     classified = load_predictions(runs, report)
     sections = (curves_section(runs, report), roc_section(classified, report),
-                confusion_section(classified, report), cross_site_section(runs, report))
+                confusion_section(classified, report), calibration_section(classified, report),
+                cross_site_section(runs, report))
     report.sections += [s for s in sections if s]
     interpretability = interpretability_section(run_dir, report)
     if interpretability:
@@ -317,6 +319,23 @@ def roc_of(pred: Predictions) -> tuple[np.ndarray, np.ndarray, float] | None:
     return np.r_[0.0, grid], np.r_[0.0, mean_tpr], float(np.mean([auc(fpr, tpr) for fpr, tpr in curves]))
 
 
+RELIABILITY_BINS = 15  # as the test ECE in metrics.json (lightning_modules.operating_point.ECE_BINS)
+
+
+def reliability(positive: np.ndarray, scores: np.ndarray, bins: int = RELIABILITY_BINS):
+    """Per equal-width bin of the positive-class probability: mean predicted probability, observed
+    fraction of positives and image count (empty bins left out), and the expected calibration error
+    (count-weighted mean |observed - predicted|, as torchmetrics' binary calibration error).
+    Written here because the report reads CSVs with numpy only."""
+    index = np.floor(scores * bins).astype(int)  # left-closed bins; a probability of exactly 1 in its own, as torchmetrics
+    counts = np.bincount(index, minlength=bins + 1)
+    keep = counts > 0
+    predicted = np.bincount(index, weights=scores, minlength=bins + 1)[keep] / counts[keep]
+    observed = np.bincount(index, weights=positive.astype(float), minlength=bins + 1)[keep] / counts[keep]
+    ece = float(np.sum(np.abs(observed - predicted) * counts[keep]) / len(scores))
+    return predicted, observed, counts[keep], ece
+
+
 def confusion_matrix(pred: Predictions) -> np.ndarray:
     """Counts: rows are the true class, columns the predicted class."""
     n = len(pred.classes)
@@ -333,6 +352,8 @@ def summary_section(summary: dict) -> str:
                    for r in rows])
     facts = {"preset": summary.get("preset"), "data": summary.get("data"),
              "total wall time (s)": _seconds(summary.get("total_seconds"))}
+    if summary.get("seeds"):  # `cxrfl demo --seeds N`: the values are means; summary.md has the spread
+        facts["training seeds"] = ", ".join(map(str, summary["seeds"])) + " (values: mean over the seeds)"
     return _section("summary", "Summary", _facts(facts) + body)
 
 
@@ -464,6 +485,31 @@ def confusion_section(classified: list[tuple[Run, Predictions]], report: Report)
     if not parts:
         return ""
     return _section("confusion", "Confusion matrices", "".join(parts))
+
+
+def calibration_section(classified: list[tuple[Run, Predictions]], report: Report) -> str:
+    """One reliability diagram of every two-class run: a calibrated model's points lie on the diagonal."""
+    binary = [(run, pred) for run, pred in classified if len(pred.classes) == 2]
+    if not binary:
+        return ""
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    rows = []
+    for run, pred in binary:
+        predicted, observed, counts, ece = reliability(pred.labels == 1, pred.probs[:, 1])
+        ax.plot(predicted, observed, marker="o", markersize=3, label=f"{run.name} (ECE {ece:.3f})")
+        rows.append([run.name, run.setting, run.task_label, ece, len(pred.labels)])
+    ax.set(xlabel=f"predicted probability of {binary[0][1].classes[1]}", ylabel="observed fraction",
+           xlim=(0, 1), ylim=(0, 1.01), title="Reliability on the held-out test set")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    caption = (f"mean predicted probability vs observed fraction of positives per bin ({RELIABILITY_BINS} "
+               "equal-width bins, empty bins left out)")
+    table = _table(["run", "setting", "task", "test ECE", "test images"], rows)
+    return _section("calibration", "Calibration",
+                    _figure(report.add_figure(fig, "reliability.png"), caption) + table)
 
 
 def cross_site_section(runs: list[Run], report: Report) -> str:

@@ -442,7 +442,7 @@ def test_data_module(cfg: FLConfig) -> CXRDataModule:
 def federated_operating_point(cfg: FLConfig, by_site: dict) -> dict | None:
     """A two-class classifier's decision threshold from the sites' validation in cross-site
     evaluation: their per-class score histograms pooled (no image or score leaves a site), Youden's
-    J; 0.5 when no site sent one (no cross-site evaluation). None for other tasks."""
+    J (or the configured target sensitivity); 0.5 when no site sent one (no cross-site evaluation). None for other tasks."""
     from lightning_modules.operating_point import DEFAULT_THRESHOLD, histogram_counts, threshold_from_histograms
 
     if cfg.kind != "classify" or len(cfg.classes) != 2:
@@ -450,7 +450,7 @@ def federated_operating_point(cfg: FLConfig, by_site: dict) -> dict | None:
     histograms = [h for site, m in by_site.items() if site in cfg.sites for h in [histogram_counts(m)] if h]
     if not histograms:
         return {"threshold": DEFAULT_THRESHOLD, "rule": "default 0.5 (no site sent validation histograms)"}
-    return {**threshold_from_histograms(histograms), "sites": len(histograms)}
+    return {**threshold_from_histograms(histograms, cfg.target_sensitivity), "sites": len(histograms)}
 
 
 def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_dir: Path | None = None,

@@ -26,6 +26,7 @@ from lightning_modules.data.manifest import (DATASET_JSON, Record, atomic_write_
 
 CONFIGS = Path(__file__).resolve().parent / "studies"  # package data: ships with the wheel
 COLUMNS = ["run", "sites", "rounds", "local_epochs", "schedule", "approach", "test_loss", "test_acc", "test_auroc",
+           "threshold", "test_acc_at_threshold", "test_sensitivity_at_threshold", "test_specificity_at_threshold",
            "wall_s", "critical_path_s", "time_reduction_wall", "time_reduction_critical_path"]
 
 
@@ -128,7 +129,7 @@ def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log)
     else:
         log(f"[study] {central_dir.relative_to(out)}: done, skipped")
     central = json.loads((central_dir / "metrics.json").read_text())
-    rows.append(_row("central", central["test"], central["train_seconds"], central["train_seconds"], {}, central))
+    rows.append(_row("central", central, central["train_seconds"], central["train_seconds"], {}, central))
     for spec in grid_runs(config):
         run_dir = folder / spec["id"]
         if not (run_dir / "metrics.json").is_file():
@@ -140,14 +141,14 @@ def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log)
                            local_epochs=spec["local_epochs"], batch_size=base.get("batch_size", 16),
                            lr=base.get("lr", 1e-3), image_size=base.get("image_size", 64), model=base.get("model"),
                            classes=read_dataset_info(data).get("classes") or ["normal", "pneumonia"],
-                           seed=seed, cross_site_eval=False, schedule=spec["schedule"],
+                           seed=seed, cross_site_eval=False, global_model_eval=True, schedule=spec["schedule"],
                            absent_weights=spec["approach"] or "drop")
             run_simulation(cfg, run_dir, take_turns=True)  # each site's local time is its own
         else:
             log(f"[study] {run_dir.relative_to(out)}: done, skipped")
         summary = json.loads((run_dir / "metrics.json").read_text())
         critical = critical_path_seconds(run_dir)
-        rows.append(_row(spec["id"], summary.get("test", {}), summary["wall_seconds"], critical, spec, central))
+        rows.append(_row(spec["id"], summary, summary["wall_seconds"], critical, spec, central))
     return rows
 
 
@@ -207,19 +208,27 @@ def critical_path_seconds(run_dir: Path) -> float | None:
     return round(sum(slowest.values()) + aggregation, 2) if slowest else None
 
 
-def _row(run: str, test: dict, wall: float, critical: float | None, spec: dict, central: dict) -> dict:
+def _row(run: str, metrics: dict, wall: float, critical: float | None, spec: dict, central: dict) -> dict:
+    """One table row from a run's metrics.json: test metrics at argmax (0.5) and at the decision
+    threshold chosen on the run's validation data (the sites' pooled histograms in FL runs)."""
     central_time = central["train_seconds"]
+    test = metrics.get("test", {})
     return {"run": run, "sites": spec.get("sites", 1), "rounds": spec.get("rounds", ""),
             "local_epochs": spec.get("local_epochs", ""), "schedule": spec.get("schedule_name", ""),
             "approach": spec.get("approach", ""), "test_loss": test.get("test_loss"),
-            "test_acc": test.get("test_acc"), "test_auroc": test.get("test_auroc"), "wall_s": round(wall, 1),
+            "test_acc": test.get("test_acc"), "test_auroc": test.get("test_auroc"),
+            "threshold": (metrics.get("operating_point") or {}).get("threshold"),
+            **{k: test.get(k) for k in ("test_acc_at_threshold", "test_sensitivity_at_threshold",
+                                        "test_specificity_at_threshold")},
+            "wall_s": round(wall, 1),
             "critical_path_s": critical,
             "time_reduction_wall": round(1 - wall / central_time, 3) if central_time else None,
             "time_reduction_critical_path": round(1 - critical / central_time, 3) if critical and central_time else None}
 
 
 # Numbers averaged over seeds in the table; the others describe the run.
-MEASURED = ["test_loss", "test_acc", "test_auroc", "wall_s", "critical_path_s", "time_reduction_wall",
+MEASURED = ["test_loss", "test_acc", "test_auroc", "threshold", "test_acc_at_threshold",
+            "test_sensitivity_at_threshold", "test_specificity_at_threshold", "wall_s", "critical_path_s", "time_reduction_wall",
             "time_reduction_critical_path"]
 
 

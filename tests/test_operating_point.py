@@ -5,6 +5,7 @@ using the stored threshold (0.5 for a run folder or export without one)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrfl.cli import main
+from cxrfl.cli import build_parser, main
 from cxrfl.models import load_classifier
 from lightning_modules.operating_point import (
     choose_threshold,
@@ -240,3 +241,33 @@ def test_federated_threshold_comes_from_the_sites_validation_histograms(tmp_path
     rows = _predictions(run)
     assert all(r["predicted"] == ("pneumonia" if float(r["p_pneumonia"]) >= point["threshold"] else "normal")
                for r in rows)
+
+
+def test_federated_target_sensitivity_moves_the_threshold_down_to_reach_it(synthetic_root):
+    """`sim --target-sensitivity S`: the pooled site histograms give the highest threshold whose
+    validation sensitivity reaches S (below Youden's where Youden's misses positives)."""
+    from cxrfl.commands.fl_options import config_from_args
+    from cxrfl.fl_job import FLConfig
+    from cxrfl.simulate import federated_operating_point
+
+    gen = torch.Generator().manual_seed(4)
+    by_site = {}
+    for site in ("site-1", "site-2"):
+        labels = torch.randint(0, 2, (200,), generator=gen)
+        scores = (torch.rand(200, generator=gen) * 0.6 + labels * 0.35).clamp(0, 1)
+        by_site[site] = score_histogram(scores, labels)
+    by_site["test"] = by_site["site-1"]  # the test column never counts
+    cfg = FLConfig(task="classify", sites=["site-1", "site-2"])
+    youden = federated_operating_point(cfg, by_site)
+    sensitive = federated_operating_point(dataclasses.replace(cfg, target_sensitivity=0.99), by_site)
+    assert youden["rule"] == "youden" and sensitive["rule"] == "sensitivity>=0.99"
+    assert sensitive["val_sensitivity"] >= 0.99 > youden["val_sensitivity"]
+    assert sensitive["threshold"] < youden["threshold"] and sensitive["sites"] == 2
+
+    parser = build_parser()
+    args = parser.parse_args(["sim", "--task", "segment", "--data", str(synthetic_root), "--target-sensitivity", "0.9"])
+    with pytest.raises(ValueError, match="--target-sensitivity applies to --task classify"):
+        config_from_args(args)
+    with pytest.raises(SystemExit) as exit_:
+        main(["sim", "--task", "classify", "--target-sensitivity", "1.5", "--data", str(synthetic_root)])
+    assert exit_.value.code == 2

@@ -15,11 +15,11 @@ from matplotlib.figure import Figure
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
-from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+from torchmetrics.functional.classification import binary_auroc, binary_calibration_error, multiclass_auroc
 
 from cxrfl.cli import main
 from cxrfl.fl_job import FLConfig
-from cxrfl.report import Predictions, ReportError, auc, roc_curve, roc_of, write_report
+from cxrfl.report import Predictions, ReportError, auc, reliability, roc_curve, roc_of, write_report
 
 CLASSES = ["normal", "pneumonia"]
 SITES = ["site-1", "site-2", "site-3"]
@@ -126,9 +126,11 @@ def _chromium() -> webdriver.Chrome:
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
-# Figures the demo folder yields: rounds x2 (FL runs), ROC x1 (one class set), confusion x2, cross-site x2, figures/ x1.
-EXPECTED_IMAGES = 8
-SECTIONS = ["notes", "summary", "runs", "test-metrics", "rounds", "roc", "confusion", "cross-site", "interpretability",
+# Figures the demo folder yields: rounds x2 (FL runs), ROC x1 (one class set), confusion x2, reliability x1,
+# cross-site x2, figures/ x1.
+EXPECTED_IMAGES = 9
+SECTIONS = ["notes", "summary", "runs", "test-metrics", "rounds", "roc", "confusion", "calibration", "cross-site",
+            "interpretability",
             "parameters"]
 
 
@@ -157,6 +159,8 @@ def test_report_renders_every_figure_in_chromium(demo_dir, tmp_path):
         assert "gradcam_full_vs_roi" in body and "in_opacity_share" in body  # figure caption + interpretability
         roc = driver.find_element("id", "roc").text
         assert "fl-classify" in roc and "central-classify" in roc  # both runs in one ROC figure's AUC table
+        calibration = driver.find_element("id", "calibration").text
+        assert "fl-classify" in calibration and "central-classify" in calibration and "ECE" in calibration
         shot = tmp_path / "report.png"
         assert driver.save_screenshot(str(shot))
     finally:
@@ -186,6 +190,21 @@ def test_roc_auc_matches_torchmetrics():
     pred = Predictions(["a", "b", "c"], labels3, probs.argmax(1), probs)
     expected3 = multiclass_auroc(torch.tensor(probs), torch.tensor(labels3), num_classes=3, average="macro").item()
     assert roc_of(pred)[2] == pytest.approx(expected3, abs=1e-6)
+
+
+def test_reliability_matches_torchmetrics_ece():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    scores = np.clip(rng.random(400) * 0.5 + labels * 0.45, 0, 1)  # overconfident on positives, some at 1.0
+    scores[:5] = 1.0
+    predicted, observed, counts, ece = reliability(labels == 1, scores)
+    expected = binary_calibration_error(torch.tensor(scores), torch.tensor(labels), n_bins=15).item()
+    assert ece == pytest.approx(expected, abs=1e-6) and ece > 0.05
+    assert counts.sum() == 400 and np.all((observed >= 0) & (observed <= 1))
+    assert np.all(np.diff(predicted) > 0)  # one point per non-empty bin, in order
+    # a calibrated model: observed fractions follow the predictions
+    calibrated = rng.random(20000)
+    assert reliability(rng.random(20000) < calibrated, calibrated)[3] < 0.02
 
 
 def test_run_without_optional_files_renders(tmp_path):

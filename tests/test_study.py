@@ -63,6 +63,11 @@ def test_study_writes_its_table_and_resumes(tmp_path, capsys):
     for column in ("test_loss", "test_acc", "test_auroc", "wall_s", "critical_path_s", "time_reduction_wall"):
         assert fl[column] not in ("", None), column
     assert 0 < float(fl["critical_path_s"]) < float(fl["wall_s"])  # sites in parallel beat them in turn
+    # the decision threshold comes from the sites' validation of the global model, not a fixed 0.5
+    point = json.loads((out / "fl-3sites-r2-e1-intermittent-keep" / "metrics.json").read_text())["operating_point"]
+    assert point["sites"] == 3 and point["rule"] == "youden"
+    assert float(fl["threshold"]) == point["threshold"] and fl["test_acc_at_threshold"] not in ("", None)
+    assert rows["central"]["test_acc_at_threshold"] not in ("", None)
     # the schedule: site-2 leaves after round 0, site-3 joins in round 1; who counted, per round
     log = [json.loads(line) for line in
            (out / "fl-3sites-r2-e1-intermittent-keep" / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from cxrfl.commands.options import DEFAULT_DATA, DEFAULT_SYNTH, seed
+from cxrfl.commands.options import DEFAULT_DATA, DEFAULT_SYNTH, positive_int, seed
 from cxrfl.runs import RunDirError, new_run_dir
 from cxrfl.simulate import SimulationError
 from lightning_modules.data.manifest import DATASET_JSON, ManifestError, atomic_write_text, write_json
@@ -39,7 +41,10 @@ def add_parser(subparsers) -> None:
                    help=f"data root to use instead of the synthetic default ({DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=None, metavar="RUN_DIR",
                    help="run folder (default: a new timestamped folder under runs/)")
-    p.add_argument("--seed", type=seed, default=0, help="random seed")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (the first one with --seeds)")
+    p.add_argument("--seeds", type=positive_int, default=1, metavar="N",
+                   help="run the whole demo N times with training seeds seed, seed+1, ... (in seed-K/ folders) and "
+                        "report each number as mean ± standard deviation, FL ÷ central per task (default 1)")
     p.set_defaults(func=run)
 
 
@@ -55,22 +60,48 @@ def _data_root(args, preset_name: str, run_dir: Path) -> Path:
 
 
 def run(args) -> int:
-    from cxrfl.cli import build_parser
-    from cxrfl.commands import central, fl_options
-    from cxrfl.interpretability import score_models, segmentation_overlays
     from cxrfl.report import write_report
-    from cxrfl.simulate import run_simulation
 
     name = "quick" if args.quick else "full"
-    preset = PRESETS[name]
     try:
         run_dir = new_run_dir(args.out, "demo")
         data = _data_root(args, name, run_dir)
     except (RunDirError, ManifestError) as exc:
         print(f"cxrfl demo: {exc}", file=sys.stderr)
         return 2
+    start = time.time()
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    try:
+        if len(seeds) == 1:
+            table = run_demo(name, data, seeds[0], run_dir)
+        else:
+            summaries = []
+            for s in seeds:
+                print(f"\n##### training seed {s} ({len(summaries) + 1} of {len(seeds)}) #####", flush=True)
+                run_demo(name, data, s, run_dir / f"seed-{s}")
+                summaries.append(json.loads((run_dir / f"seed-{s}" / "summary.json").read_text()))
+            table = write_seeded_summary(summaries, run_dir, name, data)
+    except (ValueError, ManifestError, SimulationError, RunDirError) as exc:
+        print(f"cxrfl demo: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + table)
+    print(f"report: {write_report(run_dir)}")
+    print(f"\nrun folder: {run_dir}  (total {time.time() - start:.0f} s)")
+    return 0
+
+
+def run_demo(name: str, data: Path, seed: int, run_dir: Path) -> str:
+    """One demo at one training seed into run_dir: every step, Grad-CAM scores, summary.md/.json;
+    returns the summary table."""
+    from cxrfl.cli import build_parser
+    from cxrfl.commands import central, fl_options
+    from cxrfl.interpretability import score_models, segmentation_overlays
+    from cxrfl.simulate import run_simulation
+
+    preset = PRESETS[name]
+    run_dir.mkdir(parents=True, exist_ok=True)
     parser = build_parser()
-    common = ["--data", str(data), "--seed", str(args.seed), "--batch-size", str(preset["batch_size"])]
+    common = ["--data", str(data), "--seed", str(seed), "--batch-size", str(preset["batch_size"])]
     rows = []
     fl_segment = run_dir / "fl-segment"
 
@@ -117,31 +148,108 @@ def run(args) -> int:
                                           "--segmenter", str(_segmenter(fl_segment))], "central-roi-t0.05")),
     ]
     total = time.time()
-    try:
-        for task, setting, metric, step in steps:
-            print(f"\n=== {task}: {setting} ===", flush=True)
-            test, seconds = step()
-            rows.append({"task": task, "setting": setting, "metric": metric, "value": test.get(metric),
-                         "wall_seconds": round(seconds, 1)})
-    except (ValueError, ManifestError, SimulationError, RunDirError) as exc:
-        print(f"cxrfl demo: {exc}", file=sys.stderr)
-        return 2
-    print("\n=== where the classifiers look: Grad-CAM on the test set ===", flush=True)
+    for task, setting, metric, step in steps:
+        print(f"\n=== {task}: {setting} ===", flush=True)
+        test, seconds = step()
+        rows.append({"task": task, "setting": setting, "metric": metric, "value": test.get(metric),
+                     "wall_seconds": round(seconds, 1)})
+    print("\n=== where the classifiers look: Grad-CAM and occlusion on the test set ===", flush=True)
     classifiers = {folder: run_dir / folder for folder in CLASSIFIER_RUNS if (run_dir / folder).is_dir()}
-    table = format_table(rows) + (f"\n\nOne training seed ({args.seed}): a single draw, and federated runs move "
-                                  "between seeds; intervals over seeds: `cxrfl study --seeds 3` (README, Reproducibility).")
+    table = format_table(rows) + "\n\n" + format_ratios(fl_ratios(rows)) + (
+        f"\n\nOne training seed ({seed}): a single draw, and federated runs move between seeds; mean ± spread "
+        "over seeds: `cxrfl demo --seeds 3` (docs/results.md).")
+    interpretability = {}
     try:
-        table += "\n\n" + format_interpretability(score_models(classifiers, data, run_dir))
+        interpretability = score_models(classifiers, data, run_dir)
+        table += "\n\n" + format_interpretability(interpretability)
         segmentation_overlays(fl_segment, data, run_dir)
     except ValueError as exc:  # e.g. a real data set without test lung masks: no score, the rest stands
-        print(f"cxrfl demo: no Grad-CAM scores: {exc}", file=sys.stderr)
-    write_json(run_dir / "summary.json", {"preset": name, "data": str(data), "rows": rows,
+        print(f"cxrfl demo: no heat-map scores: {exc}", file=sys.stderr)
+    write_json(run_dir / "summary.json", {"preset": name, "data": str(data), "seed": seed, "rows": rows,
+                                          "fl_over_central": fl_ratios(rows), "interpretability": interpretability,
                                           "total_seconds": round(time.time() - total, 1)})
     atomic_write_text(run_dir / "summary.md", table + "\n")
-    print("\n" + table)
-    print(f"report: {write_report(run_dir)}")
-    print(f"\nrun folder: {run_dir}  (total {time.time() - total:.0f} s)")
-    return 0
+    return table
+
+
+QUALITY_TARGET = 0.97  # each federated model's test metric over its centralized counterpart's, mean over seeds
+
+
+def fl_ratios(rows: list[dict]) -> dict[str, float | None]:
+    """Per task with both settings: the FL test metric divided by the centralized one."""
+    by_task: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], {})[r["setting"]] = r["value"]
+    return {task: (v["FL"] / v["central"] if v.get("FL") is not None and v.get("central") else None)
+            for task, v in by_task.items() if "FL" in v and "central" in v}
+
+
+def format_ratios(ratios: dict[str, float | None]) -> str:
+    lines = [f"| task | FL ÷ central (test) | target ≥ {QUALITY_TARGET} |", "|---|---|---|"]
+    for task, ratio in ratios.items():
+        verdict = "n/a" if ratio is None else ("pass" if ratio >= QUALITY_TARGET else "**below**")
+        lines.append(f"| {task} | {'n/a' if ratio is None else f'{ratio:.4f}'} | {verdict} |")
+    return "\n".join(lines)
+
+
+def mean_sd(values: list) -> tuple[float, float, int] | None:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    if not numbers:
+        return None
+    return statistics.fmean(numbers), (statistics.stdev(numbers) if len(numbers) > 1 else 0.0), len(numbers)
+
+
+def _mean_sd_cell(values: list, digits: int = 4) -> str:
+    found = mean_sd(values)
+    return "n/a" if found is None else f"{found[0]:.{digits}f} ± {found[1]:.{digits}f} (n={found[2]})"
+
+
+def write_seeded_summary(summaries: list[dict], run_dir: Path, name: str, data: Path) -> str:
+    """summary.md/.json over the seeds: each test metric and wall time as mean ± sample standard
+    deviation, FL ÷ central per task (mean ± sd of the per-seed ratios) against the target, and the
+    heat-map shares; returns the table."""
+    seeds = [s["seed"] for s in summaries]
+    keys = [(r["task"], r["setting"], r["metric"]) for r in summaries[0]["rows"]]
+    lines = [f"Mean ± sample standard deviation over {len(seeds)} training seeds ({', '.join(map(str, seeds))}); "
+             "each seed's own folder (seed-K/) holds its runs and summary.", "",
+             "| task | setting | held-out test metric | value | wall time (s) |", "|---|---|---|---|---|"]
+    rows = []
+    for task, setting, metric in keys:
+        found = [r for s in summaries for r in s["rows"] if (r["task"], r["setting"]) == (task, setting)]
+        values, walls = [r["value"] for r in found], [r["wall_seconds"] for r in found]
+        rows.append({"task": task, "setting": setting, "metric": metric, "values": values, "wall_seconds": walls})
+        lines.append(f"| {task} | {setting} | {metric} | {_mean_sd_cell(values)} | {_mean_sd_cell(walls, 0)} |")
+    ratios = {task: [s["fl_over_central"].get(task) for s in summaries] for task in summaries[0]["fl_over_central"]}
+    lines += ["", f"| task | FL ÷ central (test), per seed | mean ± sd | target: mean ≥ {QUALITY_TARGET} |",
+              "|---|---|---|---|"]
+    for task, values in ratios.items():
+        found = mean_sd(values)
+        verdict = "n/a" if found is None else ("pass" if found[0] >= QUALITY_TARGET else "**below**")
+        per_seed = ", ".join("n/a" if v is None else f"{v:.3f}" for v in values)
+        lines.append(f"| {task} | {per_seed} | {_mean_sd_cell(values)} | {verdict} |")
+    shares = {}
+    for s in summaries:
+        for model, r in (s.get("interpretability") or {}).items():
+            for key in ("in_lung_share", "in_opacity_share", "occlusion_in_lung_share", "occlusion_in_opacity_share",
+                        "lung_area_share"):
+                shares.setdefault(model, {}).setdefault(key, []).append(r.get(key))
+    if shares:
+        lines += ["", "| model | Grad-CAM in lungs | Grad-CAM in opacities | occlusion in lungs | occlusion in opacities "
+                  "| lung area (uniform map) |", "|---|---|---|---|---|---|"]
+        for model, by_key in shares.items():
+            lines.append(f"| {model} | " + " | ".join(_mean_sd_cell(by_key.get(k, [])) for k in (
+                "in_lung_share", "in_opacity_share", "occlusion_in_lung_share", "occlusion_in_opacity_share",
+                "lung_area_share")) + " |")
+    table = "\n".join(lines)
+    write_json(run_dir / "summary.json", {"preset": name, "data": str(data), "seeds": seeds, "rows": [
+        {"task": r["task"], "setting": r["setting"], "metric": r["metric"],
+         "value": (mean_sd(r["values"]) or (None,))[0], "wall_seconds": (mean_sd(r["wall_seconds"]) or (0.0,))[0],
+         "values": r["values"]} for r in rows],
+        "fl_over_central": {task: {"per_seed": v, "mean": (mean_sd(v) or (None,))[0],
+                                   "sd": (mean_sd(v) or (None, None))[1]} for task, v in ratios.items()},
+        "interpretability": shares})
+    atomic_write_text(run_dir / "summary.md", table + "\n")
+    return table
 
 
 CLASSIFIER_RUNS = ("fl-classify", "central-classify", "fl-roi", "central-roi", "central-roi-crop",
@@ -149,13 +257,15 @@ CLASSIFIER_RUNS = ("fl-classify", "central-classify", "fl-roi", "central-roi", "
 
 
 def format_interpretability(results: dict) -> str:
-    lines = ["| model | ROI | heat-map share in lungs | in opacities | lung area (uniform map) | test AUROC |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | ROI | Grad-CAM share in lungs | in opacities | occlusion share in lungs | in opacities | "
+             "lung area (uniform map) | test AUROC |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         roi = f"{r['roi']} @ {r['roi_threshold']:g}" if r["roi"] else "full image"
-        cells = [r.get("in_lung_share"), r.get("in_opacity_share"), r.get("lung_area_share"), r.get("test_auroc")]
+        cells = [r.get(k) for k in ("in_lung_share", "in_opacity_share", "occlusion_in_lung_share",
+                                    "occlusion_in_opacity_share", "lung_area_share", "test_auroc")]
         lines.append(f"| {name} | {roi} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + ("\n\nNeither method has passed the attribution sanity checks on our data "
+                                "(docs/results.md): the shares describe the maps, not where the models look.")
 
 
 def _segmenter(fl_run: Path) -> Path:

@@ -78,6 +78,9 @@ def add_fl_options(p: argparse.ArgumentParser, task: str | None = None, task_req
     m.add_argument("--roi-threshold", type=probability, default=0.5, help="roi task: lung probability threshold")
     m.add_argument("--class-weights", choices=["none", "balanced"], default="balanced",
                    help="class-weighted cross-entropy from each site's own label counts (default balanced)")
+    m.add_argument("--target-sensitivity", type=probability, default=None, metavar="S",
+                   help="two-class classification: the decision threshold is the highest one whose sensitivity on "
+                        "the sites' pooled validation histograms reaches S (default: Youden's J)")
     m.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per site and split")
     add_training_options(p, image_size=128, batch_size=16, lr=1e-3)
 
@@ -102,6 +105,8 @@ def config_from_args(args) -> FLConfig:
     if args.min_clients and args.min_clients > n:
         raise ValueError(f"--min-clients {args.min_clients} is more than the {n} sites")
     kind = "segment" if args.task == "segment" else "classify"
+    if args.target_sensitivity is not None and kind != "classify":
+        raise ValueError("--target-sensitivity applies to --task classify and roi only")
     if args.segmenter and args.task != "roi":
         raise ValueError("--segmenter applies to --task roi only")
     if args.segmenter and not args.segmenter.is_file():
@@ -121,7 +126,8 @@ def config_from_args(args) -> FLConfig:
         segmenter=str(args.segmenter.absolute()) if args.segmenter else None, min_clients=args.min_clients,
         time_budget=args.time_budget, aggregation=args.aggregation,
         server_lr=args.server_lr if args.server_lr is not None else (1.0 if args.aggregation == "fedavg" else 0.01),
-        seed=args.seed, deterministic=args.deterministic, class_weights=args.class_weights, accelerator=args.accelerator, limit=args.limit,
+        seed=args.seed, deterministic=args.deterministic, class_weights=args.class_weights,
+        target_sensitivity=args.target_sensitivity, accelerator=args.accelerator, limit=args.limit,
         cross_site_eval=not (args.no_cross_site_eval or args.he), wandb=args.wandb, wandb_project=args.wandb_project,
         record_contributions=args.record_contributions, he=args.he, he_encrypt_layers=args.he_encrypt_layers,
         schedule=_schedule(args.schedule), absent_weights=args.absent_weights,
