@@ -6,6 +6,7 @@ bench/results/<date>.json and .md (case, measured, target, pass/fail).
     python -m bench --quick         # a smoke run at toy sizes (the numbers mean nothing)
     python -m bench --cases loop,he # some cases only
     python -m bench --cases attribution  # the heat-map sanity checks alone (~1.5 min)
+    python -m bench --cases quality # FL ÷ central per task over 3 seeds of `cxrfl demo` (~40 min)
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{date}{'-quick' if args.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = round(time.time() - start, 1)
+    for r in rows:  # a case's own table (the quality case's seeded demo summary) goes beside the bench's
+        if "summary_md" in r["detail"]:
+            _atomic_write(args.out / f"{stem}-{r['group']}.md", r["detail"]["summary_md"] + "\n")
+            r["detail"]["summary_md"] = f"{stem}-{r['group']}.md"
     earlier = _earlier_rows(args.out / f"{stem}.json", cases)  # the same day's other cases are kept
     order = list(CASES)
     results = {"date": date, "quick": args.quick, "reps": scale.reps, "machine": machine(), "seconds": seconds,

@@ -46,13 +46,16 @@ class Scale:
     attribution_train: int = 400
     attribution_epochs: int = 12
     attribution_test: int = 60
+    quality_preset: str = "full"  # `cxrfl demo`'s preset: FL vs central of every task, as the demo runs them
+    quality_seeds: int = 3
 
 
 FULL = Scale()
 QUICK = Scale(quick=True, reps=2, loop_model="cnn5", loop_size=32, loop_images=32, fed_model="cnn5", fed_size=32,
               fed_train_per_site=16, fed_rounds=2, scaling_sites=(2, 3), scaling_total_train=16, scaling_rounds=2,
               he_size=32, he_per_site=12, he_rounds=2, predict_size=64, predict_images=4,
-              attribution_size=32, attribution_train=32, attribution_epochs=1, attribution_test=12)
+              attribution_size=32, attribution_train=32, attribution_epochs=1, attribution_test=12,
+              quality_preset="quick", quality_seeds=2)
 
 
 def row(case: str, measured: float | None, target: str, ok: bool | None, unit: str = "", **detail) -> dict:
@@ -371,6 +374,36 @@ def attribution(scale: Scale, work: Path) -> list[dict]:
     return rows
 
 
+# ---- Federated quality --------------------------------------------------------------------------------
+def quality(scale: Scale, work: Path) -> list[dict]:
+    """`cxrfl demo --seeds N` (its preset, data and settings): per task, the federated model's test
+    metric over its centralized counterpart's, mean over the training seeds, against the target."""
+    import json
+
+    from cxrfl.commands import demo
+    from cxrfl.commands.options import DEFAULT_DATA
+    from lightning_modules.data.manifest import DATASET_JSON
+    from lightning_modules.data.phantom import generate_dataset
+
+    data = DEFAULT_DATA if scale.quality_preset == "full" else work / "data"
+    if not (data / DATASET_JSON).is_file():
+        generate_dataset(data, **demo.PRESETS[scale.quality_preset]["synth"])
+    summaries = []
+    for seed in range(scale.quality_seeds):
+        demo.run_demo(scale.quality_preset, data, seed, work / f"seed-{seed}")
+        summaries.append(json.loads((work / f"seed-{seed}" / "summary.json").read_text()))
+    table = demo.write_seeded_summary(summaries, work, scale.quality_preset, data)
+    stored = json.loads((work / "summary.json").read_text())["fl_over_central"]
+    ratios = {task: stored[task] for task in dict.fromkeys(r["task"] for r in summaries[0]["rows"]) if task in stored}
+    setup = f"`cxrfl demo` preset {scale.quality_preset}, {scale.quality_seeds} training seeds"
+    rows = [row(f"Quality: FL ÷ central test metric, {task}", r["mean"], f">= {demo.QUALITY_TARGET} (mean over seeds)",
+                None if r["mean"] is None else r["mean"] >= demo.QUALITY_TARGET, setup=setup, sd=r["sd"],
+                **{f"seed_{i}": v for i, v in enumerate(r["per_seed"])})
+            for task, r in ratios.items()]
+    rows[0]["detail"]["summary_md"] = table  # the bench writes it beside its table
+    return rows
+
+
 CASES = {
     "loop": loop_and_pipeline,
     "federation": federation_overhead,
@@ -378,6 +411,7 @@ CASES = {
     "he": homomorphic_encryption,
     "inference": inference,
     "attribution": attribution,
+    "quality": quality,
 }
 
 

@@ -65,3 +65,32 @@ def test_a_broken_case_is_a_row_not_a_crash(tmp_path, monkeypatch):
 def test_unknown_case_is_refused():
     with pytest.raises(SystemExit):
         main(["bench", "--cases", "nope"])
+
+
+def test_quality_case_reports_fl_over_central_per_task_over_seeds(tmp_path, monkeypatch):
+    """The quality rows come from the seeded demo's per-seed ratios (the demo's own steps are
+    test_demo.py's; here each seed's demo is replaced by its summary), and the seeded summary is
+    written beside the bench table."""
+    from cxrfl.commands import demo
+
+    values = {0: (0.99, 0.90), 1: (0.97, 0.92)}  # seed -> (segmentation FL, classification FL); central 1.0
+
+    def fake_run_demo(name, data, seed, run_dir):
+        rows = []
+        for (task, metric), fl in zip([("lung segmentation", "test_dice"), ("classification (full image)", "test_auroc")],
+                                      values[seed]):
+            rows += [{"task": task, "setting": "FL", "metric": metric, "value": fl, "wall_seconds": 10.0},
+                     {"task": task, "setting": "central", "metric": metric, "value": 1.0, "wall_seconds": 5.0}]
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"seed": seed, "rows": rows,
+                                                          "fl_over_central": demo.fl_ratios(rows)}))
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["bench", "--quick", "--cases", "quality", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*-quick.json")).read_text())["rows"]
+    assert [(r["case"], r["measured"], r["pass"]) for r in rows] == [
+        ("Quality: FL ÷ central test metric, lung segmentation", 0.98, True),
+        ("Quality: FL ÷ central test metric, classification (full image)", 0.91, False)]
+    assert rows[1]["detail"]["seed_0"] == pytest.approx(0.90)
+    seeded = (tmp_path / rows[0]["detail"]["summary_md"]).read_text()
+    assert "over 2 training seeds (0, 1)" in seeded and "| lung segmentation | 0.990, 0.970 |" in seeded

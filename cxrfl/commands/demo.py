@@ -219,7 +219,8 @@ def write_seeded_summary(summaries: list[dict], run_dir: Path, name: str, data: 
         values, walls = [r["value"] for r in found], [r["wall_seconds"] for r in found]
         rows.append({"task": task, "setting": setting, "metric": metric, "values": values, "wall_seconds": walls})
         lines.append(f"| {task} | {setting} | {metric} | {_mean_sd_cell(values)} | {_mean_sd_cell(walls, 0)} |")
-    ratios = {task: [s["fl_over_central"].get(task) for s in summaries] for task in summaries[0]["fl_over_central"]}
+    tasks = [t for t in dict.fromkeys(r["task"] for r in summaries[0]["rows"]) if t in summaries[0]["fl_over_central"]]
+    ratios = {task: [s["fl_over_central"].get(task) for s in summaries] for task in tasks}  # in the demo's order
     lines += ["", f"| task | FL ÷ central (test), per seed | mean ± sd | target: mean ≥ {QUALITY_TARGET} |",
               "|---|---|---|---|"]
     for task, values in ratios.items():
