@@ -26,6 +26,8 @@ GRIDS = {
         ("lr 3e-3, batch 16", 128, 5, 1, ["--lr", "3e-3", "--batch-size", "16"], []),
         ("lr 1e-3, batch 8", 128, 5, 1, ["--lr", "1e-3", "--batch-size", "8"], []),
         ("lr 3e-3, batch 8", 128, 5, 1, ["--lr", "3e-3", "--batch-size", "8"], []),
+        ("lr 3e-3, batch 16, 8 rounds", 128, 8, 1, ["--lr", "3e-3", "--batch-size", "16"], []),
+        ("lr 3e-3, batch 16, 5 rounds x 2 local epochs", 128, 5, 2, ["--lr", "3e-3", "--batch-size", "16"], []),
     ],
     "classify": [
         ("densenet121, lr 1e-3, batch 16 (first release)", 96, 5, 1,

@@ -58,6 +58,15 @@ def _nanmean(values: torch.Tensor) -> float | None:
     return round(float(values.mean()), 4) if len(values) else None
 
 
+def lung_ratio(in_lung: torch.Tensor, lung: torch.Tensor) -> dict:
+    """The maps' in-lung mass share over the lungs' area share (1 = a uniform map), mean and
+    bootstrap 95 % interval over images: is a model looking at the lungs more than chance?"""
+    from lightning_modules.attribution_checks import mean_interval, rounded
+
+    mean, low, high = mean_interval((in_lung / lung.flatten(1).mean(1).clamp(min=1e-6)).numpy())
+    return {"ratio": rounded(mean, 3), "ci95": [rounded(low, 3), rounded(high, 3)]}
+
+
 def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str = "gradcam", limit: int | None = 200,
                  show: int = 4, occlusion_limit: int = 16) -> dict:
     """interpretability.json and figures/gradcam_grid.png for `models` (name -> run folder).
@@ -81,6 +90,7 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
                "images": len(chosen),
                "maps_with_mass": int((~torch.isnan(in_lung)).sum()),  # an all-zero map has no share: skipped
                "in_lung_share": _nanmean(in_lung),
+               "in_lung_ratio": lung_ratio(in_lung, lung),
                "lung_area_share": round(float(lung.mean()), 4)}  # what a uniform map would score
         with_opacity = [i for i, it in enumerate(chosen) if "opacity" in it]
         if with_opacity:
@@ -105,7 +115,9 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
 def _occlusion_scores(clf: Classifier, x: torch.Tensor, lung: torch.Tensor, opacities: list, masks) -> dict:
     """The in-lung (and in-opacity) mass shares of occlusion-sensitivity maps."""
     maps = occlusion_maps(clf.module.net, x, class_index=len(clf.classes) - 1)
-    scores = {"occlusion_images": len(x), "occlusion_in_lung_share": _nanmean(mass_inside(maps, lung))}
+    in_lung = mass_inside(maps, lung)
+    scores = {"occlusion_images": len(x), "occlusion_in_lung_share": _nanmean(in_lung),
+              "occlusion_in_lung_ratio": lung_ratio(in_lung, lung)}
     with_opacity = [i for i, o in enumerate(opacities) if o is not None]
     if with_opacity:
         opacity = _in_model_frame(clf, [opacities[i] for i in with_opacity],

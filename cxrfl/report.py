@@ -567,7 +567,8 @@ def interpretability_section(run_dir: Path, report: Report) -> str:
             report.note(path, "entries that are not a dict of metrics were skipped")
         if rows:
             names = list(dict.fromkeys(k for v in rows.values() for k in v))
-            parts.append(_table(["model"] + names, [[model] + [v.get(k) for k in names] for model, v in rows.items()]))
+            parts.append(_table(["model"] + names, [[model] + [_interval_cell(v.get(k)) for k in names]
+                                                    for model, v in rows.items()]))
     for png in sorted((run_dir / "figures").glob("*.png")):
         data = png.read_bytes()
         if not data.startswith(PNG_SIGNATURE):
@@ -577,6 +578,14 @@ def interpretability_section(run_dir: Path, report: Report) -> str:
     if not parts:
         return ""
     return _section("interpretability", "Interpretability", "".join(parts))
+
+
+def _interval_cell(value):
+    """A {"ratio": r, "ci95": [low, high]} score as 'r [low, high]'; anything else as it is."""
+    if isinstance(value, dict) and "ratio" in value:
+        low, high = (value.get("ci95") or [None, None])[:2]
+        return f"{_fmt(value['ratio'])} [{_fmt(low)}, {_fmt(high)}]"
+    return value
 
 
 def parameters_section(runs: list[Run]) -> str:

@@ -69,7 +69,7 @@ def randomised_copy(net: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return random.eval()
 
 
-def _mean_interval(values: np.ndarray) -> tuple[float, float, float]:
+def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
     """Mean and bootstrap 95 % interval over the finite values (NaN where there are too few)."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
@@ -81,7 +81,7 @@ def _mean_interval(values: np.ndarray) -> tuple[float, float, float]:
     return float(values.mean()), float(ci.low), float(ci.high)
 
 
-def _rounded(value: float, digits: int) -> float | None:
+def rounded(value: float, digits: int) -> float | None:
     return round(float(value), digits) if np.isfinite(value) else None  # None: undefined (JSON has no NaN)
 
 
@@ -105,9 +105,9 @@ def randomisation_check(trained: torch.nn.Module, randomised: torch.nn.Module, a
     whose ReLU zeroes everything) have nothing to compare and do not pass."""
     rhos = rank_correlations(network_heat_maps(trained, arch, images, class_index, method),
                              network_heat_maps(randomised, arch, images, class_index, method))
-    mean, low, high = _mean_interval(rhos)
-    return {"check": "model randomisation", "method": method, "spearman": _rounded(mean, 4),
-            "ci95": [_rounded(low, 4), _rounded(high, 4)], "threshold": max_spearman, "images": len(rhos),
+    mean, low, high = mean_interval(rhos)
+    return {"check": "model randomisation", "method": method, "spearman": rounded(mean, 4),
+            "ci95": [rounded(low, 4), rounded(high, 4)], "threshold": max_spearman, "images": len(rhos),
             "maps_with_mass": int(np.isfinite(rhos).sum()), "pass": bool(np.isfinite(mean) and mean < max_spearman)}
 
 
@@ -121,10 +121,10 @@ def planted_signal_check(net: torch.nn.Module, arch: str, images: torch.Tensor, 
     maps = network_heat_maps(net, arch, images, class_index, method)
     share = mass_inside(maps, opacity)  # NaN for an all-zero map: it has no share, and is left out
     ratio = (share / opacity.flatten(1).mean(1)).numpy()
-    mean, low, high = _mean_interval(ratio)
+    mean, low, high = mean_interval(ratio)
     finite = np.isfinite(ratio)
     return {"check": "planted signal", "method": method,
-            "in_opacity_share": _rounded(share.numpy()[finite].mean(), 4) if finite.any() else None,
-            "opacity_area_share": round(float(opacity.mean()), 4), "ratio_to_uniform": _rounded(mean, 3),
-            "ci95": [_rounded(low, 3), _rounded(high, 3)], "threshold": min_ratio, "images": int(len(ratio)),
+            "in_opacity_share": rounded(share.numpy()[finite].mean(), 4) if finite.any() else None,
+            "opacity_area_share": round(float(opacity.mean()), 4), "ratio_to_uniform": rounded(mean, 3),
+            "ci95": [rounded(low, 3), rounded(high, 3)], "threshold": min_ratio, "images": int(len(ratio)),
             "maps_with_mass": int(finite.sum()), "pass": bool(np.isfinite(low) and low > min_ratio)}

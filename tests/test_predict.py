@@ -78,6 +78,17 @@ def test_in_lung_share_on_a_constructed_case():
     assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
 
 
+def test_lung_ratio_is_one_for_uniform_maps_and_carries_an_interval():
+    from cxrfl.interpretability import lung_ratio
+
+    lungs = torch.zeros(6, 8, 8)
+    lungs[:, 2:6, 1:7] = 1  # a quarter... 24 of 64 pixels
+    uniform = lung_ratio(mass_inside(torch.ones(6, 8, 8), lungs), lungs)
+    assert uniform["ratio"] == pytest.approx(1.0) and uniform["ci95"] == [pytest.approx(1.0)] * 2
+    inside = lung_ratio(mass_inside(lungs + 0.1 * torch.rand(6, 8, 8), lungs), lungs)
+    assert inside["ratio"] > 2 and inside["ci95"][0] <= inside["ratio"] <= inside["ci95"][1]
+
+
 def test_models_load_from_run_folder_weights_file_and_exported_file(trained, tmp_path, capsys):
     from_run = load_classifier(trained / "roi")
     assert from_run.roi == "mask" and from_run.roi_threshold == 0.5 and from_run.image_size == 48
