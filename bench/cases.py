@@ -343,7 +343,7 @@ def inference(scale: Scale, work: Path) -> list[dict]:
 
 # ---- Attribution sanity checks -----------------------------------------------------------------------
 def attribution(scale: Scale, work: Path) -> list[dict]:
-    """Both heat-map methods through both sanity checks (lightning_modules/attribution_checks.py)
+    """The heat-map methods through both sanity checks (lightning_modules/attribution_checks.py)
     for a classifier trained on the opacity-only phantom; passing is what publishing a map needs."""
     from lightning_modules.attribution_checks import (
         fit_classifier,
@@ -362,7 +362,7 @@ def attribution(scale: Scale, work: Path) -> list[dict]:
     setup = (f"{scale.attribution_model} at {scale.attribution_size} px, {scale.attribution_train} training images x "
              f"{scale.attribution_epochs} epochs, {int(positive.sum())} positive test images")
     rows = []
-    for method in ("gradcam", "occlusion"):
+    for method in ("gradcam", "gradient", "occlusion"):
         random = randomisation_check(net, randomised_copy(net), scale.attribution_model, test[positive], method)
         planted = planted_signal_check(net, scale.attribution_model, test[positive], opacity[positive], method)
         rows += [row(f"Attribution {method}: Spearman trained vs randomised maps", random["spearman"],

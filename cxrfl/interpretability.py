@@ -69,11 +69,12 @@ def lung_ratio(in_lung: torch.Tensor, lung: torch.Tensor) -> dict:
 
 def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str = "gradcam", limit: int | None = 200,
                  show: int = 4, occlusion_limit: int = 16) -> dict:
-    """interpretability.json and figures/gradcam_grid.png for `models` (name -> run folder).
+    """interpretability.json and figures/gradcam_grid.png + gradient_grid.png for `models` (name ->
+    run folder): Grad-CAM and gradient-saliency scores on every positive test image.
     Each row also scores MONAI's occlusion sensitivity, the second method, on the first
     occlusion_limit positive images (it runs the model once per patch: ~64 times per image)."""
     items = _test_set(Path(data_root), limit)
-    results, grid = {}, {}
+    results, grid, gradient_grid = {}, {}, {}
     for name, run in models.items():
         clf = load_classifier(run)
         positive = clf.classes[-1]  # binary: the disease; multi-class: the last class
@@ -97,6 +98,13 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
             opacity = _in_model_frame(clf, [chosen[i]["opacity"] for i in with_opacity],
                                       masks[with_opacity] if masks is not None else None)
             row["in_opacity_share"] = _nanmean(mass_inside(maps[with_opacity], opacity))
+        # gradient saliency: the method that passes the attribution sanity checks (docs/results.md)
+        saliency = torch.cat([heat_maps(clf.module, x[i:i + 32], class_index=len(clf.classes) - 1, method="gradient")
+                              for i in range(0, len(x), 32)])
+        gradient_in_lung = mass_inside(saliency, lung)
+        row.update(gradient_in_lung_share=_nanmean(gradient_in_lung), gradient_in_lung_ratio=lung_ratio(gradient_in_lung, lung))
+        if with_opacity:
+            row["gradient_in_opacity_share"] = _nanmean(mass_inside(saliency[with_opacity], opacity))
         if occlusion_limit > 0:
             row.update(_occlusion_scores(clf, x[:occlusion_limit], lung[:occlusion_limit],
                                          [it.get("opacity") for it in chosen[:occlusion_limit]],
@@ -106,9 +114,11 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
             row["test_auroc"] = json.loads(metrics.read_text()).get("test", {}).get("test_auroc")
         results[name] = row
         grid[name] = [(x[i, 0].numpy(), maps[i].numpy()) for i in range(min(show, len(x)))]
+        gradient_grid[name] = [(x[i, 0].numpy(), saliency[i].numpy()) for i in range(min(show, len(x)))]
     out = Path(out)
     write_json(out / "interpretability.json", results)
     _grid_figure(grid, out / FIGURES / "gradcam_grid.png", cam)
+    _grid_figure(gradient_grid, out / FIGURES / "gradient_grid.png", "gradient")
     return results
 
 

@@ -1,5 +1,5 @@
-"""Grad-CAM / Grad-CAM++ and occlusion-sensitivity heat maps for the classifiers (MONAI's
-`monai.visualize`) and a radiologist-free interpretability score: the share of the heat map's
+"""Grad-CAM / Grad-CAM++, gradient saliency and occlusion-sensitivity heat maps for the
+classifiers (MONAI's `monai.visualize`) and a radiologist-free interpretability score: the share of the heat map's
 mass inside a region (the lungs; on synthetic data also the known opacities)."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from lightning_modules.networks import CAM_LAYERS
 OCCLUSION_MASK_FRACTION = 0.125
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMpp}
-METHODS = (*CAM_METHODS, "occlusion")
+# "gradient": |d class score / d pixel| (Simonyan et al. 2014), the one method that passes both
+# attribution sanity checks on our data (docs/results.md)
+METHODS = (*CAM_METHODS, "gradient", "occlusion")
 
 
 def heat_maps(module, images: torch.Tensor, class_index: int | None = None, method: str = "gradcam") -> torch.Tensor:
@@ -30,6 +32,8 @@ def network_heat_maps(net: torch.nn.Module, arch: str, images: torch.Tensor, cla
         raise ValueError(f"method must be one of {', '.join(METHODS)}")
     if method == "occlusion":
         return occlusion_maps(net, images, class_index)
+    if method == "gradient":
+        return gradient_maps(net, images, class_index)
     if arch not in CAM_LAYERS:
         raise ValueError(f"no Grad-CAM layer known for model {arch!r}")
     net = net.eval()
@@ -55,6 +59,34 @@ def network_heat_maps(net: torch.nn.Module, arch: str, images: torch.Tensor, cla
         for p, flag in zip(params, trainable):
             p.requires_grad_(flag)
     return maps[:, 0].detach().cpu().clamp(0, 1)
+
+
+def gradient_maps(net: torch.nn.Module, images: torch.Tensor, class_index: int | None = None) -> torch.Tensor:
+    """Gradient saliency (Simonyan et al. 2014, MONAI's VanillaGrad) as heat maps [N,H,W] in [0,1]:
+    the absolute gradient of the class score with respect to each pixel, scaled by each image's
+    largest (all zero where the score does not depend on the image). Written with autograd, not
+    VanillaGrad: that takes one image at a time and crashes on a score that ignores the image."""
+    net = net.eval()
+    x = images.to(next(net.parameters()).device).float().detach().requires_grad_(True)
+    params = list(net.parameters())
+    trainable = [p.requires_grad for p in params]
+    try:
+        for p in params:  # no gradient left on the weights
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            scores = net(x)
+            target = scores.argmax(1) if class_index is None else torch.full((len(x),), class_index)
+            # eval mode: each image's score depends on that image only, so one backward gives all
+            (grad,) = (torch.autograd.grad(scores.gather(1, target[:, None].to(scores.device)).sum(), x,
+                                           allow_unused=True) if scores.requires_grad else (None,))
+    finally:
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
+    if grad is None:
+        return torch.zeros(len(x), *x.shape[2:])
+    maps = grad.detach().abs().sum(1).cpu()
+    peak = maps.flatten(1).amax(1).clamp(min=1e-30)[:, None, None]
+    return torch.where(peak > 1e-30, maps / peak, torch.zeros_like(maps))
 
 
 def occlusion_maps(net: torch.nn.Module, images: torch.Tensor, class_index: int | None = None,

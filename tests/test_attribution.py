@@ -1,8 +1,10 @@
 """Attribution sanity checks (issue 15, item 4): the opacity-only phantom, the model-randomisation
-check and the planted-signal check, for Grad-CAM and MONAI's occlusion sensitivity. Each check
+check and the planted-signal check, for Grad-CAM, gradient saliency and MONAI's occlusion sensitivity. Each check
 is shown to pass where it should and to fail where it should."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -59,7 +61,7 @@ def test_randomisation_check_passes_for_random_weights_and_fails_for_the_same_mo
     net, images, _ = trained
     randomised = randomisation_check(net, randomised_copy(net), "cnn5", images, "occlusion")
     assert randomised["pass"] and randomised["spearman"] < randomised["threshold"], randomised
-    for method in ("gradcam", "occlusion"):
+    for method in ("gradcam", "gradient", "occlusion"):
         same = randomisation_check(net, net, "cnn5", images, method)  # a "randomisation" that changed nothing
         assert not same["pass"] and same["spearman"] > 0.9, same
 
@@ -75,8 +77,9 @@ def test_randomisation_check_does_not_pass_maps_without_mass(trained):
         def forward(self, x):
             return self.bias.expand(len(x), 2)
 
-    blank = randomisation_check(Blank(), net, "blank", images, "occlusion")
-    assert blank["maps_with_mass"] == 0 and blank["spearman"] is None and not blank["pass"], blank
+    for method in ("occlusion", "gradient"):
+        blank = randomisation_check(Blank(), net, "blank", images, method)
+        assert blank["maps_with_mass"] == 0 and blank["spearman"] is None and not blank["pass"], (method, blank)
 
 
 def test_randomised_copy_changes_every_layer_and_leaves_the_model(trained):
@@ -106,32 +109,46 @@ def test_planted_signal_check_passes_when_the_map_finds_the_signal_and_fails_oth
     region[8:20, 26:38] = 1
     images = torch.randn(6, 1, SIZE, SIZE) * 0.1 + 2.0 * region  # bright where the signal is
     opacity = region.expand(6, SIZE, SIZE)
-    found = planted_signal_check(_OracleNet(region), "oracle", images, opacity, method="occlusion")
-    assert found["pass"] and found["ratio_to_uniform"] > 5, found
+    for method in ("occlusion", "gradient"):
+        found = planted_signal_check(_OracleNet(region), "oracle", images, opacity, method=method)
+        assert found["pass"] and found["ratio_to_uniform"] > 5, (method, found)
     # the same check on the phantom for an untrained network: no planted signal to find
     _, test, test_opacity = trained
     torch.manual_seed(0)
     untrained = build_classifier("cnn5", 2).eval()
-    for method in ("gradcam", "occlusion"):
+    for method in ("gradcam", "gradient", "occlusion"):
         blind = planted_signal_check(untrained, "cnn5", test, test_opacity, method)
         assert not blind["pass"], blind
 
 
 def test_heat_maps_of_both_methods_are_image_sized_in_unit_range(trained):
     net, images, _ = trained
-    for method in ("gradcam", "occlusion"):
+    for method in ("gradcam", "gradient", "occlusion"):
         maps = network_heat_maps(net, "cnn5", images[:2], 1, method)
         assert maps.shape == (2, SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
     with pytest.raises(ValueError, match="method must be one of"):
         network_heat_maps(net, "cnn5", images[:1], 1, "lime")
 
 
+def test_gradient_maps_equal_monais_vanilla_grad_and_leave_the_weights_alone(trained):
+    from monai.visualize import VanillaGrad
+
+    net, images, _ = trained
+    net = copy.deepcopy(net)  # MONAI's VanillaGrad below leaves gradients on the weights
+    maps = network_heat_maps(net, "cnn5", images[:3], 1, "gradient")  # batched
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
+    for i in range(3):
+        reference = VanillaGrad(net)(images[i:i + 1].clone(), index=1).abs().sum(1)[0]
+        torch.testing.assert_close(maps[i], reference / reference.max(), atol=1e-5, rtol=1e-4)
+
+
 def test_bench_attribution_rows(tmp_path):
     from bench.cases import QUICK, run_case
 
     rows = run_case("attribution", QUICK, tmp_path)
-    assert len(rows) == 4, rows
+    assert len(rows) == 6, rows
     for r in rows:
         assert "error" not in r["detail"], r
         assert (r["measured"] is None or isinstance(r["measured"], float)) and isinstance(r["pass"], bool) and r["target"]
-    assert [r["case"].split(":")[0] for r in rows] == ["Attribution gradcam"] * 2 + ["Attribution occlusion"] * 2
+    assert [r["case"].split(":")[0] for r in rows] == (["Attribution gradcam"] * 2 + ["Attribution gradient"] * 2
+                                                       + ["Attribution occlusion"] * 2)

@@ -42,9 +42,9 @@ def test_quick_demo_prints_the_comparison_table(tmp_path, capsys):
                 assert 0 <= row[share] <= 1, (name, share)
             else:  # a weak model whose heat maps are all zero: no share to report, not a made-up one
                 assert row[share] is None, (name, share)
-        for ratio in ("in_lung_ratio", "occlusion_in_lung_ratio"):  # over a uniform map, with its interval
+        for ratio in ("in_lung_ratio", "gradient_in_lung_ratio", "occlusion_in_lung_ratio"):  # over a uniform map, with its interval
             assert set(row[ratio]) == {"ratio", "ci95"} and len(row[ratio]["ci95"]) == 2, (name, ratio)
-    for figure in ("gradcam_grid.png", "segmentation_overlays.png"):
+    for figure in ("gradcam_grid.png", "gradient_grid.png", "segmentation_overlays.png"):
         assert (run / "figures" / figure).stat().st_size > 0
     report = (run / "report" / "report.html").read_text()
     assert "gradcam_grid" in report and report.count("data:image/png;base64,") >= 8

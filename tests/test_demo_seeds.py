@@ -19,7 +19,7 @@ def _summary(seed: int, fl: list[float], central: list[float]) -> dict:
         rows += [{"task": task, "setting": "FL", "metric": metric, "value": f, "wall_seconds": 100.0 + seed},
                  {"task": task, "setting": "central", "metric": metric, "value": c, "wall_seconds": 50.0}]
     return {"seed": seed, "rows": rows, "fl_over_central": demo.fl_ratios(rows),
-            "interpretability": {"fl-classify": {"in_lung_ratio": {"ratio": 0.2 + seed / 10, "ci95": [0.1, 0.3]}}}}
+            "interpretability": {"fl-classify": {"gradient_in_lung_ratio": {"ratio": 0.2 + seed / 10, "ci95": [0.1, 0.3]}}}}
 
 
 def test_ratios_and_spread_over_seeds(tmp_path):

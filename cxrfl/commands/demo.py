@@ -16,10 +16,11 @@ from lightning_modules.data.manifest import DATASET_JSON, ManifestError, atomic_
 from lightning_modules.data.phantom import generate_dataset
 
 # Sized to finish in about 15 minutes on 2 CPU cores (full) and about 3 minutes (--quick).
-# Central training gets the same sample-epochs as FL: rounds x local epochs.
+# Central training gets the same sample-epochs as FL: rounds x local epochs. The segmentation's
+# lr and batch size were chosen on the sites' validation (bench/tune_demo.py, docs/results.md).
 PRESETS = {
-    "full": {"synth": DEFAULT_SYNTH, "seg_size": 128, "cls_size": 96, "model": "densenet121", "seg_lr": 1e-3,
-             "rounds": 5, "local_epochs": 1, "batch_size": 16},
+    "full": {"synth": DEFAULT_SYNTH, "seg_size": 128, "cls_size": 96, "model": "densenet121", "seg_lr": 3e-3,
+             "seg_batch_size": 8, "rounds": 5, "local_epochs": 1, "batch_size": 16},
     "quick": {"synth": {"sites": 2, "per_site": 48, "test_size": 30, "size": 64, "seed": 0}, "seg_lr": 3e-3,
               "seg_size": 64, "cls_size": 64, "model": "cnn5", "rounds": 3, "local_epochs": 3, "batch_size": 8},
 }
@@ -123,7 +124,7 @@ def run_demo(name: str, data: Path, seed: int, run_dir: Path) -> str:
         return metrics["test"], time.time() - start
 
     cls_extra = ["--model", preset["model"]]
-    seg_extra = ["--lr", str(preset["seg_lr"])]
+    seg_extra = ["--lr", str(preset["seg_lr"]), "--batch-size", str(preset.get("seg_batch_size", preset["batch_size"]))]
     steps = [
         ("lung segmentation", "FL", "test_dice", lambda: fl("segment", preset["seg_size"], seg_extra)),
         ("lung segmentation", "central", "test_dice", lambda: central_run("segment", preset["seg_size"], seg_extra,
@@ -204,7 +205,7 @@ def _mean_sd_cell(values: list, digits: int = 4) -> str:
     return "n/a" if found is None else f"{found[0]:.{digits}f} ± {found[1]:.{digits}f} (n={found[2]})"
 
 
-HEAT_MAP_SCORES = ("in_lung_ratio", "in_opacity_share", "occlusion_in_lung_ratio", "occlusion_in_opacity_share")
+HEAT_MAP_SCORES = ("gradient_in_lung_ratio", "in_lung_ratio", "occlusion_in_lung_ratio", "gradient_in_opacity_share")
 
 
 def write_seeded_summary(summaries: list[dict], run_dir: Path, name: str, data: Path) -> str:
@@ -239,8 +240,8 @@ def write_seeded_summary(summaries: list[dict], run_dir: Path, name: str, data: 
                 shares.setdefault(model, {}).setdefault(key, []).append(
                     value.get("ratio") if isinstance(value, dict) else value)
     if shares:
-        lines += ["", "| model | Grad-CAM: in-lung share ÷ uniform | Grad-CAM share in opacities | occlusion: in-lung "
-                  "share ÷ uniform | occlusion share in opacities |", "|---|---|---|---|---|"]
+        lines += ["", "| model | in-lung share ÷ uniform: gradient | Grad-CAM | occlusion | gradient share in opacities |",
+                  "|---|---|---|---|---|"]
         for model, by_key in shares.items():
             lines.append(f"| {model} | " + " | ".join(_mean_sd_cell(by_key.get(k, [])) for k in HEAT_MAP_SCORES) + " |")
     table = "\n".join(lines)
@@ -260,17 +261,16 @@ CLASSIFIER_RUNS = ("fl-classify", "central-classify", "fl-roi", "central-roi", "
 
 
 def format_interpretability(results: dict) -> str:
-    lines = ["| model | ROI | Grad-CAM: in-lung share ÷ uniform [95 % CI over images] | Grad-CAM share in opacities "
-             "| occlusion: in-lung share ÷ uniform [95 % CI] | occlusion share in opacities | test AUROC |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | ROI | in-lung share ÷ uniform [95 % CI over images]: gradient | Grad-CAM | occlusion "
+             "| gradient share in opacities | test AUROC |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         roi = f"{r['roi']} @ {r['roi_threshold']:g}" if r["roi"] else "full image"
-        cells = [_ratio_cell(r.get("in_lung_ratio")), _number(r.get("in_opacity_share")),
-                 _ratio_cell(r.get("occlusion_in_lung_ratio")), _number(r.get("occlusion_in_opacity_share")),
+        cells = [_ratio_cell(r.get("gradient_in_lung_ratio")), _ratio_cell(r.get("in_lung_ratio")),
+                 _ratio_cell(r.get("occlusion_in_lung_ratio")), _number(r.get("gradient_in_opacity_share")),
                  _number(r.get("test_auroc"))]
         lines.append(f"| {name} | {roi} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\nA uniform map scores 1 on the lung ratio. Whether a method's maps show where a model "
-                                "looks is what the attribution sanity checks decide (docs/results.md).")
+    return "\n".join(lines) + ("\n\nA uniform map scores 1. Only gradient saliency passes the attribution sanity "
+                                "checks (docs/results.md); Grad-CAM and occlusion are shown for comparison.")
 
 
 def _number(value) -> str:
