@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="repetitions per comparison (default 3; quick 2)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <date>.json and <date>.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--attribution-model", default=None, help="attribution case: the classifier (default cnn5)")
+    parser.add_argument("--attribution-size", type=int, default=None, help="attribution case: image side (default 64)")
+    parser.add_argument("--attribution-epochs", type=int, default=None, help="attribution case: training epochs")
+    parser.add_argument("--attribution-test", type=int, default=None, help="attribution case: test images")
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = QUICK if args.quick else FULL
     if args.reps:
         scale = replace(scale, reps=args.reps)
+    for field in ("attribution_model", "attribution_size", "attribution_epochs", "attribution_test"):
+        if getattr(args, field) is not None:
+            scale = replace(scale, **{field: getattr(args, field)})
     start = time.time()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cxrfl-bench-", dir=args.work) as work:

@@ -45,7 +45,7 @@ class Scale:
     attribution_size: int = 64
     attribution_train: int = 400
     attribution_epochs: int = 12
-    attribution_test: int = 60
+    attribution_test: int = 200  # ~90 positive images: intervals narrow enough to decide the checks
     quality_preset: str = "full"  # `cxrfl demo`'s preset: FL vs central of every task, as the demo runs them
     quality_seeds: int = 3
 

@@ -94,3 +94,12 @@ def test_quality_case_reports_fl_over_central_per_task_over_seeds(tmp_path, monk
     assert rows[1]["detail"]["seed_0"] == pytest.approx(0.90)
     seeded = (tmp_path / rows[0]["detail"]["summary_md"]).read_text()
     assert "over 2 training seeds (0, 1)" in seeded and "| lung segmentation | 0.990, 0.970 |" in seeded
+
+
+def test_attribution_case_takes_its_model_and_size_from_the_command_line(tmp_path):
+    assert main(["bench", "--quick", "--cases", "attribution", "--attribution-size", "40", "--attribution-test", "16",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*-quick.json")).read_text())["rows"]
+    assert len(rows) == 6 and all(r["detail"]["setup"].startswith("cnn5 at 40 px") for r in rows), rows
+    with pytest.raises(SystemExit):
+        main(["bench", "--cases", "attribution", "--attribution-size", "big"])
