@@ -397,8 +397,9 @@ def quality(scale: Scale, work: Path) -> list[dict]:
     ratios = {task: stored[task] for task in dict.fromkeys(r["task"] for r in summaries[0]["rows"]) if task in stored}
     setup = f"`cxrfl demo` preset {scale.quality_preset}, {scale.quality_seeds} training seeds"
     rows = [row(f"Quality: FL ÷ central test metric, {task}", r["mean"], f">= {demo.QUALITY_TARGET} (mean over seeds)",
-                None if r["mean"] is None else r["mean"] >= demo.QUALITY_TARGET, setup=setup, sd=r["sd"],
-                **{f"seed_{i}": v for i, v in enumerate(r["per_seed"])})
+                None if r["mean"] is None else r["mean"] >= demo.QUALITY_TARGET, setup=setup,
+                sd=None if r["sd"] is None else round(r["sd"], 4),
+                **{f"seed_{i}": None if v is None else round(v, 4) for i, v in enumerate(r["per_seed"])})
             for task, r in ratios.items()]
     rows[0]["detail"]["summary_md"] = table  # the bench writes it beside its table
     return rows
