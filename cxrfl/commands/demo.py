@@ -34,8 +34,9 @@ def add_parser(subparsers) -> None:
         "the NVFlare simulator, then federated full-image and lung-ROI classification (ROI masks from the "
         "federated segmentation model), a centralized baseline of each (and of two more lung-ROI variants: crop, "
         "and a 0.05 mask threshold), cross-site evaluation, a table of held-out test metrics and wall times, "
-        "Grad-CAM heat-map shares inside lungs and opacities (summary.md / summary.json / interpretability.json) "
-        "and an HTML report (report/report.html).",
+        "heat-map scores (gradient saliency, Grad-CAM, occlusion) inside lungs and opacities (summary.md / "
+        "summary.json / interpretability.json) and an HTML report (report/report.html). --seeds N repeats it per "
+        "training seed and reports mean ± standard deviation and FL ÷ central per task.",
     )
     p.add_argument("--quick", action="store_true", help="a ~2 minute version (2 small sites, 64 px, CNN5)")
     p.add_argument("--data", type=Path, default=None,
@@ -92,7 +93,7 @@ def run(args) -> int:
 
 
 def run_demo(name: str, data: Path, seed: int, run_dir: Path) -> str:
-    """One demo at one training seed into run_dir: every step, Grad-CAM scores, summary.md/.json;
+    """One demo at one training seed into run_dir: every step, heat-map scores, summary.md/.json;
     returns the summary table."""
     from cxrfl.cli import build_parser
     from cxrfl.commands import central, fl_options
@@ -154,7 +155,7 @@ def run_demo(name: str, data: Path, seed: int, run_dir: Path) -> str:
         test, seconds = step()
         rows.append({"task": task, "setting": setting, "metric": metric, "value": test.get(metric),
                      "wall_seconds": round(seconds, 1)})
-    print("\n=== where the classifiers look: Grad-CAM and occlusion on the test set ===", flush=True)
+    print("\n=== where the classifiers look: gradient, Grad-CAM and occlusion on the test set ===", flush=True)
     classifiers = {folder: run_dir / folder for folder in CLASSIFIER_RUNS if (run_dir / folder).is_dir()}
     table = format_table(rows) + "\n\n" + format_ratios(fl_ratios(rows)) + (
         f"\n\nOne training seed ({seed}): a single draw, and federated runs move between seeds; mean ± spread "
