@@ -83,32 +83,31 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
             raise ValueError(f"{data_root}/test: no {positive!r} images with lung masks")
         x, _, masks = model_inputs([it["image"] for it in chosen], clf.image_size, clf.roi, clf.roi_threshold,
                                    clf.mask_predictor())
-        maps = torch.cat([heat_maps(clf.module, x[i:i + 32], class_index=len(clf.classes) - 1, method=cam)
-                          for i in range(0, len(x), 32)])
+
+        def maps_of(method: str) -> torch.Tensor:
+            return torch.cat([heat_maps(clf.module, x[i:i + 32], class_index=len(clf.classes) - 1, method=method)
+                              for i in range(0, len(x), 32)])
+
         lung = _in_model_frame(clf, [it["lung"] for it in chosen], masks)
-        in_lung = mass_inside(maps, lung)
+        with_opacity = [i for i, it in enumerate(chosen) if "opacity" in it]
+        opacity = _in_model_frame(clf, [chosen[i]["opacity"] for i in with_opacity],
+                                  masks[with_opacity] if masks is not None else None) if with_opacity else None
+        maps = maps_of(cam)
+        cam_scores, in_lung = _region_scores("", maps, lung, with_opacity, opacity)
         row = {"roi": clf.roi, "roi_threshold": clf.roi_threshold if clf.roi else None, "cam": cam,
                "images": len(chosen),
                "maps_with_mass": int((~torch.isnan(in_lung)).sum()),  # an all-zero map has no share: skipped
-               "in_lung_share": _nanmean(in_lung),
-               "in_lung_ratio": lung_ratio(in_lung, lung),
+               **cam_scores,
                "lung_area_share": round(float(lung.mean()), 4)}  # what a uniform map would score
-        with_opacity = [i for i, it in enumerate(chosen) if "opacity" in it]
-        if with_opacity:
-            opacity = _in_model_frame(clf, [chosen[i]["opacity"] for i in with_opacity],
-                                      masks[with_opacity] if masks is not None else None)
-            row["in_opacity_share"] = _nanmean(mass_inside(maps[with_opacity], opacity))
         # gradient saliency: the method that passes the attribution sanity checks (docs/results.md)
-        saliency = torch.cat([heat_maps(clf.module, x[i:i + 32], class_index=len(clf.classes) - 1, method="gradient")
-                              for i in range(0, len(x), 32)])
-        gradient_in_lung = mass_inside(saliency, lung)
-        row.update(gradient_in_lung_share=_nanmean(gradient_in_lung), gradient_in_lung_ratio=lung_ratio(gradient_in_lung, lung))
-        if with_opacity:
-            row["gradient_in_opacity_share"] = _nanmean(mass_inside(saliency[with_opacity], opacity))
-        if occlusion_limit > 0:
-            row.update(_occlusion_scores(clf, x[:occlusion_limit], lung[:occlusion_limit],
-                                         [it.get("opacity") for it in chosen[:occlusion_limit]],
-                                         masks[:occlusion_limit] if masks is not None else None))
+        saliency = maps_of("gradient")
+        row.update(_region_scores("gradient_", saliency, lung, with_opacity, opacity)[0])
+        if occlusion_limit > 0:  # on the first images only: it runs the model once per patch
+            first = [k for k, i in enumerate(with_opacity) if i < occlusion_limit]
+            occluded = occlusion_maps(clf.module.net, x[:occlusion_limit], class_index=len(clf.classes) - 1)
+            row["occlusion_images"] = len(occluded)
+            row.update(_region_scores("occlusion_", occluded, lung[:occlusion_limit], [with_opacity[k] for k in first],
+                                      opacity[first] if first else None)[0])
         metrics = Path(run) / "metrics.json"
         if metrics.is_file():
             row["test_auroc"] = json.loads(metrics.read_text()).get("test", {}).get("test_auroc")
@@ -122,18 +121,15 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
     return results
 
 
-def _occlusion_scores(clf: Classifier, x: torch.Tensor, lung: torch.Tensor, opacities: list, masks) -> dict:
-    """The in-lung (and in-opacity) mass shares of occlusion-sensitivity maps."""
-    maps = occlusion_maps(clf.module.net, x, class_index=len(clf.classes) - 1)
+def _region_scores(prefix: str, maps: torch.Tensor, lung: torch.Tensor, with_opacity: list[int],
+                   opacity: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """One method's scores (keys prefixed): the maps' in-lung mass share, that share over a uniform
+    map's, and the in-opacity share of the images in `with_opacity`; and the per-image in-lung shares."""
     in_lung = mass_inside(maps, lung)
-    scores = {"occlusion_images": len(x), "occlusion_in_lung_share": _nanmean(in_lung),
-              "occlusion_in_lung_ratio": lung_ratio(in_lung, lung)}
-    with_opacity = [i for i, o in enumerate(opacities) if o is not None]
+    scores = {f"{prefix}in_lung_share": _nanmean(in_lung), f"{prefix}in_lung_ratio": lung_ratio(in_lung, lung)}
     if with_opacity:
-        opacity = _in_model_frame(clf, [opacities[i] for i in with_opacity],
-                                  masks[with_opacity] if masks is not None else None)
-        scores["occlusion_in_opacity_share"] = _nanmean(mass_inside(maps[with_opacity], opacity))
-    return scores
+        scores[f"{prefix}in_opacity_share"] = _nanmean(mass_inside(maps[with_opacity], opacity))
+    return scores, in_lung
 
 
 def _grid_figure(grid: dict, path: Path, cam: str) -> None:
