@@ -388,11 +388,7 @@ def quality(scale: Scale, work: Path) -> list[dict]:
     data = DEFAULT_DATA if scale.quality_preset == "full" else work / "data"
     if not (data / DATASET_JSON).is_file():
         generate_dataset(data, **demo.PRESETS[scale.quality_preset]["synth"])
-    summaries = []
-    for seed in range(scale.quality_seeds):
-        demo.run_demo(scale.quality_preset, data, seed, work / f"seed-{seed}")
-        summaries.append(json.loads((work / f"seed-{seed}" / "summary.json").read_text()))
-    table = demo.write_seeded_summary(summaries, work, scale.quality_preset, data)
+    table, summaries = demo.run_seeds(scale.quality_preset, data, list(range(scale.quality_seeds)), work)
     stored = json.loads((work / "summary.json").read_text())["fl_over_central"]
     ratios = {task: stored[task] for task in dict.fromkeys(r["task"] for r in summaries[0]["rows"]) if task in stored}
     setup = f"`cxrfl demo` preset {scale.quality_preset}, {scale.quality_seeds} training seeds"

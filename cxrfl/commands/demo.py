@@ -77,12 +77,7 @@ def run(args) -> int:
         if len(seeds) == 1:
             table = run_demo(name, data, seeds[0], run_dir)
         else:
-            summaries = []
-            for s in seeds:
-                print(f"\n##### training seed {s} ({len(summaries) + 1} of {len(seeds)}) #####", flush=True)
-                run_demo(name, data, s, run_dir / f"seed-{s}")
-                summaries.append(json.loads((run_dir / f"seed-{s}" / "summary.json").read_text()))
-            table = write_seeded_summary(summaries, run_dir, name, data)
+            table, _ = run_seeds(name, data, seeds, run_dir)
     except (ValueError, ManifestError, SimulationError, RunDirError) as exc:
         print(f"cxrfl demo: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +85,17 @@ def run(args) -> int:
     print(f"report: {write_report(run_dir)}")
     print(f"\nrun folder: {run_dir}  (total {time.time() - start:.0f} s)")
     return 0
+
+
+def run_seeds(name: str, data: Path, seeds: list[int], run_dir: Path) -> tuple[str, list[dict]]:
+    """The demo once per training seed in run_dir/seed-K/, then the seeded summary; returns its
+    table and the per-seed summaries."""
+    summaries = []
+    for s in seeds:
+        print(f"\n##### training seed {s} ({len(summaries) + 1} of {len(seeds)}) #####", flush=True)
+        run_demo(name, data, s, run_dir / f"seed-{s}")
+        summaries.append(json.loads((run_dir / f"seed-{s}" / "summary.json").read_text()))
+    return write_seeded_summary(summaries, run_dir, name, data), summaries
 
 
 def run_demo(name: str, data: Path, seed: int, run_dir: Path) -> str:
