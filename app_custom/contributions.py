@@ -20,8 +20,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-ABSENT = "cxrfl_absent"  # meta flag of an update from a site that is away this round
-
+from app_custom.wire import ABSENT
 
 @dataclass
 class Contribution:

@@ -35,7 +35,8 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.client import is_evaluate, is_submit_model, send
 
-from app_custom.intermittent import ABSENT, LOCAL_SECONDS, parse_rounds
+from app_custom.availability import parse_rounds
+from app_custom.wire import ABSENT, LOCAL_SECONDS
 from lightning_modules.callbacks import RoundTimeBudget
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import MANIFEST_NAME

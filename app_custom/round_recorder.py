@@ -30,8 +30,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.abstract.fl_model import MetaKey
 
-from app_custom.intermittent import ABSENT, FRESH, KEPT, LOCAL_SECONDS
-from lightning_modules.data.atomic import atomic_path
+from app_custom.wire import ABSENT, FRESH, KEPT, LOCAL_SECONDS
+from lightning_modules.data.atomic import atomic_torch_save
 
 ROUNDS_DIR = "rounds"
 ROUND_LOG = "round_log.jsonl"
@@ -55,13 +55,6 @@ def _to_tensors(weights: dict) -> dict:
 def _plain(props) -> dict:
     """JSON-like values of a shareable's headers (what travelled with the update besides its DXO)."""
     return {k: v for k, v in (props or {}).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file;
-    the file gets the umask's permissions like any other data file (atomic_path)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 class RoundRecorder(FLComponent):

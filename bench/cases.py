@@ -380,8 +380,8 @@ def quality(scale: Scale, work: Path) -> list[dict]:
     metric over its centralized counterpart's, mean over the training seeds, against the target."""
     import json
 
-    from cxrfl.commands import demo
-    from cxrfl.commands.options import DEFAULT_DATA
+    from cxrfl import demo
+    from cxrfl.options import DEFAULT_DATA
     from lightning_modules.data.manifest import DATASET_JSON
     from lightning_modules.data.phantom import generate_dataset
 

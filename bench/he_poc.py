@@ -115,7 +115,7 @@ def wire_bytes(model: str, he_context_file: Path | None) -> int:
     from nvflare.fuel.utils import fobs
 
     from app_custom.global_model import GlobalModel
-    from app_custom.he_packing import pack_and_encrypt
+    from app_custom.ckks_packing import pack_and_encrypt
 
     common_decomposers.register()
     decomposers.register()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 
 from cxrfl import __version__
+from cxrfl.commands import bench, central, data, demo, export, poc, predict, report, sim, study
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrfl.commands import bench, central, data, demo, export, poc, predict, report, sim, study
-
     parser = argparse.ArgumentParser(
         prog="cxrfl",
         description="Federated chest X-ray lung segmentation and pathology classification "
@@ -35,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # bench/ parses its own options (argparse cannot pass them through)
-        from bench.__main__ import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] == ["bench"]:  # bench/ sits above cxrfl (it measures it): run as its own program, options and all
+        return subprocess.call([sys.executable, "-m", "bench", *argv[1:]])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -8,15 +8,11 @@ then cross-site evaluation. Clients: a ScriptRunner running `app_custom/cxrfl_cl
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import json
-import math
 import os
-import re
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 from nvflare.apis.dxo import DataKind
 from nvflare.app_common.aggregators import InTimeAccumulateWeightedAggregator
@@ -36,27 +32,16 @@ from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
 import app_custom
+from cxrfl.fl.config import AGGREGATIONS, JOB_SEGMENTER, FLConfig
+from cxrfl.options import add_config_options, fl_config
 from cxrfl.runs import WANDB_PRIVATE_SETTINGS
 from lightning_modules.data.manifest import write_json
-from lightning_modules.factory import DEFAULT_MODEL
-from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
 from app_custom.contributions import UpdateValidator
 from app_custom.global_model import GlobalModel
-from app_custom.intermittent import SiteAwareFedAvg, check_schedule
+from app_custom.intermittent import SiteAwareFedAvg
 from app_custom.round_recorder import RoundRecorder
 
-TASKS = ("segment", "classify", "roi")
-# FLConfig fields that name files on this machine: they never travel in a job or to tracking.
-LOCAL_PATHS = ("data_root", "segmenter", "turn_lock", "initial_model")
-JOB_SEGMENTER = "segmenter.pt"  # a lung-ROI job's segmenter, in the job's custom/ folder
 SITE_CONFIG = Path("local") / "cxrfl_site.json"  # a site's own settings (app_custom/cxrfl_client.py)
-# Server-side aggregation: FedAvg, or FedOpt with a server optimizer (Reddi et al. 2021).
-AGGREGATIONS = {
-    "fedavg": None,
-    "fedadam": "torch.optim.Adam",
-    "fedadagrad": "torch.optim.Adagrad",
-    "fedyogi": "app_custom.yogi.Yogi",
-}
 DP_FILTERS = {"percentile": PercentilePrivacy, "svt": SVTPrivacy}  # NVFlare's, on weight differences
 
 # Relative to the folder holding the app_custom package: the exported job then finds the script in
@@ -74,157 +59,6 @@ def from_package_root():
         yield
     finally:
         os.chdir(cwd)
-
-
-@dataclass
-class FLConfig:
-    """Everything a federated run depends on; recorded in the run folder."""
-
-    task: str = "classify"
-    data_root: str | None = "data/synthetic"  # None: each site reads its local/cxrfl_site.json
-    sites: list[str] = field(default_factory=lambda: ["site-1", "site-2", "site-3"])
-    rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-3
-    image_size: int = 128
-    model: str | None = None
-    classes: list[str] = field(default_factory=lambda: ["normal", "pneumonia"])
-    roi: str = "mask"  # roi task: "mask" or "crop"
-    roi_threshold: float = 0.5
-    segmenter: str | None = None  # roi task: segmentation checkpoint (None: ground-truth masks)
-    min_clients: int | None = None  # None: all sites
-    wait_after_min_clients: float = 0.0  # seconds a round still waits for the others once min_clients answered
-    time_budget: float = 0.0  # seconds of local training per round, 0: no limit
-    aggregation: str = "fedavg"
-    server_lr: float = 1.0
-    seed: int = 0
-    deterministic: bool = False  # torch's deterministic algorithms at every site (slower where they differ)
-    class_weights: str = "balanced"
-    target_sensitivity: float | None = None  # two-class classify: threshold reaching this validation sensitivity
-    accelerator: str = "auto"
-    limit: int | None = None
-    cross_site_eval: bool = True
-    # without cross-site evaluation: still each site's validation of the global models (NVFlare's
-    # GlobalModelEval, no local models sent), which the operating point and model selection need
-    global_model_eval: bool = False
-    wandb: bool = False
-    wandb_project: str = "cxr-fl"
-    record_contributions: bool = False
-    torch_threads: int = 0  # per-site CPU threads; 0: torch's default (one site per machine)
-    turn_lock: str | None = None  # simulated sites sharing a machine take turns on this lock file
-    he: bool = False  # homomorphic encryption of the weight exchange (needs HE contexts in the kits)
-    he_encrypt_layers: str | None = None  # regex of tensor names to encrypt; None: every float tensor
-    schedule: dict[str, str] | None = None  # site -> rounds it takes part in ("0-2,5"); others: all rounds
-    absent_weights: str = "drop"  # a site that is away: "drop" its weights (approach 1) or "keep" its last
-    dp: str | None = None  # differential privacy filter on each site's update: "percentile" or "svt"
-    dp_args: dict | None = None  # the NVFlare privacy filter's arguments
-    start_round: int = 0  # a resumed run: the first round still to run
-    initial_model: str | None = None  # a resumed run: the global model (persistor format) it continues from
-
-    @property
-    def kind(self) -> str:
-        return "segment" if self.task == "segment" else "classify"
-
-    @property
-    def key_metric(self) -> str:
-        return "val_dice" if self.kind == "segment" else "val_auroc"
-
-    @property
-    def job_name(self) -> str:
-        return f"cxrfl_{self.task}"
-
-    def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
-        if not self.sites:
-            raise ValueError("need at least one site")
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError("rounds and local epochs must be >= 1")
-        model = self.model or DEFAULT_MODEL[self.kind]
-        valid = SEGMENTERS if self.kind == "segment" else CLASSIFIERS
-        if model not in valid:
-            raise ValueError(f"--model {model!r} does not fit --task {self.task}; choose one of {', '.join(valid)}")
-        size_problem = input_size_problem(model, self.image_size)
-        if size_problem:
-            raise ValueError(size_problem)
-        for name, value in [("--lr", self.lr), ("--server-lr", self.server_lr)]:
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        for name, value in [("--time-budget", self.time_budget), ("--wait-after-min-clients", self.wait_after_min_clients)]:
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
-        if not 0 < self.roi_threshold < 1:
-            raise ValueError(f"--roi-threshold must be between 0 and 1 (exclusive), got {self.roi_threshold}")
-        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
-            raise ValueError("--batch-size and --limit must be >= 1")
-        if self.he and self.aggregation != "fedavg":
-            raise ValueError("homomorphic encryption works with FedAvg only (the server cannot run an optimizer on ciphertexts)")
-        if self.absent_weights not in ("drop", "keep"):
-            raise ValueError("absent_weights must be 'drop' or 'keep'")
-        if self.schedule:
-            check_schedule(self.schedule, self.sites, self.rounds)
-        if self.he and (self.schedule or self.absent_weights == "keep"):
-            raise ValueError("availability schedules and --absent-weights keep are not available with HE")
-        if self.aggregation != "fedavg" and (self.schedule or self.absent_weights == "keep"):
-            raise ValueError("availability schedules and --absent-weights keep work with FedAvg only")
-        if self.he_encrypt_layers and not self.he:
-            raise ValueError("--he-encrypt-layers needs --he")
-        if self.he_encrypt_layers:
-            try:
-                re.compile(self.he_encrypt_layers)
-            except re.error as exc:
-                raise ValueError(f"--he-encrypt-layers {self.he_encrypt_layers!r} is not a valid regular expression: {exc}") from None
-        if self.he and self.global_model_eval:
-            raise ValueError("global-model evaluation is not available with HE (NVFlare cannot broadcast "
-                             "ciphertext models)")
-        if self.he and self.cross_site_eval:
-            raise ValueError("cross-site evaluation is not available with HE (NVFlare cannot broadcast ciphertext "
-                             "models); pass --no-cross-site-eval")
-        if self.dp is not None:
-            if self.dp not in DP_FILTERS:
-                raise ValueError(f"--dp must be one of {', '.join(DP_FILTERS)}")
-            if self.he or self.aggregation != "fedavg" or self.schedule or self.absent_weights == "keep":
-                raise ValueError("--dp works with plain FedAvg (no --he, --aggregation fedopt, schedules or "
-                                 "--absent-weights keep)")
-        if not 0 <= self.start_round < self.rounds:
-            raise ValueError(f"start_round {self.start_round} is outside the job's rounds 0..{self.rounds - 1}")
-        if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
-            raise ValueError(f"min_clients must be between 1 and the number of sites ({len(self.sites)})")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def without_paths(self) -> dict:
-        """The configuration for experiment tracking and anything else that leaves this machine."""
-        return {k: v for k, v in self.as_dict().items() if k not in LOCAL_PATHS}
-
-    def client_args(self) -> str:
-        args = ["--task", self.kind, "--image-size", self.image_size, "--batch-size", self.batch_size, "--lr", self.lr,
-                "--local-epochs", self.local_epochs, "--class-weights", self.class_weights, "--seed", self.seed,
-                "--accelerator", self.accelerator, "--time-budget", self.time_budget]
-        if self.model:
-            args += ["--model", self.model]
-        if self.kind == "classify":
-            args += ["--classes", quote(json.dumps(self.classes))]  # NVFlare splits script args on spaces
-        if self.task == "roi":
-            args += ["--roi", self.roi, "--roi-threshold", self.roi_threshold]
-            if self.segmenter:  # the job carries it (see build_job)
-                args += ["--segmenter", JOB_SEGMENTER]
-        if self.limit:
-            args += ["--limit", self.limit]
-        if self.deterministic:
-            args += ["--deterministic"]
-        if self.torch_threads:
-            args += ["--torch-threads", self.torch_threads]
-        if self.schedule:  # with the job's round count: a resumed job's server counts only the rounds left
-            args += ["--schedule", quote(json.dumps(self.schedule)), "--rounds", self.rounds]
-        for a in args:
-            if " " in str(a):
-                raise ValueError(f"{a!r}: NVFlare passes client arguments split on spaces; use a path without spaces")
-        return " ".join(str(a) for a in args)
 
 
 @contextlib.contextmanager
@@ -245,7 +79,6 @@ def write_simulator_site_config(workspace: Path, cfg: FLConfig) -> None:
 
 def build_job(cfg: FLConfig, staging: Path) -> BaseFedJob:
     """staging: a folder for the files the job carries (a lung-ROI job's segmenter) until export."""
-    cfg.validate()
     min_clients = cfg.min_clients or len(cfg.sites)
     job = BaseFedJob(name=cfg.job_name, min_clients=min_clients, key_metric=cfg.key_metric,
                      analytics_receiver=TBAnalyticsReceiver(tb_folder="tb_events"))
@@ -261,8 +94,7 @@ def build_job(cfg: FLConfig, staging: Path) -> BaseFedJob:
 
     # One model component shared by the persistor and the FedOpt optimizer, so the server
     # optimizer steps from the current global weights.
-    model_name = cfg.model or DEFAULT_MODEL[cfg.kind]
-    model_id = job.to_server(GlobalModel(task=cfg.kind, model=model_name, num_classes=len(cfg.classes), seed=cfg.seed), id="model")
+    model_id = job.to_server(GlobalModel(task=cfg.task, model=cfg.network, num_classes=len(cfg.classes), seed=cfg.seed), id="model")
     initial_model = None
     if cfg.initial_model:  # a resumed job carries its starting model; the persistor reads it from custom/
         job.add_file_to_server(cfg.initial_model)
@@ -319,10 +151,10 @@ def build_job(cfg: FLConfig, staging: Path) -> BaseFedJob:
         locator_id = job.to_server(PTFileModelLocator(pt_persistor_id=persistor_id), id="locator")
         job.to_server(GlobalModelEval(model_locator_id=locator_id, validation_timeout=6000))
 
-    if cfg.task == "roi" and cfg.segmenter:  # travels as a file: no site needs the exporter's path
-        from cxrfl.models import export_model
+    if cfg.segmenter:  # travels as a file: no site needs the exporter's path
+        from cxrfl.bundle import export_segmenter_file
 
-        export_model(cfg.segmenter, staging / JOB_SEGMENTER)
+        export_segmenter_file(cfg.segmenter, staging / JOB_SEGMENTER)
         job.add_file_to_clients(str(staging / JOB_SEGMENTER))
     job.to_clients(ScriptRunner(script=CLIENT_SCRIPT, script_args=cfg.client_args(), framework=FrameworkType.PYTORCH,
                                 server_expected_format=exchange, params_transfer_type=transfer))
@@ -357,17 +189,13 @@ def _add_he_client_filters(job: BaseFedJob, encrypt_layers: str | None) -> None:
 
 def job_main(task: str, description: str, argv: list[str] | None = None) -> None:
     """The command line of a `jobs/<task>/job.py`: build the task's job, export it or simulate it."""
-    import argparse
-
-    from cxrfl.commands.fl_options import add_fl_options, config_from_args
-
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_fl_options(parser, task=task)
+    add_config_options(parser, FLConfig, "fl", task=task)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--export-dir", help="write the job folder here")
     target.add_argument("--simulate", metavar="WORKSPACE", help="run the job in the NVFlare simulator")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = fl_config(args)
     export_dir = Path(args.export_dir).absolute() if args.export_dir else None
     workspace = Path(args.simulate).absolute() if args.simulate else None
     with built_job(cfg) as job:

@@ -45,10 +45,10 @@ def decrypt_checkpoint(path: Path, client_context: Path) -> dict[str, torch.Tens
     (one line, naming the file) for any other kind of file."""
     import tenseal as ts
 
-    from app_custom.he_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
-    from lightning_modules.weights import read_model_file
+    from app_custom.ckks_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
+    from lightning_modules.weights import load_checkpoint
 
-    saved = read_model_file(path)
+    saved = load_checkpoint(path)
     if saved.kind != "nvflare":
         raise ValueError(f"{path}: a {saved.kind} model file, not a federated (NVFlare) global model")
     weights, meta = saved.state, saved.info

@@ -5,13 +5,13 @@ a Grad-CAM grid of the models side by side and segmentation overlays."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cxrfl.models import Classifier, load_classifier, load_segmenter
+from cxrfl.run_folder import RunFolder
 from lightning_modules.data.imageio import read_image, read_mask
 from lightning_modules.data.manifest import load_split, resolve, write_json
 from lightning_modules.data.transforms import deterministic_transforms, lung_roi, model_inputs
@@ -108,9 +108,9 @@ def score_models(models: dict[str, Path], data_root: Path, out: Path, cam: str =
             row["occlusion_images"] = len(occluded)
             row.update(_region_scores("occlusion_", occluded, lung[:occlusion_limit], [with_opacity[k] for k in first],
                                       opacity[first] if first else None)[0])
-        metrics = Path(run) / "metrics.json"
-        if metrics.is_file():
-            row["test_auroc"] = json.loads(metrics.read_text()).get("test", {}).get("test_auroc")
+        metrics = RunFolder.read(run).metrics() if RunFolder.is_run(run) else None
+        if metrics:
+            row["test_auroc"] = metrics.get("test", {}).get("test_auroc")
         results[name] = row
         grid[name] = [(x[i, 0].numpy(), maps[i].numpy()) for i in range(min(show, len(x)))]
         gradient_grid[name] = [(x[i, 0].numpy(), saliency[i].numpy()) for i in range(min(show, len(x)))]

@@ -1,12 +1,13 @@
 """Trained models with the preprocessing they were trained with, from any run folder or an
-exported single file, so a checkpoint is never used with the wrong input size, normalisation,
-class names or lung-ROI setting.
+exported bundle, so a checkpoint is never used with the wrong input size, normalisation, class
+names or lung-ROI setting.
 
 Sources: a run folder of `cxrfl central`, `cxrfl sim` or `cxrfl poc wait` (its config.json names
 the task, model, input size, classes and ROI; weights: checkpoints/best.ckpt, or the best/final
-federated global model, decrypted under HE), a weights file inside such a folder, or a file
-written by `export_model` (`cxrfl export-model`), which embeds all of it, and for a lung-ROI
-classifier its segmenter too.
+federated global model, decrypted under HE), a weights file inside such a folder, or a bundle
+folder written by `cxrfl export-model` (cxrfl/bundle.py), which describes all of it in
+configs/metadata.json and carries a lung-ROI classifier's segmenter too; a single-file export
+of an earlier release (`cxrfl-model/1`) still loads.
 """
 
 from __future__ import annotations
@@ -20,12 +21,7 @@ from lightning_modules.factory import DEFAULT_MODEL
 from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.operating_point import DEFAULT_THRESHOLD
 from lightning_modules.segmentation import LungSegmentation
-from lightning_modules.weights import EXPORT_FORMAT, ModelFile, load_weights, read_model_file
-
-BUNDLE_FORMAT = EXPORT_FORMAT
-# Every model here standardises each image (zero mean, unit variance) after scaling to [0,1] and
-# resizing (area) to image_size: lightning_modules/data/transforms.py.
-NORMALISATION = "per-image standardisation of [0,1] intensities after area resize to image_size"
+from lightning_modules.weights import ModelFile, is_bundle, load_checkpoint, load_weights
 
 
 class ModelLoadError(ValueError):
@@ -88,7 +84,7 @@ def _weights_file(run: Path, config: dict) -> Path:
 def _read(path: Path) -> ModelFile:
     """The model file at `path`, read without running code from it (lightning_modules/weights.py)."""
     try:
-        return read_model_file(path)
+        return load_checkpoint(path)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
 
@@ -104,9 +100,9 @@ def load_segmenter(path: str | Path) -> Segmenter:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    bundle = _read_bundle(path) if path.is_file() else None
-    if bundle is not None:
-        return _segmenter_from_bundle(bundle, path)
+    exported = _exported(path)
+    if exported is not None:
+        return _segmenter_from_bundle(_description(exported), path)
     run, config = _find_config(path)
     if config.get("task") != "segment":
         raise ModelLoadError(f"{run}: a {config.get('task')!r} run, not a segmentation run")
@@ -127,9 +123,9 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    given = _read(path) if path.is_file() else None
-    if given is not None and given.kind == "export":
-        clf = _classifier_from_bundle({**given.info, "state_dict": given.state}, path)
+    given = _read(path) if path.is_file() or is_bundle(path) else None
+    if given is not None and given.kind in EXPORTED:
+        clf = _classifier_from_bundle(_description(given), path)
     else:
         run, config = _find_config(path)
         task = config.get("task")
@@ -182,7 +178,10 @@ def _valid_temperature(value) -> float:
     return float(value) if ok else 1.0
 
 
-# ---- single-file export ----------------------------------------------------------------------
+# ---- exported models (cxrfl/bundle.py writes them) --------------------------------------------
+EXPORTED = ("bundle", "export")  # ModelFile kinds that describe their own preprocessing
+
+
 def _classifier_module(model, classes: list, source: Path) -> CXRClassifier:
     try:
         return CXRClassifier(model=model, num_classes=len(classes), class_names=classes)
@@ -190,11 +189,22 @@ def _classifier_module(model, classes: list, source: Path) -> CXRClassifier:
         raise ModelLoadError(f"{source}: {exc}") from None
 
 
-def _read_bundle(path: Path) -> dict | None:
-    """An exported file's fields (state_dict included); None for a file of another kind. A file
-    that is not a model file at all, or would run code, is refused here (ModelLoadError)."""
+def _exported(path: Path) -> ModelFile | None:
+    """An exported model (a bundle folder or an earlier single file); None for a run folder or a
+    model file of another kind. A file that is not a model file at all, or would run code, is
+    refused here (ModelLoadError)."""
+    if not (path.is_file() or is_bundle(path)):
+        return None
     model = _read(path)
-    return {**model.info, "state_dict": model.state} if model.kind == "export" else None
+    return model if model.kind in EXPORTED else None
+
+
+def _description(model: ModelFile) -> dict:
+    """An exported model's fields with its weights ("state_dict") and its segmenter's, in one dict
+    for the checks below, whichever form it came in (an earlier single file embeds the segmenter)."""
+    segmenter = model.segmenter
+    return {**model.info, "state_dict": model.state} | (
+        {"segmenter": {**segmenter.info, "state_dict": segmenter.state}} if segmenter else {})
 
 
 # Fields of an exported model and what each must be: a wrong file is refused in one line
@@ -257,56 +267,10 @@ def _classifier_from_bundle(bundle: dict, path: Path) -> Classifier:
                       temperature=float(bundle.get("temperature", 1.0)))
 
 
-def _segmenter_bundle(seg: Segmenter) -> dict:
-    return {"format": BUNDLE_FORMAT, "task": "segment", "model": seg.module.hparams.arch,
-            "image_size": seg.image_size, "normalisation": NORMALISATION,
-            "threshold": float(seg.module.hparams.threshold), "state_dict": seg.module.state_dict()}
-
-
-def export_model(source: str | Path, out: str | Path) -> dict:
-    """Write one self-contained file (weights + preprocessing, and a lung-ROI classifier's
-    segmenter) for `cxrfl predict`; returns its description without the weights."""
-    from app_custom.round_recorder import atomic_torch_save
-
-    source, out = Path(source), Path(out)
-    _check_export_target(out)
-    if _source_task(source) == "segment":
-        bundle = _segmenter_bundle(load_segmenter(source))
-    else:
-        bundle = {"format": BUNDLE_FORMAT, **_classifier_bundle(load_classifier(source))}
-    bundle["source"] = source.absolute().name  # an exported file travels; the exporter's paths do not
-    atomic_torch_save(bundle, out)
-    return {k: v for k, v in bundle.items() if k not in ("state_dict", "segmenter")} | (
-        {"segmenter": "embedded"} if bundle.get("segmenter") else {})
-
-
-def _check_export_target(out: Path) -> None:
-    """Only an earlier export is overwritten: --out pointing at a checkpoint or any other file
-    would lose it."""
-    if out.is_dir():
-        raise ModelLoadError(f"{out}: a folder; --out names the file to write")
-    if not out.parent.is_dir():
-        raise ModelLoadError(f"{out.parent}: no such folder to write {out.name} into")
-    if out.exists():
-        try:
-            earlier_export = _read(out).kind == "export"
-        except ModelLoadError:
-            earlier_export = False
-        if not earlier_export:
-            raise ModelLoadError(f"{out}: exists and is not an exported model; not overwritten (choose another --out)")
-
-
-def _source_task(source: Path) -> str | None:
-    """The task of a model source: an exported file's, else its run folder's."""
+def model_task(source: str | Path) -> str | None:
+    """The task ("segment", "classify", "roi") of a model source: an exported model's, else its run folder's."""
+    source = Path(source)
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file or folder")
-    bundle = _read_bundle(source) if source.is_file() else None
-    return bundle.get("task") if bundle else _find_config(source)[1].get("task")
-
-
-def _classifier_bundle(clf: Classifier) -> dict:
-    return {"task": "classify", "model": clf.module.hparams.model, "classes": clf.classes,
-            "image_size": clf.image_size, "normalisation": NORMALISATION, "roi": clf.roi,
-            "roi_threshold": clf.roi_threshold, "decision_threshold": clf.threshold,
-            "temperature": clf.temperature, "state_dict": clf.module.state_dict(),
-            "segmenter": _segmenter_bundle(clf.segmenter) if clf.segmenter else None}
+    exported = _exported(source)
+    return exported.info.get("task") if exported else _find_config(source)[1].get("task")

@@ -18,11 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from cxrfl.fl_job import SITE_CONFIG, FLConfig
+from cxrfl.fl.config import FLConfig
+from cxrfl.fl_job import SITE_CONFIG
+from cxrfl.run_folder import RunFolder
 from cxrfl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
 from cxrfl.keyfiles import restrict_private_files
 from cxrfl.poc_processes import stop_processes, wait_until_ended, workspace_process_list
@@ -259,7 +262,7 @@ def poc_submit(state: dict, cfg: FLConfig) -> str:
         job_id = sess.submit_job(str(job_dir))
     finally:
         sess.close()
-    write_json(jobs / f"{job_id}.json", cfg.as_dict())
+    cfg.write_json(jobs / f"{job_id}.json")
     return job_id
 
 
@@ -285,8 +288,7 @@ def poc_resume(state: dict, run_dir: Path) -> str:
         meta_file = run_dir / "job_meta.json"
         failed = json.loads(meta_file.read_text()).get("job_id", "earlier") if meta_file.is_file() else "earlier"
         download.rename(run_dir / f"download-{failed}")
-    cfg.data_root = None  # sites read their data from their local config
-    job_id = poc_submit(state, cfg)
+    job_id = poc_submit(state, replace(cfg, data_root=None))  # sites read their data from their local config
     atomic_write_text(Path(state["workspace"]) / "jobs" / f"{job_id}.resumes", str(run_dir))
     return job_id
 
@@ -298,8 +300,8 @@ def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> 
     cfg_path = workspace / "jobs" / f"{job_id}.json"
     if not cfg_path.is_file():
         raise PocError(f"job {job_id} was not submitted with `cxrfl poc submit` here ({cfg_path} missing)")
-    cfg = FLConfig(**json.loads(cfg_path.read_text()))
-    cfg.data_root = state["data_root"]  # the coordinator's copy, for the held-out test set
+    # the coordinator's copy of the data root, for the held-out test set
+    cfg = replace(FLConfig.read_json(cfg_path), data_root=state["data_root"])
     run_dir = Path(run_dir).absolute()
     continues = resumed_run(state, job_id)
     if continues is not None and continues != run_dir:
@@ -313,7 +315,7 @@ def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> 
     status = str(meta.get("status", ""))
     shutil.copytree(result, download, dirs_exist_ok=True)
     if continues is None:  # a resumed job keeps the run's own configuration
-        write_json(run_dir / "config.json", cfg.as_dict())
+        RunFolder.create(run_dir, "poc", cfg)
     write_json(run_dir / "job_meta.json", meta)
     if "FINISHED_COMPLETED" not in status.replace(":", "_"):
         raise PocError(f"job {job_id} ended as {status}; results in {download}. To continue it from its last "

@@ -12,8 +12,8 @@ from pathlib import Path
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from app_custom.round_recorder import atomic_torch_save
-from lightning_modules.data.manifest import atomic_write_text, write_json
+from lightning_modules.data.atomic import atomic_torch_save
+from lightning_modules.data.atomic import atomic_write_text
 
 RUNS_DIR = Path("runs")
 MIN_FREE_BYTES = 200 * 1024 * 1024
@@ -89,10 +89,6 @@ def print_test_metrics(test: dict, why_undefined: str, indent: str = "  ") -> No
         value = finite_or_none(test[key])
         shown = f"{value:.4f}" if value is not None else f"n/a ({why_undefined})"
         print(f"{indent}{key:>{width}}: {shown}")
-
-
-def save_config(run_dir: Path, config: dict) -> None:
-    write_json(run_dir / "config.json", config)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -30,14 +30,17 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
-from app_custom.round_recorder import atomic_torch_save
-from app_custom.intermittent import check_schedule
-from cxrfl.fl_job import FLConfig, built_job, write_simulator_site_config
+from lightning_modules.data.atomic import atomic_torch_save
+from app_custom.availability import check_schedule
+from cxrfl.fl.config import FLConfig
+from cxrfl.fl_job import built_job, write_simulator_site_config
+from cxrfl.run_folder import RunFolder, RunFolderError
 from cxrfl.keyfiles import restrict_private_files
 from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
 from cxrfl.runs import finite_or_none, test_at_operating_point, undefined_reason, write_test_predictions
@@ -77,7 +80,7 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, tak
     if not cfg.torch_threads:
         cfg.torch_threads = max(1, (os.cpu_count() or 1) // threads)
     if not resuming:
-        write_json(run_dir / "config.json", cfg.as_dict())  # a resumed run keeps the original
+        RunFolder.create(run_dir, "sim", cfg)  # a resumed run keeps the original
     job_dir = export_job(cfg, run_dir / "job")
     workspace = run_dir / "workspace"
     if workspace.exists():
@@ -241,12 +244,12 @@ def last_complete_round(folder: Path) -> tuple[int, dict] | tuple[None, None]:
     """The last round whose global model file is readable, with its contents (a copy into the run
     folder cut by a kill is not). A round file that would run code when loaded stops the resume
     (SimulationError naming it): it is not ours, so the folder is not to be trusted."""
-    from lightning_modules.weights import UnsafeFileError, read_model_file
+    from lightning_modules.weights import UnsafeFileError, load_checkpoint
 
     rounds = sorted((int(m.group(1)), f) for f in folder.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name)))
     for number, path in reversed(rounds):
         try:
-            saved = read_model_file(path)
+            saved = load_checkpoint(path)
         except UnsafeFileError as exc:
             raise SimulationError(str(exc)) from None
         except ValueError:  # an unreadable file is simply not a complete round
@@ -264,20 +267,16 @@ def prepare_resume(run_dir: Path, interrupted: Path | None) -> FLConfig:
     rounds, round log and metrics lines join the run folder's own. Not carried over: with
     --absent-weights keep, the sites' remembered updates (a site counts again from its next
     update); NVFlare's best-model choice restarts with the resumed rounds."""
-    import dataclasses
-    import json
-
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise SimulationError(f"{run_dir}: no config.json, so not a run folder to resume")
-    if (run_dir / "metrics.json").is_file():
-        ended = "failed" if '"failed"' in (run_dir / "metrics.json").read_text() else "finished"
-        raise SimulationError(f"{run_dir}: this run {ended} (see its metrics.json); nothing to resume: start a new run")
-    fields = {f.name for f in dataclasses.fields(FLConfig)}
     try:
-        cfg = FLConfig(**{k: v for k, v in json.loads(config_file.read_text()).items() if k in fields})
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise SimulationError(f"{config_file}: unreadable run configuration ({exc})") from None
+        run = RunFolder.read(run_dir)
+    except RunFolderError as exc:
+        raise SimulationError(f"{exc}; not a run folder to resume") from None
+    if not run.federated:
+        raise SimulationError(f"{run_dir}: a {run.kind} run, not a federated run to resume")
+    if run.finished:
+        ended = "failed" if '"failed"' in run.metrics_file.read_text() else "finished"
+        raise SimulationError(f"{run_dir}: this run {ended} (see its metrics.json); nothing to resume: start a new run")
+    cfg = run.config
     if cfg.he:
         raise SimulationError(f"{run_dir}: an HE run cannot be resumed (its round models are ciphertexts the "
                               "persistor cannot start from); start it again")
@@ -303,7 +302,7 @@ def prepare_resume(run_dir: Path, interrupted: Path | None) -> FLConfig:
     if last is not None:
         start = run_dir / "models" / f"resume_from_round_{last:03d}.pt"
         atomic_torch_save({"model": saved["model"], "meta_props": saved.get("meta") or {}}, start)
-        cfg.start_round, cfg.initial_model = last + 1, str(start)
+        cfg = replace(cfg, start_round=last + 1, initial_model=str(start))
     return cfg
 
 
@@ -331,9 +330,9 @@ def _local_models(folder: Path, sites: list[str]) -> dict:
 
 def load_state(path: Path) -> dict:
     """The tensors of a global or local model file of a run, read without running code from it."""
-    from lightning_modules.weights import read_model_file
+    from lightning_modules.weights import load_checkpoint
 
-    return {k: torch.as_tensor(v) for k, v in read_model_file(path).state.items()}
+    return {k: torch.as_tensor(v) for k, v in load_checkpoint(path).state.items()}
 
 
 def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | None = None) -> dict:
@@ -428,11 +427,11 @@ def _write_matrix_csv(path: Path, matrix: dict, cfg: FLConfig) -> None:
 def test_data_module(cfg: FLConfig) -> CXRDataModule:
     """The held-out test set, prepared the way the run's clients prepare their data."""
     mask_predictor = None
-    if cfg.task == "roi" and cfg.segmenter:
+    if cfg.segmenter:
         segmenter = LungSegmentation.from_checkpoint(cfg.segmenter)
         mask_predictor = segmenter.mask_predictor(cfg.roi_threshold)
-    dm = CXRDataModule(cfg.data_root, task=cfg.kind, sites=None, image_size=cfg.image_size,
-                       batch_size=cfg.batch_size, roi=cfg.roi if cfg.task == "roi" else None,
+    dm = CXRDataModule(cfg.data_root, task=cfg.task, sites=None, image_size=cfg.image_size,
+                       batch_size=cfg.batch_size, roi=cfg.roi,
                        roi_threshold=cfg.roi_threshold, mask_predictor=mask_predictor, limit=cfg.limit)
     dm.classes = list(cfg.classes)  # the job's classes; the test set lives at the coordinator, not a site
     dm.setup("test")
@@ -445,7 +444,7 @@ def federated_operating_point(cfg: FLConfig, by_site: dict) -> dict | None:
     J (or the configured target sensitivity); 0.5 when no site sent one (no cross-site evaluation). None for other tasks."""
     from lightning_modules.operating_point import DEFAULT_THRESHOLD, histogram_counts, threshold_from_histograms
 
-    if cfg.kind != "classify" or len(cfg.classes) != 2:
+    if cfg.task != "classify" or len(cfg.classes) != 2:
         return None
     histograms = [h for site, m in by_site.items() if site in cfg.sites for h in [histogram_counts(m)] if h]
     if not histograms:
@@ -458,14 +457,14 @@ def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_
     """Load a state_dict into the task's module and run it on the held-out test set (a classifier
     writes test_predictions.csv into predictions_dir when given); with an operating `point`, also
     the test metrics at its threshold and the test ECE."""
-    module = build_module(cfg.kind, cfg.model, lr=cfg.lr, classes=cfg.classes)
+    module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=cfg.classes)
     module.load_state_dict(state)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
     results = {k: finite_or_none(v) for k, v in trainer.test(module, datamodule=dm, verbose=False)[0].items()}
     if point is not None:
         results.update(test_at_operating_point(module, point))
-    if predictions_dir is not None and cfg.kind == "classify":
+    if predictions_dir is not None and cfg.task == "classify":
         write_test_predictions(predictions_dir / "test_predictions.csv", module, cfg.classes,
                                point.get("threshold") if point else None)
     return results

@@ -20,9 +20,14 @@ from pathlib import Path
 
 import yaml
 
-from cxrfl.fl_job import FLConfig
-from lightning_modules.data.manifest import (DATASET_JSON, Record, atomic_write_text, load_split, read_dataset_info,
-                                             resolve, write_json)
+from cxrfl.central import train_central
+from cxrfl.fl.config import FLConfig
+from cxrfl.run_folder import RunFolder
+from cxrfl.runs import new_run_dir
+from cxrfl.simulate import run_simulation
+from lightning_modules.config import TrainConfig
+from lightning_modules.data.atomic import atomic_write_text
+from lightning_modules.data.manifest import DATASET_JSON, Record, load_split, read_dataset_info, resolve
 
 CONFIGS = Path(__file__).resolve().parent / "studies"  # package data: ships with the wheel
 COLUMNS = ["run", "sites", "rounds", "local_epochs", "schedule", "approach", "test_loss", "test_acc", "test_auroc",
@@ -103,7 +108,7 @@ def run_study(config: dict, out: Path, log=print, seeds: int = 1) -> list[dict]:
     folders when more than one), the table reporting each number's mean and spread over them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "study_config.json", dict(config, seeds=seeds))
+    RunFolder.create(out, "study", settings=dict(config, seeds=seeds))
     pool = pooled_data(config, out)
     first = config.get("train", {}).get("seed", 0)
     rows = []
@@ -117,28 +122,26 @@ def run_study(config: dict, out: Path, log=print, seeds: int = 1) -> list[dict]:
 def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log) -> list[dict]:
     """The central baseline and every grid run with one training seed, into `folder`; the sites'
     data splits (from the data's own seed) are the same for every training seed."""
-    from cxrfl.simulate import run_simulation
-
     base = config.get("train", {})
     rows = []
     central_dir = folder / "central"
-    if not (central_dir / "metrics.json").is_file():
+    if not _finished(central_dir):
         log(f"[study] central baseline -> {central_dir}")
         _set_aside_unfinished(central_dir, log)
         _central(config, pool, central_dir, seed)  # the union of the same training data
     else:
         log(f"[study] {central_dir.relative_to(out)}: done, skipped")
-    central = json.loads((central_dir / "metrics.json").read_text())
+    central = RunFolder.read(central_dir).metrics()
     rows.append(_row("central", central, central["train_seconds"], central["train_seconds"], {}, central))
     for spec in grid_runs(config):
         run_dir = folder / spec["id"]
-        if not (run_dir / "metrics.json").is_file():
+        if not _finished(run_dir):
             log(f"[study] {run_dir.relative_to(out)}")
             _set_aside_unfinished(run_dir, log)
             data = split_for(pool, spec["sites"], out, base.get("seed", 0))
             cfg = FLConfig(task=config.get("task", "classify"), data_root=str(data.absolute()),
                            sites=[f"site-{i + 1}" for i in range(spec["sites"])], rounds=spec["rounds"],
-                           local_epochs=spec["local_epochs"], batch_size=base.get("batch_size", 16),
+                           epochs=spec["local_epochs"], batch_size=base.get("batch_size", 16),
                            lr=base.get("lr", 1e-3), image_size=base.get("image_size", 64), model=base.get("model"),
                            classes=read_dataset_info(data).get("classes") or ["normal", "pneumonia"],
                            seed=seed, cross_site_eval=False, global_model_eval=True, schedule=spec["schedule"],
@@ -146,10 +149,14 @@ def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log)
             run_simulation(cfg, run_dir, take_turns=True)  # each site's local time is its own
         else:
             log(f"[study] {run_dir.relative_to(out)}: done, skipped")
-        summary = json.loads((run_dir / "metrics.json").read_text())
+        summary = RunFolder.read(run_dir).metrics()
         critical = critical_path_seconds(run_dir)
         rows.append(_row(spec["id"], summary, summary["wall_seconds"], critical, spec, central))
     return rows
+
+
+def _finished(run_dir: Path) -> bool:
+    return RunFolder.is_run(run_dir) and RunFolder.read(run_dir).finished
 
 
 def _set_aside_unfinished(run_dir: Path, log) -> None:
@@ -163,19 +170,12 @@ def _set_aside_unfinished(run_dir: Path, log) -> None:
 
 
 def _central(config: dict, data: Path, run_dir: Path, seed: int) -> None:
-    from cxrfl.cli import build_parser
-    from cxrfl.commands import central
-    from cxrfl.runs import new_run_dir
-
     base = config.get("train", {})
-    epochs = config.get("central", {}).get("epochs", 5)
-    argv = ["central", "--task", config.get("task", "classify"), "--data", str(data), "--epochs", str(epochs),
-            "--image-size", str(base.get("image_size", 64)), "--batch-size", str(base.get("batch_size", 16)),
-            "--lr", str(base.get("lr", 1e-3)), "--seed", str(seed), "--out", str(run_dir)]
-    if base.get("model"):
-        argv += ["--model", base["model"]]
-    args = build_parser().parse_args(argv)
-    central.train_central(args, data, new_run_dir(run_dir, "central"))
+    cfg = TrainConfig(task=config.get("task", "classify"), data_root=str(data),
+                      epochs=config.get("central", {}).get("epochs", 5), image_size=base.get("image_size", 64),
+                      batch_size=base.get("batch_size", 16), lr=base.get("lr", 1e-3), seed=seed,
+                      model=base.get("model"))
+    train_central(cfg, new_run_dir(run_dir, "central"))
 
 
 LOG_LINE = re.compile(r"^(\S+ \S+) .*(Start aggregation|End aggregation)")

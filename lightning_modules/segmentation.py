@@ -15,7 +15,7 @@ from monai.utils import convert_to_tensor
 
 from lightning_modules.data.transforms import normalize_image
 from lightning_modules.networks import build_segmenter
-from lightning_modules.weights import load_weights, read_model_file
+from lightning_modules.weights import load_checkpoint, load_weights
 
 
 def _run_config(weights: Path) -> dict:
@@ -85,19 +85,19 @@ class LungSegmentation(pl.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path, arch: str | None = None, map_location="cpu") -> "LungSegmentation":
-        """The one loader of a segmentation weights file, for sites, central runs and `cxrfl.models`:
-        a Lightning checkpoint (central runs), an NVFlare persistor/round file (`{"model": state_dict}`,
-        federated runs) or a `cxrfl export-model` file, read without running code from it
-        (lightning_modules/weights.py). The network is `arch` if given, else the one the file names
-        (Lightning, export) or its run's config.json does, else a U-Net. ValueError (one line, naming
-        the file) for anything else, a classifier's weights included."""
-        model = read_model_file(path, map_location)
+        """The one loader of segmentation weights, for sites, central runs and `cxrfl.models`: a
+        Lightning checkpoint (central runs), an NVFlare persistor/round file (`{"model": state_dict}`,
+        federated runs), a `cxrfl export-model` bundle folder or single-file export, read without
+        running code from it (lightning_modules/weights.py). The network is `arch` if given, else the
+        one the file names (Lightning, export) or its run's config.json does, else a U-Net. ValueError
+        (one line, naming the file) for anything else, a classifier's weights included."""
+        model = load_checkpoint(path, map_location)
         threshold = 0.5
         if model.kind == "lightning":
             if "arch" not in model.info and "num_classes" in model.info:
                 raise ValueError(f"{model.path}: a classifier's checkpoint, not a segmenter")
             arch, threshold = arch or model.info.get("arch"), model.info.get("threshold", threshold)
-        elif model.kind == "export":
+        elif model.kind in ("bundle", "export"):
             if model.info.get("task") != "segment":
                 raise ValueError(f"{model.path}: an exported {model.info.get('task')!r} model, not a segmenter")
             arch, threshold = arch or model.info.get("model"), model.info.get("threshold", threshold)

@@ -1,14 +1,21 @@
 """Reading model files without running code from them, and loading a state_dict into a module
-with errors that name the file and what does not fit: one place for segmenters and classifiers,
-sites, resume, HE decryption and `cxrfl predict`.
+with errors that name the file and what does not fit: `load_checkpoint` is the one place that
+tells the formats apart, for segmenters and classifiers, sites, resume, HE decryption and
+`cxrfl predict`.
 
 Every model file is read with `torch.load(weights_only=True)`: tensors, numbers, strings, bytes,
 lists and dicts, plus numeric numpy arrays and scalars (NVFlare's numpy exchange). Anything else
 in the pickle (a class or function to call) is refused before it is created.
+
+Formats: a Lightning checkpoint, an NVFlare persistor/round file, a model bundle written by
+`cxrfl export-model` (MONAI's bundle layout: `configs/metadata.json` + `models/model.pt`, the
+network's plain state_dict, and for a lung-ROI classifier `models/segmenter.pt`) and the
+single-file export of earlier releases (`cxrfl-model/1`, which federated jobs still carry).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -19,8 +26,15 @@ import torch
 
 # Loss weighting and loss modules: training-only state, not needed to predict.
 TRAINING_ONLY = ("class_weights", "loss_fn.")
-EXPORT_FORMAT = "cxrfl-model/1"  # `cxrfl export-model` files
-KINDS = "a Lightning checkpoint, an NVFlare model file or a `cxrfl export-model` file"
+EXPORT_FORMAT = "cxrfl-model/1"  # single-file exports (earlier releases; a federated job's segmenter)
+BUNDLE_FORMAT = "cxrfl-bundle/1"  # metadata.json["cxrfl"]["format"] of an exported bundle
+BUNDLE_METADATA = Path("configs") / "metadata.json"
+BUNDLE_WEIGHTS = Path("models") / "model.pt"
+BUNDLE_SEGMENTER = Path("models") / "segmenter.pt"  # a lung-ROI classifier's segmenter
+# The modules keep their network as `.net`; a bundle stores the bare network's state_dict (what
+# MONAI's bundle tools and plain PyTorch load into the network), read here under the module's keys.
+NETWORK_PREFIX = "net."
+KINDS = "a Lightning checkpoint, an NVFlare model file or a `cxrfl export-model` bundle"
 
 _NUMERIC = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
             np.float16, np.float32, np.float64, np.complex64, np.complex128)
@@ -64,19 +78,29 @@ def safe_torch_load(path, map_location="cpu"):
 
 @dataclass
 class ModelFile:
-    """What a model file holds, whichever tool wrote it."""
+    """What a model file (or bundle folder) holds, whichever tool wrote it."""
 
     path: Path
-    kind: str  # "lightning" | "export" | "nvflare"
-    state: dict  # tensor name -> tensor or array (bytes: HE ciphertexts)
-    # lightning: its hyper_parameters; export: the file's fields but state_dict; nvflare: its meta
+    kind: str  # "lightning" | "nvflare" | "bundle" (a folder) | "export" (an earlier single-file export)
+    state: dict  # module state_dict: tensor name -> tensor or array (bytes: HE ciphertexts)
+    # lightning: its hyper_parameters; nvflare: its meta; bundle: metadata.json's "cxrfl" description
+    # (but "segmenter"); export: the file's fields but state_dict
     info: dict = field(default_factory=dict)
+    segmenter: ModelFile | None = None  # a bundled lung-ROI classifier's segmenter
 
 
-def read_model_file(path, map_location="cpu") -> ModelFile:
-    """A Lightning checkpoint, an NVFlare persistor/round file (`{"model": ..., "meta_props"/"meta": ...}`)
-    or a `cxrfl export-model` file, read safely; ValueError (one line, naming the file) otherwise."""
+def is_bundle(path) -> bool:
+    """A folder in the bundle layout (whether or not its contents are valid)."""
+    return (Path(path) / BUNDLE_METADATA).is_file()
+
+
+def load_checkpoint(path, map_location="cpu") -> ModelFile:
+    """A Lightning checkpoint, an NVFlare persistor/round file (`{"model": ..., "meta_props"/"meta": ...}`),
+    a `cxrfl export-model` bundle folder or an earlier single-file export, read safely; ValueError
+    (one line, naming the file) otherwise."""
     path = Path(path)
+    if path.is_dir():
+        return _load_bundle(path, map_location)
     obj = safe_torch_load(path, map_location)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         info = {k: v for k, v in obj.items() if k != "state_dict"}
@@ -88,6 +112,42 @@ def read_model_file(path, map_location="cpu") -> ModelFile:
         meta = obj.get("meta_props") or obj.get("meta") or {}
         return ModelFile(path, "nvflare", obj["model"], dict(meta) if isinstance(meta, dict) else {})
     raise ValueError(f"{path}: holds no model weights (expected {KINDS})")
+
+
+def _load_bundle(folder: Path, map_location) -> ModelFile:
+    """metadata.json read as plain JSON (never through MONAI's ConfigParser, whose `$` expressions
+    and `_target_` components would run code from the bundle), its weights with weights_only=True."""
+    meta_file = folder / BUNDLE_METADATA
+    if not meta_file.is_file():
+        raise ValueError(f"{folder}: a folder, but not a model bundle (no {BUNDLE_METADATA.as_posix()})")
+    try:
+        metadata = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_file}: not readable JSON ({exc})") from None
+    description = metadata.get("cxrfl") if isinstance(metadata, dict) else None
+    if not isinstance(description, dict) or description.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{meta_file}: no \"cxrfl\" description of format {BUNDLE_FORMAT!r}: not a bundle "
+                         "written by `cxrfl export-model`")
+    segmenter = description.get("segmenter")
+    if segmenter is not None and not isinstance(segmenter, dict):
+        raise ValueError(f"{meta_file}: its \"segmenter\" is not a description (a JSON object)")
+    info = {k: v for k, v in description.items() if k != "segmenter"}
+    model = ModelFile(folder, "bundle", _network_state(folder / BUNDLE_WEIGHTS, map_location), info)
+    if segmenter is not None:
+        model.segmenter = ModelFile(folder / BUNDLE_SEGMENTER, "bundle",
+                                    _network_state(folder / BUNDLE_SEGMENTER, map_location), segmenter)
+    return model
+
+
+def _network_state(path: Path, map_location) -> dict:
+    """A bundle's weights file: a network's plain state_dict, returned under the module's keys."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing from the bundle")
+    state = safe_torch_load(path, map_location)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path}: not a state_dict (a dict of tensor names to tensors)")
+    return {NETWORK_PREFIX + k: v for k, v in state.items()}
 
 
 def _first_line(exc: Exception) -> str:

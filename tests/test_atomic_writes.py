@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from app_custom.round_recorder import atomic_torch_save
+from lightning_modules.data.atomic import atomic_torch_save
 from cxrfl.runs import AtomicCheckpointIO
 from lightning_modules.data.manifest import write_json
 
@@ -60,7 +60,7 @@ def test_a_process_killed_while_writing_leaves_a_whole_file(tmp_path):
     target, manifest = tmp_path / "global_final.pt", tmp_path / "round_metrics.json"
     writer = textwrap.dedent(f"""
         import torch
-        from app_custom.round_recorder import atomic_torch_save
+        from lightning_modules.data.atomic import atomic_torch_save
         from lightning_modules.data.manifest import write_json
         version = 0
         while True:

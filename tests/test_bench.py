@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from bench.__main__ import main as bench_main
 from bench.cases import QUICK, run_case
 from cxrfl.cli import main
 
@@ -17,7 +18,7 @@ CASES = "loop,inference"
 
 
 def test_quick_bench_writes_its_table(tmp_path):
-    assert main(["bench", "--quick", "--reps", "1", "--cases", CASES, "--out", str(tmp_path)]) == 0
+    assert bench_main(["--quick", "--reps", "1", "--cases", CASES, "--out", str(tmp_path)]) == 0
     results = json.loads(next(tmp_path.glob("*-quick.json")).read_text())
     table = next(tmp_path.glob("*-quick.md")).read_text()
     rows = results["rows"]
@@ -28,7 +29,7 @@ def test_quick_bench_writes_its_table(tmp_path):
         assert isinstance(r["pass"], bool) and r["target"]
         assert f"| {r['case']} |" in table
     # a later run of some cases updates the day's table: the other cases' rows stay
-    assert main(["bench", "--quick", "--reps", "1", "--cases", "inference", "--out", str(tmp_path)]) == 0
+    assert bench_main(["--quick", "--reps", "1", "--cases", "inference", "--out", str(tmp_path)]) == 0
     again = json.loads(next(tmp_path.glob("*-quick.json")).read_text())["rows"]
     assert [r["group"] for r in again] == ["loop", "loop", "inference"]
     assert again[:2] == rows[:2] and again[2]["case"] == rows[2]["case"]
@@ -62,16 +63,18 @@ def test_a_broken_case_is_a_row_not_a_crash(tmp_path, monkeypatch):
     assert rows[0]["pass"] is False and "no such thing" in rows[0]["detail"]["error"]
 
 
-def test_unknown_case_is_refused():
+def test_unknown_case_is_refused(capfd):
     with pytest.raises(SystemExit):
-        main(["bench", "--cases", "nope"])
+        bench_main(["--cases", "nope"])
+    assert main(["bench", "--cases", "nope"]) == 2  # `cxrfl bench` runs `python -m bench`, exit status and all
+    assert "nope" in capfd.readouterr().err
 
 
 def test_quality_case_reports_fl_over_central_per_task_over_seeds(tmp_path, monkeypatch):
     """The quality rows come from the seeded demo's per-seed ratios (the demo's own steps are
     test_demo.py's; here each seed's demo is replaced by its summary), and the seeded summary is
     written beside the bench table."""
-    from cxrfl.commands import demo
+    from cxrfl import demo
 
     values = {0: (0.99, 0.90), 1: (0.97, 0.92)}  # seed -> (segmentation FL, classification FL); central 1.0
 
@@ -86,7 +89,7 @@ def test_quality_case_reports_fl_over_central_per_task_over_seeds(tmp_path, monk
                                                           "fl_over_central": demo.fl_ratios(rows)}))
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
-    assert main(["bench", "--quick", "--cases", "quality", "--out", str(tmp_path)]) == 0
+    assert bench_main(["--quick", "--cases", "quality", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("*-quick.json")).read_text())["rows"]
     assert [(r["case"], r["measured"], r["pass"]) for r in rows] == [
         ("Quality: FL ÷ central test metric, lung segmentation", 0.98, True),
@@ -97,9 +100,9 @@ def test_quality_case_reports_fl_over_central_per_task_over_seeds(tmp_path, monk
 
 
 def test_attribution_case_takes_its_model_and_size_from_the_command_line(tmp_path):
-    assert main(["bench", "--quick", "--cases", "attribution", "--attribution-size", "40", "--attribution-test", "16",
+    assert bench_main(["--quick", "--cases", "attribution", "--attribution-size", "40", "--attribution-test", "16",
                  "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("*-quick.json")).read_text())["rows"]
     assert len(rows) == 6 and all(r["detail"]["setup"].startswith("cnn5 at 40 px") for r in rows), rows
     with pytest.raises(SystemExit):
-        main(["bench", "--cases", "attribution", "--attribution-size", "big"])
+        bench_main(["--cases", "attribution", "--attribution-size", "big"])

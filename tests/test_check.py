@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from cxrfl.commands import data_check
-from lightning_modules.data.check import ERROR, WARNING, check_data, format_report, usable_records
+from lightning_modules.data.check import ERROR, WARNING, check_data, format_report
 from lightning_modules.data.imageio import write_png
 from lightning_modules.data.manifest import Record, read_manifest, write_manifest
+from lightning_modules.data.row_checks import usable_records
 
 CLASSES = ["normal", "pneumonia"]
 RNG = np.random.default_rng(0)

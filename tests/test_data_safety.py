@@ -24,15 +24,18 @@ import torch
 from conftest import write_dicom
 from PIL import Image
 
-from app_custom.round_recorder import atomic_torch_save
-from cxrfl.commands.options import add_training_options
-from lightning_modules.data import check as check_module
+from lightning_modules.data.atomic import atomic_torch_save
+from cxrfl.fl.config import FLConfig
+from cxrfl.options import add_config_options
+from lightning_modules.config import TrainConfig
+from lightning_modules.data import row_checks
 from lightning_modules.data import imageio
-from lightning_modules.data.adapters import import_dataset
-from lightning_modules.data.check import ERROR, check_data, refuse_leakage, usable_records
+from lightning_modules.data.importers import import_dataset
+from lightning_modules.data.check import ERROR, check_data, refuse_leakage
 from lightning_modules.data.imageio import MAX_PIXELS, DecodeBudget, ImageReadError, read_header, read_image, write_png
 from lightning_modules.data.manifest import ManifestError, Record, read_manifest, write_json, write_manifest
 from lightning_modules.data.phantom import generate_dataset
+from lightning_modules.data.row_checks import usable_records
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(14)
@@ -154,7 +157,7 @@ def test_data_check_of_a_folder_of_bombs_decodes_none(tmp_path):
 def _count_concurrent_decodes(monkeypatch) -> dict:
     state = {"now": 0, "most": 0}
     lock = threading.Lock()
-    real = check_module.read_image
+    real = row_checks.read_image
 
     def counting(path):
         with lock:
@@ -167,7 +170,7 @@ def _count_concurrent_decodes(monkeypatch) -> dict:
             with lock:
                 state["now"] -= 1
 
-    monkeypatch.setattr(check_module, "read_image", counting)
+    monkeypatch.setattr(row_checks, "read_image", counting)
     return state
 
 
@@ -176,7 +179,7 @@ def test_decode_threads_respect_the_memory_budget(tmp_path, monkeypatch, rows_th
     records = [Record(image=_png(tmp_path / f"{i}.png").name, label="normal", patient_id=str(i)) for i in range(16)]
     row_cost = imageio.read_header(tmp_path / "0.png").decode_bytes
     budget = DecodeBudget(rows_that_fit * row_cost)
-    monkeypatch.setattr(check_module, "DECODE_BUDGET", budget)
+    monkeypatch.setattr(row_checks, "DECODE_BUDGET", budget)
     state = _count_concurrent_decodes(monkeypatch)
     ok, problems = usable_records(tmp_path, records, workers=8)
     assert len(ok) == 16 and not problems
@@ -277,10 +280,11 @@ def test_training_refuses_patient_leakage_and_the_option_exists(tmp_path):
     _add(root, "site-2", Record(image="../images/b1.png", label="normal", patient_id="A1", split="train"))
     with pytest.raises(ManifestError, match=r"patient leakage: patient 'A1'.*--allow-leakage"):
         refuse_leakage(root)
-    parser = argparse.ArgumentParser()
-    add_training_options(parser, image_size=64, batch_size=4, lr=1e-3)
-    assert parser.parse_args([]).allow_leakage is False
-    assert parser.parse_args(["--allow-leakage"]).allow_leakage is True
+    for config, scope in ((TrainConfig, "central"), (FLConfig, "fl")):
+        parser = argparse.ArgumentParser()
+        add_config_options(parser, config, scope, task="classify")
+        assert parser.parse_args([]).allow_leakage is False
+        assert parser.parse_args(["--allow-leakage"]).allow_leakage is True
 
 
 def test_the_synthetic_data_has_no_leakage(tmp_path):

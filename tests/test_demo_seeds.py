@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cxrfl.cli import main
-from cxrfl.commands import demo
+from cxrfl import demo
 
 TASKS = [("lung segmentation", "test_dice"), ("classification (full image)", "test_auroc")]
 

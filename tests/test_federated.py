@@ -338,7 +338,7 @@ def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
 def test_he_job_runs_in_the_simulator_and_a_site_key_decrypts_the_result(fl_root, tmp_path):
     """`cxrfl sim --he`: the simulator gets the project's HE contexts; the server keeps ciphertexts
     only, and the model decrypted with a site's key is the one evaluated on the test set."""
-    from app_custom.he_packing import is_packed
+    from app_custom.ckks_packing import is_packed
 
     run = tmp_path / "he-run"
     assert main(["sim", "--task", "classify", "--he", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",

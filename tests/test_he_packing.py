@@ -4,14 +4,18 @@ plaintext FedAvg of the same updates. Contexts use the project file's HEBuilder 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tenseal as ts
 import torch
 
 from app_custom.global_model import GlobalModel
-from app_custom.he_packing import (MAX_WEIGHTED_ABS, PACKED_PREFIX, CiphertextSum, decrypt_and_unpack,
-                                   pack_and_encrypt, parse_bucket_key, plan_buckets)
+from app_custom.ckks_packing import (MAX_WEIGHTED_ABS, PACKED_PREFIX, CiphertextSum, decrypt_and_unpack,
+                                     pack_and_encrypt, parse_bucket_key, plan_buckets)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +120,11 @@ def test_sum_refuses_an_update_packed_differently(contexts):
     summed.add(pack_and_encrypt({"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}, ctx)[0], 1.0)
     with pytest.raises(ValueError, match="differ"):
         summed.add(pack_and_encrypt({"a": np.ones(3, np.float32)}, ctx)[0], 1.0)
+
+
+def test_packing_loads_without_nvflare():
+    """A key holder decrypts a saved global model with ckks_packing alone: it must not need NVFlare."""
+    code = "import sys, app_custom.ckks_packing; print(sorted(m for m in sys.modules if m.split('.')[0] == 'nvflare'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

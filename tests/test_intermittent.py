@@ -12,8 +12,9 @@ from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 
-from app_custom.intermittent import (ABSENT, FRESH, KEPT, SiteAwareFedAvg, check_schedule, parse_rounds,
-                                     weighted_mean)
+from app_custom.availability import check_schedule, parse_rounds
+from app_custom.intermittent import SiteAwareFedAvg, weighted_mean
+from app_custom.wire import ABSENT, FRESH, KEPT
 
 
 def _update(site: str, round_num: int, value: float | None, weight: float = 1.0):

@@ -246,8 +246,8 @@ def test_federated_threshold_comes_from_the_sites_validation_histograms(tmp_path
 def test_federated_target_sensitivity_moves_the_threshold_down_to_reach_it(synthetic_root):
     """`sim --target-sensitivity S`: the pooled site histograms give the highest threshold whose
     validation sensitivity reaches S (below Youden's where Youden's misses positives)."""
-    from cxrfl.commands.fl_options import config_from_args
-    from cxrfl.fl_job import FLConfig
+    from cxrfl.fl.config import FLConfig
+    from cxrfl.options import fl_config
     from cxrfl.simulate import federated_operating_point
 
     gen = torch.Generator().manual_seed(4)
@@ -267,7 +267,7 @@ def test_federated_target_sensitivity_moves_the_threshold_down_to_reach_it(synth
     parser = build_parser()
     args = parser.parse_args(["sim", "--task", "segment", "--data", str(synthetic_root), "--target-sensitivity", "0.9"])
     with pytest.raises(ValueError, match="--target-sensitivity applies to --task classify"):
-        config_from_args(args)
+        fl_config(args)
     with pytest.raises(SystemExit) as exit_:
         main(["sim", "--task", "classify", "--target-sensitivity", "1.5", "--data", str(synthetic_root)])
     assert exit_.value.code == 2

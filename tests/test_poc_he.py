@@ -14,7 +14,7 @@ import tenseal as ts
 import torch
 from conftest import readable_private_keys, running_poc
 
-from app_custom.he_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
+from app_custom.ckks_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
 from cxrfl.cli import main
 
 

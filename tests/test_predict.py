@@ -125,6 +125,48 @@ def test_models_load_from_run_folder_weights_file_and_exported_file(trained, tmp
         load_segmenter(bundle)
 
 
+def test_an_exported_bundle_predicts_as_its_run_folder_and_monai_reads_it(trained, tmp_path):
+    """export-model -> predict through the bundle gives the run folder's predictions, masks and
+    heat maps; MONAI's bundle tools read its metadata (ConfigParser) and load its weights into the
+    bare networks (monai.bundle.load, weights_only=True)."""
+    from monai.bundle import ConfigParser
+    from monai.bundle import load as monai_load
+
+    from lightning_modules.networks import build_classifier, build_segmenter
+
+    bundle = tmp_path / "roi-bundle"
+    assert main(["export-model", str(trained / "roi"), "--out", str(bundle)]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray((rng.random((70, 60)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    rows = {}
+    for name, model in [("run", trained / "roi"), ("bundle", bundle)]:
+        assert main(["predict", str(images), "--classifier", str(model), "--out", str(tmp_path / name)]) == 0
+        with open(tmp_path / name / "predictions.csv") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert len(rows["run"]) == 3 and rows["run"] == rows["bundle"]
+    for row in rows["run"]:
+        for png in (row["mask_png"], row["gradcam_png"]):
+            assert (tmp_path / "run" / png).read_bytes() == (tmp_path / "bundle" / png).read_bytes()
+
+    clf = load_classifier(trained / "roi")
+    parser = ConfigParser()
+    parser.read_meta(bundle / "configs" / "metadata.json")
+    assert parser["_meta_#cxrfl#classes"] == clf.classes == ["normal", "pneumonia"]
+    assert parser["_meta_#network_data_format#outputs#pred#channel_def"] == {"0": "normal", "1": "pneumonia"}
+    assert parser["_meta_#network_data_format#inputs#image#spatial_shape"] == [48, 48]
+    net = monai_load(bundle.name, bundle_dir=tmp_path, model=build_classifier(clf.module.hparams.model, 2),
+                     device="cpu").eval()
+    seg_net = monai_load(bundle.name, bundle_dir=tmp_path, model_file="models/segmenter.pt", device="cpu",
+                         model=build_segmenter(clf.segmenter.module.hparams.arch)).eval()
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), clf.module.net(x))
+        torch.testing.assert_close(seg_net(x), clf.segmenter.module.net(x))
+
+
 def _corpus(folder):
     """Valid images of every supported kind, and broken files."""
     rng = np.random.default_rng(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import csv
 import json
@@ -17,8 +18,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 from torchmetrics.functional.classification import binary_auroc, binary_calibration_error, multiclass_auroc
 
+import cxrfl.report as report_package
 from cxrfl.cli import main
-from cxrfl.fl_job import FLConfig
+from cxrfl.fl.config import FLConfig
 from cxrfl.report import Predictions, ReportError, auc, reliability, roc_curve, roc_of, write_report
 
 CLASSES = ["normal", "pneumonia"]
@@ -190,6 +192,26 @@ def test_roc_auc_matches_torchmetrics():
     pred = Predictions(["a", "b", "c"], labels3, probs.argmax(1), probs)
     expected3 = multiclass_auroc(torch.tensor(probs), torch.tensor(labels3), num_classes=3, average="macro").item()
     assert roc_of(pred)[2] == pytest.approx(expected3, abs=1e-6)
+
+
+def test_roc_curve_moves_tied_images_together():
+    # thresholds 0.9 (one positive and one negative tied), 0.5 (a positive), 0.1 (a negative)
+    fpr, tpr = roc_curve(np.array([True, False, True, False]), np.array([0.9, 0.9, 0.5, 0.1]))
+    np.testing.assert_array_equal(fpr, [0, 0.5, 0.5, 1])
+    np.testing.assert_array_equal(tpr, [0, 0.5, 1, 1])
+    assert auc(fpr, tpr) == pytest.approx(0.625)  # 2 of 4 pairs ranked right, the tied pair counts half
+
+
+def test_only_the_reading_module_reads_run_files():
+    """The report parses run folders in one module, so that one reader can replace it."""
+    readers = {"open", "read_text", "read_bytes", "loads", "load", "DictReader", "reader"}
+    for module in sorted(Path(report_package.__file__).parent.glob("*.py")):
+        calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                 for node in ast.walk(ast.parse(module.read_text())) if isinstance(node, ast.Call)}
+        if module.name == "reading.py":
+            assert calls & readers  # the check sees the calls it looks for
+        else:
+            assert not calls & readers, f"{module.name} reads files: {sorted(calls & readers)}"
 
 
 def test_reliability_matches_torchmetrics_ece():

@@ -6,6 +6,7 @@ bytes under HE included) still loads."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from cxrfl.cli import main
 from lightning_modules.classification import CXRClassifier
 from lightning_modules.segmentation import LungSegmentation
-from lightning_modules.weights import EXPORT_FORMAT, UnsafeFileError, read_model_file, safe_torch_load
+from lightning_modules.weights import EXPORT_FORMAT, UnsafeFileError, load_checkpoint, safe_torch_load
 
 REFUSED = "refused: loading it would run code from the file"
 
@@ -239,7 +240,7 @@ def test_export_model_refuses_a_wrong_file_and_never_overwrites_another_kind(tmp
     assert checkpoint.read_bytes() == before
     assert main(["export-model", str(source), "--out", str(out)]) == 0
     assert main(["export-model", str(source), "--out", str(out)]) == 0  # an earlier export is replaced
-    assert read_model_file(out).info["classes"] == ["normal", "pneumonia"]
+    assert load_checkpoint(out).info["classes"] == ["normal", "pneumonia"]
 
 
 def test_every_format_cxrfl_writes_loads_safely(tmp_path):
@@ -248,7 +249,7 @@ def test_every_format_cxrfl_writes_loads_safely(tmp_path):
     import tenseal as ts
     from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
-    from app_custom.he_packing import SUM_WEIGHT, pack_and_encrypt
+    from app_custom.ckks_packing import SUM_WEIGHT, pack_and_encrypt
     from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
     from cxrfl.simulate import last_complete_round, load_state
 
@@ -284,3 +285,141 @@ def test_every_format_cxrfl_writes_loads_safely(tmp_path):
     plain = decrypt_checkpoint(he_file, tmp_path / "keys" / CLIENT_CONTEXT)
     np.testing.assert_allclose(plain["w"].numpy(), params["w"], atol=1e-4)
     assert int(plain["count"]) == 7
+
+
+# ---- exported bundles (configs/metadata.json + models/*.pt) and the server's inputs -------------
+def _roi_bundle(tmp_path, capsys):
+    """A lung-ROI classifier bundle, converted by `export-model` from a single file of an earlier release."""
+    legacy = tmp_path / "legacy.pt"
+    torch.save(_classifier_bundle(roi="mask", segmenter=_segmenter_bundle()), legacy)
+    bundle = tmp_path / "bundle"
+    assert main(["export-model", str(legacy), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) == [
+        "configs/metadata.json", "models/model.pt", "models/segmenter.pt"]
+    return bundle
+
+
+@pytest.mark.parametrize("part", ["models/model.pt", "models/segmenter.pt"])
+def test_a_payload_inside_a_bundle_is_refused_by_predict_and_export_without_running(part, images, tmp_path, capsys):
+    bundle = _roi_bundle(tmp_path, capsys)
+    marker = tmp_path / "pwned"
+    torch.save({"net.w": Payload(marker)}, bundle / part)
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert main(["predict", str(images), "--classifier", str(bundle), "--out", str(out)]) == 2
+    assert REFUSED in _one_line_error(capsys, bundle / part)
+    assert main(["export-model", str(bundle), "--out", str(again)]) == 2
+    assert REFUSED in _one_line_error(capsys, bundle / part)
+    assert not marker.exists() and not out.exists() and not again.exists()
+
+
+def _metadata(bundle):
+    return json.loads((bundle / "configs" / "metadata.json").read_text())
+
+
+@pytest.mark.parametrize("damage,message,named", [
+    (lambda b: (b / "configs" / "metadata.json").write_text("{cut"), "not readable JSON", "configs/metadata.json"),
+    (lambda b: (b / "configs" / "metadata.json").write_text(json.dumps({**_metadata(b), "cxrfl": {"task": "classify"}})),
+     "not a bundle written by `cxrfl export-model`", "configs/metadata.json"),
+    (lambda b: torch.save([torch.ones(2)], b / "models" / "model.pt"), "not a state_dict", "models/model.pt"),
+    (lambda b: (b / "models" / "segmenter.pt").unlink(), "missing from the bundle", "models/segmenter.pt"),
+    (lambda b: (b / "configs" / "metadata.json").write_text(json.dumps(
+        {**_metadata(b), "cxrfl": {**_metadata(b)["cxrfl"], "classes": "normal"}})), "without its class names", ""),
+])
+def test_a_damaged_bundle_is_refused_by_predict_in_one_line(damage, message, named, images, tmp_path, capsys):
+    bundle = _roi_bundle(tmp_path, capsys)
+    damage(bundle)
+    out = tmp_path / "out"
+    assert main(["predict", str(images), "--classifier", str(bundle), "--out", str(out)]) == 2
+    assert message in _one_line_error(capsys, bundle / named)
+    assert not out.exists()
+
+
+def test_a_bundle_round_trips_an_earlier_single_file_export(tmp_path, capsys):
+    """Converted to a bundle, the classifier and its segmenter have the same weights, classes and
+    settings; export-model replaces an earlier bundle, and a segmenter bundle serves as --segmenter."""
+    from cxrfl.models import load_classifier, load_segmenter
+
+    bundle = _roi_bundle(tmp_path, capsys)
+    legacy, exported = load_classifier(tmp_path / "legacy.pt"), load_classifier(bundle)
+    for a, b in [(legacy.module, exported.module), (legacy.segmenter.module, exported.segmenter.module)]:
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert (exported.classes, exported.roi, exported.image_size) == (["normal", "pneumonia"], "mask", 64)
+    assert main(["export-model", str(tmp_path / "legacy.pt"), "--out", str(bundle)]) == 0  # replaces it
+    seg_file = tmp_path / "seg.pt"
+    torch.save(_segmenter_bundle(), seg_file)
+    seg_bundle = tmp_path / "seg-bundle"
+    assert main(["export-model", str(seg_file), "--out", str(seg_bundle)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "segment"
+    assert LungSegmentation.from_checkpoint(seg_bundle).hparams.arch == "unet"
+    assert load_segmenter(seg_bundle).image_size == 64
+    metadata = _metadata(seg_bundle)
+    assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "lung"}
+    # the keys MONAI's bundle specification makes mandatory (docs.monai.io mb_specification)
+    assert {"version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task",
+            "description", "authors", "copyright", "network_data_format"} <= set(metadata)
+    for tensor in [*metadata["network_data_format"]["inputs"].values(),
+                   *metadata["network_data_format"]["outputs"].values()]:
+        assert {"type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+                "channel_def"} <= set(tensor)
+    assert main(["export-model", str(seg_file), "--out", str(bundle / "models")]) == 2  # another folder
+    assert "not overwritten" in _one_line_error(capsys, bundle / "models")
+
+
+def test_a_sites_update_carrying_a_pickle_is_refused_by_the_server_without_running(tmp_path):
+    """A site's update reaches the server as FOBS (msgpack; tensors as safetensors, arrays as .npy
+    read with allow_pickle=False): a hostile site that packs a pickled object array is refused
+    before anything in it is created."""
+    import io
+
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.app_common.decomposers import common_decomposers
+    from nvflare.app_common.decomposers.numpy_decomposers import NumpyArrayDecomposer
+    from nvflare.fuel.utils import fobs
+
+    marker = tmp_path / "pwned"
+    payload = np.empty(1, dtype=object)
+    payload[0] = Payload(marker)
+
+    def pickling(self, target, manager=None):  # what the hostile site's NVFlare sends
+        stream = io.BytesIO()
+        np.save(stream, target, allow_pickle=True)
+        return stream.getvalue()
+
+    common_decomposers.register()
+    honest = NumpyArrayDecomposer.native_decompose
+    NumpyArrayDecomposer.native_decompose = pickling
+    try:
+        update = fobs.dumps(DXO(DataKind.WEIGHTS, {"w": payload}).to_shareable())
+    finally:
+        NumpyArrayDecomposer.native_decompose = honest
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        fobs.loads(update)
+    assert not marker.exists()
+    stream = io.BytesIO()
+    np.save(stream, payload, allow_pickle=True)
+    stream.seek(0)
+    np.load(stream, allow_pickle=True)  # the payload is live: unpickled, it runs
+    assert marker.exists()
+
+
+def test_the_servers_persistor_refuses_a_payload_initial_model_without_running(synthetic_root, tmp_path):
+    """A resumed job's initial model is one cxrfl wrote from a round file it read safely
+    (cxrfl/simulate.py prepare_resume); NVFlare's persistor reads it with weights_only=True too,
+    and no job cxrfl builds turns that off."""
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "initial.pt"
+    torch.save({"model": {"w": Payload(marker)}}, evil)
+    persistor = PTFileModelPersistor(model={"w": torch.zeros(2)}, source_ckpt_file_full_name=str(evil))
+    assert persistor.load_model(FLContext()) is None  # a system panic: the job stops
+    assert not marker.exists()
+    for extra in ([], ["--dp", "percentile"], ["--he"]):
+        out = tmp_path / f"job{len(extra)}"
+        assert main(["export", "--task", "classify", "--data", str(synthetic_root), "--out", str(out)] + extra) == 0
+        servers = [json.loads(f.read_text()) for f in out.rglob("config_fed_server.json")]
+        persistors = [c for cfg in servers for c in cfg["components"] if c["id"] == "persistor"]
+        assert persistors and all(c.get("args", {}).get("load_weights_only", True) is True for c in persistors)

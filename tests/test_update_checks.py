@@ -15,7 +15,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
-from app_custom.contributions import ABSENT, UpdateValidator, update_problem
+from app_custom.contributions import UpdateValidator, update_problem
+from app_custom.wire import ABSENT
 
 MODEL = {"conv.weight": torch.zeros(4, 1, 3, 3), "fc.bias": torch.zeros(2), "bn.num_batches_tracked": torch.tensor(3)}
 

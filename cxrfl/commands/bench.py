@@ -4,14 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
+    # listed for `cxrfl --help` only: cxrfl.cli.main runs `cxrfl bench ...` as `python -m bench ...`
+    subparsers.add_parser(
         "bench", help="measure what federation, HE and the training loop cost (bench/results/<date>.md)",
         description="Runs bench/ (same as `python -m bench`): each comparison side by side in one run, medians "
         "of repetitions, a table of measured ratios against their targets. `cxrfl bench --help` lists its options.")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:  # reached only through build_parser(); cxrfl.cli.main hands `bench ...` to bench/ itself
-    from bench.__main__ import main
-
-    return main([])

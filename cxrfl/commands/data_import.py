@@ -7,13 +7,13 @@ import sys
 import textwrap
 from collections import Counter
 
-from lightning_modules.data.adapters import ADAPTERS, LAYOUTS, import_dataset
+from lightning_modules.data.importers import IMPORTERS, LAYOUTS, import_dataset
 from lightning_modules.data.manifest import DATASET_JSON, MANIFEST_NAME, ManifestError
 
 _EPILOG = "formats and their expected native layout (SRC is read in place, never modified):\n" + "\n".join(
     textwrap.fill(LAYOUTS[name], width=100, initial_indent=f"  {name:<11} ", subsequent_indent=" " * 14,
                   break_on_hyphens=False, break_long_words=False)
-    for name in ADAPTERS
+    for name in IMPORTERS
 ) + (
     "\n\nwrites OUT/manifest.csv (absolute paths), OUT/dataset.json (classes, source, task_hint) and, where\n"
     "masks must be combined or rasterised, OUT/masks/*.png. Every image and mask is decoded as\n"
@@ -36,8 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("format", metavar="FORMAT", choices=list(ADAPTERS),
-                        help=f"data set format, one of: {', '.join(ADAPTERS)} (layouts below)")
+    parser.add_argument("format", metavar="FORMAT", choices=list(IMPORTERS),
+                        help=f"data set format, one of: {', '.join(IMPORTERS)} (layouts below)")
     parser.add_argument("src", metavar="SRC",
                         help="the data set's folder as downloaded (for 'csv': the CSV file)")
     parser.add_argument("--out", metavar="DIR", required=True,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cxrfl.commands.fl_options import add_fl_options, config_from_args
+from cxrfl.fl.config import FLConfig
+from cxrfl.options import add_config_options, fl_config
 from cxrfl.simulate import export_job
-from lightning_modules.data.manifest import ManifestError, write_json
+from lightning_modules.data.manifest import ManifestError
+
+JOB_CONFIG = "job_config.json"
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +22,7 @@ def add_parser(subparsers) -> None:
         "console's `submit_job`. Site names are the data root's site folders; --data is the path each site "
         "reads its data from.",
     )
-    add_fl_options(p)
+    add_config_options(p, FLConfig, "fl")
     p.set_defaults(func=run)
 
 
@@ -28,9 +31,9 @@ def run(args) -> int:
         print("cxrfl export: --out DIR is required", file=sys.stderr)
         return 2
     try:
-        cfg = config_from_args(args)
+        cfg = fl_config(args)
         job_dir = export_job(cfg, Path(args.out))
-        write_json(Path(args.out) / "config.json", cfg.as_dict())
+        cfg.write_json(Path(args.out) / JOB_CONFIG)  # a record of the exported job, not a run folder
     except (ValueError, ManifestError) as exc:
         print(f"cxrfl export: {exc}", file=sys.stderr)
         return 2

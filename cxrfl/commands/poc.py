@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from cxrfl.commands.fl_options import add_fl_options, config_from_args
-from cxrfl.commands.options import positive_int, resolve_data_root
+from cxrfl.fl.config import FLConfig
+from cxrfl.options import add_config_options, fl_config, positive_int, resolve_data_root
 from cxrfl.poc import (PocError, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait,
                        resumed_run)
 from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics, run_dir_ready
@@ -43,7 +44,7 @@ def add_parser(subparsers) -> None:
 
     submit = sub.add_parser("submit", help="export a job and submit it through the admin API",
                             description="Export the task's job (as `cxrfl export`) for the POC's sites and submit it.")
-    add_fl_options(submit, task_required=False)  # --resume takes everything from the run folder
+    add_config_options(submit, FLConfig, "fl", task_required=False)  # --resume takes everything from the run folder
     submit.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="a job whose server job was killed or crashed (`poc wait` says so and keeps its results "
                         "in RUN_DIR): submit its remaining rounds as a new job that starts from the global model of "
@@ -111,9 +112,7 @@ def run_submit(args) -> int:
         else:
             if not args.task:
                 raise ValueError("--task is required (or --resume RUN_DIR)")
-            cfg = config_from_args(args)
-            cfg.sites, cfg.data_root = state["sites"], None  # sites read their data from their local config
-            cfg.validate()
+            cfg = replace(fl_config(args), sites=state["sites"], data_root=None)  # sites read their own data
             job_id = poc_submit(state, cfg)
     except (PocError, ValueError, ManifestError, SimulationError) as exc:
         return _fail(exc)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from cxrfl.commands.options import positive_int
+from cxrfl.options import positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -20,9 +20,11 @@ def add_parser(subparsers) -> None:
         "models without one).")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders (searched recursively)")
     p.add_argument("--classifier", type=Path, required=True,
-                   help="a run folder (central, sim, POC), a weights file inside one, or a `cxrfl export-model` file")
+                   help="a run folder (central, sim, POC), a weights file inside one, or a `cxrfl export-model` bundle "
+                   "folder (or single file of an earlier release)")
     p.add_argument("--segmenter", type=Path, default=None,
-                   help="segmentation run folder or model: lung masks (default: a lung-ROI classifier's own segmenter)")
+                   help="segmentation run folder, weights file or exported bundle: lung masks (default: a lung-ROI "
+                   "classifier's own segmenter)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--cam", choices=("gradcam", "gradcam++"), default="gradcam", help="heat-map method")
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -32,11 +34,15 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_predict)
 
     e = subparsers.add_parser(
-        "export-model", help="write a trained model with its preprocessing as one file",
-        description="Package a run's model (weights, task, network, input size, normalisation, class names, lung-ROI "
-        "setting, and for a lung-ROI classifier its segmenter) into one file that `cxrfl predict` takes.")
-    e.add_argument("source", type=Path, help="run folder or weights file inside one")
-    e.add_argument("--out", type=Path, required=True, help="file to write")
+        "export-model", help="write a trained model with its preprocessing as a bundle folder (MONAI's layout)",
+        description="Package a run's model into a folder in MONAI's bundle layout that `cxrfl predict` takes: "
+        "models/model.pt (the network's weights, a plain state_dict), configs/metadata.json (MONAI's metadata plus, "
+        "under \"cxrfl\", task, network, input size, normalisation, class names, lung-ROI setting, decision "
+        "threshold and temperature) and for a lung-ROI classifier its segmenter (models/segmenter.pt). Also "
+        "converts a single-file export of an earlier release.")
+    e.add_argument("source", type=Path, help="run folder, weights file inside one, or an exported model")
+    e.add_argument("--out", type=Path, required=True,
+                   help="bundle folder to write (new, empty, or an earlier bundle, which is replaced)")
     e.set_defaults(func=run_export_model)
 
 
@@ -56,7 +62,8 @@ def run_predict(args) -> int:
 
 
 def run_export_model(args) -> int:
-    from cxrfl.models import ModelLoadError, export_model
+    from cxrfl.bundle import export_model
+    from cxrfl.models import ModelLoadError
 
     try:
         info = export_model(args.source, args.out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cxrfl.commands.fl_options import add_fl_options, config_from_args
+from cxrfl.fl.config import FLConfig
+from cxrfl.options import add_config_options, fl_config
 from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics
 from cxrfl.simulate import SimulationError, resume_simulation, run_simulation
 from lightning_modules.data.manifest import ManifestError
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> None:
         "the job, the models of every round, per-round per-site metrics, TensorBoard curves, the cross-site "
         "matrix (cross_site.json/.csv) and the logs.",
     )
-    add_fl_options(p, task_required=False)  # --resume takes everything from the run folder
+    add_config_options(p, FLConfig, "fl", task_required=False)  # --resume takes everything from the run folder
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue a run that was killed, with its own configuration, from the last round whose "
                    "global model was written (the interrupted round is redone); other options are ignored")
@@ -41,7 +42,7 @@ def run(args) -> int:
         else:
             if not args.task:
                 raise ValueError("--task is required (or --resume RUN_DIR)")
-            cfg = config_from_args(args)
+            cfg = fl_config(args)
             run_dir = new_run_dir(args.out, f"sim-{args.task}")
             summary = run_simulation(cfg, run_dir, threads=args.threads, take_turns=args.take_turns)
     except (ValueError, ManifestError, RunDirError, SimulationError) as exc:

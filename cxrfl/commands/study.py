@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cxrfl.commands.options import positive_int
+from cxrfl.options import positive_int
 
 
 def add_parser(subparsers) -> None:

@@ -1,1 +1,1 @@
-"""Data layer: manifests, image reading, the synthetic phantom, real-data adapters, splits, checks."""
+"""Data layer: manifests, image reading, the synthetic phantom, real-data importers, splits, checks."""

@@ -10,11 +10,14 @@ not written through here: it is forced private where it is written.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
+
+import torch
 
 _umask_lock = threading.Lock()
 _umask_fallback: int | None = None
@@ -60,3 +63,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temp file, fsync, rename onto `path` (mode from the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

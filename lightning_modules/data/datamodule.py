@@ -14,7 +14,7 @@ from monai.data import Dataset
 from monai.transforms import CastToTyped, Compose, EnsureTyped
 from torch.utils.data import DataLoader
 
-from lightning_modules.data.check import inspect_record
+from lightning_modules.data.row_checks import inspect_record
 from lightning_modules.data.manifest import ManifestError, Record, class_names, load_split, resolve
 from lightning_modules.data.transforms import deterministic_transforms, lung_roi, normalize, train_augmentation
 

@@ -38,7 +38,7 @@ MAX_PIXELS = 64_000_000
 DECODE_BYTES_PER_PIXEL = 32
 # What the decodes running at once in one process may take together. Every row (image + masks) of
 # `data check`, `data import` and the training loader reserves its declared cost before decoding
-# and waits while the budget is spent (check.inspect_record), so concurrency x cost <= budget: a
+# and waits while the budget is spent (row_checks.inspect_record), so concurrency x cost <= budget: a
 # row at the limit (2 x 64 M pixels x 32 B = 4.1 GB) decodes alone, while typical 3-9 M pixel
 # images (100-300 MB each) run as many at once as there are threads (at most 8).
 DECODE_MEMORY_BUDGET = 2 * MAX_PIXELS * DECODE_BYTES_PER_PIXEL  # 4.1 GB

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from lightning_modules.data.atomic import atomic_path
+from lightning_modules.data.atomic import atomic_write_text, write_json  # noqa: F401 (write_json: importers move to atomic)
 
 MANIFEST_NAME = "manifest.csv"
 DATASET_JSON = "dataset.json"
@@ -109,17 +109,6 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
     return records
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temp file, fsync, rename onto `path` (mode from the umask, see atomic.py)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def write_manifest(path: str | os.PathLike, records: Iterable[Record]) -> None:
     records = list(records)
     extra_cols = sorted({k for r in records for k in r.extra})
@@ -129,10 +118,6 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record]) -> None:
     for r in records:
         writer.writerow(r.as_row())
     atomic_write_text(path, buf.getvalue())
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_dataset_info(root: str | os.PathLike) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -128,9 +129,23 @@ def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pn
     """One frontal (PA) chest radiograph phantom with its lung and opacity masks; marker False
     leaves out the burned-in side marker (a site cue, so a label cue wherever prevalence differs);
     opacity_gain scales the opacities' density (same masks)."""
+    # The steps draw from rng in this order; changing it changes every generated image.
     if anatomy is None:
         anatomy = sample_anatomy(rng)
-    # Acquisition geometry: the grid the anatomy is evaluated on.
+    x, y = _patient_grid(rng, profile, size)
+    density, lungs = _anatomy_density(rng, x, y, size, anatomy)
+    opacity = np.zeros_like(density)
+    if pneumonia:
+        _add_opacities(opacity, rng, x, y, size, lungs)
+    density += opacity_gain * opacity  # x * 1.0 is exact: the default phantom keeps its bytes
+    image = _acquire(rng, density, profile, size, marker)
+    opacity_mask = ((opacity > 0.06) & lungs).astype(np.uint8)
+    return Phantom(image=image, lung_mask=lungs.astype(np.uint8), opacity_mask=opacity_mask,
+                   label=CLASSES[1] if pneumonia else CLASSES[0])
+
+
+def _patient_grid(rng: np.random.Generator, profile: SiteProfile, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Acquisition geometry: the (x, y) grid the anatomy is evaluated on (rotated, shifted, scaled)."""
     lin = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     gx, gy = np.meshgrid(lin, lin)
     angle = np.deg2rad(rng.uniform(-profile.max_rotation, profile.max_rotation))
@@ -139,8 +154,11 @@ def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pn
     ca, sa = np.cos(angle), np.sin(angle)
     x = scale * (ca * gx - sa * gy) + shift[0]
     y = scale * (sa * gx + ca * gy) + shift[1]
+    return x, y
 
-    # --- anatomy (density: higher = more attenuating = brighter) ---
+
+def _anatomy_density(rng: np.random.Generator, x, y, size: int, anatomy: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(density, lung fields) of the normal anatomy; density: higher = more attenuating = brighter."""
     body = _ellipse(x, y, 0.0, 0.25, anatomy["body_width"], 1.25) <= 1.0
     shoulders = _ellipse(x, y, 0.0, -0.62, anatomy["body_width"] * 1.15, 0.3) <= 1.0
     body = body | shoulders
@@ -170,7 +188,12 @@ def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pn
     spine = _band(x, 0.065, 0.015) * (y > -0.9)
     vertebrae = 0.5 + 0.5 * np.cos(2 * np.pi * (y + 1) / anatomy["rib_spacing"])
     density += spine * (0.07 + 0.04 * vertebrae)
+    _add_ribs_and_clavicles(density, x, y, anatomy, body)
+    return density, lungs
 
+
+def _add_ribs_and_clavicles(density: np.ndarray, x, y, anatomy: dict, body: np.ndarray) -> None:
+    """Adds the ribs and clavicles to `density` in place."""
     # ribs: posterior arcs dropping laterally, anterior ones fainter and sloping medially
     for k in range(10):
         y0 = anatomy["lung_top"] - 0.04 + k * anatomy["rib_spacing"]
@@ -179,31 +202,31 @@ def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pn
         density += 0.13 * _band(y - y_post, 0.022, 0.012) * (d > 0) * (d < 0.9) * body
         y_ant = y0 + 0.12 + 0.35 * (0.75 - np.clip(d, 0, 0.75)) ** 1.5 - 0.05
         density += 0.05 * _band(y - y_ant, 0.018, 0.015) * (d > 0.15) * (d < 0.8) * body
-    # clavicles
     for side in (-1, 1):
         x0, y0, x1, y1 = side * 0.08, anatomy["lung_top"] + 0.02, side * 0.68, anatomy["lung_top"] - 0.12
         t = np.clip(((x - x0) * (x1 - x0) + (y - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
         dist = np.sqrt((x - (x0 + t * (x1 - x0))) ** 2 + (y - (y0 + t * (y1 - y0))) ** 2)
         density += 0.22 * _band(dist, 0.03, 0.012)
 
-    # --- pathology: patchy/lobar opacities inside the lungs ---
-    opacity = np.zeros_like(density)
-    if pneumonia:
-        patch = _smooth_noise(rng, size, 3.0)
-        n_foci = rng.integers(1, 4)
-        lobar = rng.random() < 0.35
-        for _ in range(n_foci):
-            side = rng.choice([-1, 1])
-            fx = side * rng.uniform(0.2, 0.55)
-            fy = rng.uniform(-0.3, 0.4) if not lobar else rng.uniform(0.1, 0.35)
-            radius = rng.uniform(0.14, 0.24) * (1.5 if lobar else 1.0)
-            r2 = ((x - fx) ** 2 + (y - fy) ** 2) / radius**2
-            strength = rng.uniform(0.16, 0.34)
-            opacity += strength * np.exp(-r2) * np.clip(0.85 + 0.35 * patch, 0, None)
-        opacity *= lungs
-    density += opacity_gain * opacity  # x * 1.0 is exact: the default phantom keeps its bytes
 
-    # --- acquisition ---
+def _add_opacities(opacity: np.ndarray, rng: np.random.Generator, x, y, size: int, lungs: np.ndarray) -> None:
+    """Pneumonia: adds patchy or lobar opacities (extra density) to `opacity` in place, confined to the lungs."""
+    patch = _smooth_noise(rng, size, 3.0)
+    n_foci = rng.integers(1, 4)
+    lobar = rng.random() < 0.35
+    for _ in range(n_foci):
+        side = rng.choice([-1, 1])
+        fx = side * rng.uniform(0.2, 0.55)
+        fy = rng.uniform(-0.3, 0.4) if not lobar else rng.uniform(0.1, 0.35)
+        radius = rng.uniform(0.14, 0.24) * (1.5 if lobar else 1.0)
+        r2 = ((x - fx) ** 2 + (y - fy) ** 2) / radius**2
+        strength = rng.uniform(0.16, 0.34)
+        opacity += strength * np.exp(-r2) * np.clip(0.85 + 0.35 * patch, 0, None)
+    opacity *= lungs
+
+
+def _acquire(rng: np.random.Generator, density: np.ndarray, profile: SiteProfile, size: int, marker: bool) -> np.ndarray:
+    """The detector image (float32 in [0, 1]) of `density`: blur, contrast, gamma, noise, side marker."""
     density = gaussian_filter(density, sigma=profile.blur * size / 256.0)
     image = np.clip(density * profile.contrast + profile.exposure, 0.0, 1.0) ** profile.gamma
     image = image + rng.normal(0.0, profile.noise, size=image.shape)
@@ -213,11 +236,7 @@ def render_phantom(rng: np.random.Generator, profile: SiteProfile, size: int, pn
         r0, c0 = [(m, m), (m, size - 3 * m), (size - 3 * m, m), (size - 3 * m, size - 3 * m)][profile.marker_corner]
         image[r0 : r0 + 2 * m, c0 : c0 + m // 2 + 1] = 0.95
         image[r0 + 2 * m - m // 2 - 1 : r0 + 2 * m, c0 : c0 + m + 1] = 0.95
-    image = np.clip(image, 0.0, 1.0).astype(np.float32)
-
-    opacity_mask = ((opacity > 0.06) & lungs).astype(np.uint8)
-    return Phantom(image=image, lung_mask=lungs.astype(np.uint8), opacity_mask=opacity_mask,
-                   label=CLASSES[1] if pneumonia else CLASSES[0])
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
 def sample_anatomy(rng: np.random.Generator) -> dict:
@@ -269,43 +288,15 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
     out = Path(out)
     profiles = site_profiles(sites, seed)
     test_size = per_site if test_size is None else test_size
-
-    def make_set(folder_name, count, pick_profile, prevalence, split_for_patient, stream):
-        folder = out / folder_name
-        rng = np.random.default_rng([seed, stream])
-        records = []
-        index = 0
-        patient = 0
-        while index < count:
-            patient += 1
-            pid = f"{folder_name}-p{patient:05d}"
-            profile = pick_profile(rng)
-            pneumonia = bool(rng.random() < (profile.prevalence if prevalence is None else prevalence))
-            anatomy = sample_anatomy(rng)
-            n_images = 2 if (rng.random() < follow_up_rate and index + 1 < count) else 1
-            split = split_for_patient(rng)
-            for k in range(n_images):
-                ph = render_phantom(rng, profile, size, pneumonia, anatomy, marker=not opacity_only)
-                stem = f"{pid}-{k}"
-                write_png(folder / "images" / f"{stem}.png", ph.image)
-                write_png(folder / "masks" / f"{stem}.png", ph.lung_mask, mask=True)
-                opacity = ""
-                if pneumonia:
-                    opacity = f"opacity/{stem}.png"
-                    write_png(folder / opacity, ph.opacity_mask, mask=True)
-                records.append(Record(image=f"images/{stem}.png", mask=f"masks/{stem}.png", label=ph.label,
-                                      patient_id=pid, split=split, site=profile.name, opacity=opacity))
-                index += 1
-        write_manifest(folder / MANIFEST_NAME, records)
-        return records
+    image_set = _ImageSet(out=out, seed=seed, size=size, follow_up_rate=follow_up_rate, marker=not opacity_only)
 
     summary = {}
     for i, profile in enumerate(profiles):
-        records = make_set(profile.name, per_site, lambda rng, p=profile: p, 0.5 if opacity_only else None,
-                           lambda rng: "val" if rng.random() < val_fraction else "train", stream=i + 1)
+        records = image_set.write(profile.name, per_site, lambda rng, p=profile: p, 0.5 if opacity_only else None,
+                                  lambda rng: "val" if rng.random() < val_fraction else "train", stream=i + 1)
         summary[profile.name] = _counts(records)
-    test_records = make_set(TEST_SITE, test_size, lambda rng: profiles[rng.integers(len(profiles))], 0.5,
-                            lambda rng: "test", stream=10_000)
+    test_records = image_set.write(TEST_SITE, test_size, lambda rng: profiles[rng.integers(len(profiles))], 0.5,
+                                   lambda rng: "test", stream=10_000)
     summary[TEST_SITE] = _counts(test_records)
     info = {
         "classes": CLASSES,
@@ -318,6 +309,50 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
     }
     write_json(out / DATASET_JSON, info)
     return info
+
+
+@dataclass(frozen=True)
+class _ImageSet:
+    """How `generate_dataset` writes one folder (a site or test/) of phantoms."""
+
+    out: Path
+    seed: int
+    size: int
+    follow_up_rate: float
+    marker: bool
+
+    def write(self, folder_name: str, count: int, pick_profile: Callable[[np.random.Generator], SiteProfile],
+              prevalence: float | None, split_for_patient: Callable[[np.random.Generator], str],
+              stream: int) -> list[Record]:
+        """`count` images (patients with one or two images) in OUT/folder_name with their manifest;
+        prevalence None: the patient's profile's. Each folder draws from its own `stream`."""
+        folder = self.out / folder_name
+        rng = np.random.default_rng([self.seed, stream])
+        records = []
+        index = 0
+        patient = 0
+        while index < count:
+            patient += 1
+            pid = f"{folder_name}-p{patient:05d}"
+            profile = pick_profile(rng)
+            pneumonia = bool(rng.random() < (profile.prevalence if prevalence is None else prevalence))
+            anatomy = sample_anatomy(rng)
+            n_images = 2 if (rng.random() < self.follow_up_rate and index + 1 < count) else 1
+            split = split_for_patient(rng)
+            for k in range(n_images):
+                ph = render_phantom(rng, profile, self.size, pneumonia, anatomy, marker=self.marker)
+                stem = f"{pid}-{k}"
+                write_png(folder / "images" / f"{stem}.png", ph.image)
+                write_png(folder / "masks" / f"{stem}.png", ph.lung_mask, mask=True)
+                opacity = ""
+                if pneumonia:
+                    opacity = f"opacity/{stem}.png"
+                    write_png(folder / opacity, ph.opacity_mask, mask=True)
+                records.append(Record(image=f"images/{stem}.png", mask=f"masks/{stem}.png", label=ph.label,
+                                      patient_id=pid, split=split, site=profile.name, opacity=opacity))
+                index += 1
+        write_manifest(folder / MANIFEST_NAME, records)
+        return records
 
 
 def _counts(records: list[Record]) -> dict:

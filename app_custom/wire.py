@@ -1,0 +1,6 @@
+"""Meta keys that travel with models between the sites and the server, and land in the run folder's
+round log; plain names with no NVFlare import, so the orchestration that reads round logs needs none."""
+
+ABSENT = "cxrfl_absent"  # meta flag of an update from a site that is away this round
+FRESH, KEPT = "cxrfl_fresh_sites", "cxrfl_kept_sites"  # meta of the global model: who counted
+LOCAL_SECONDS = "cxrfl_local_seconds"  # meta of an update: the site's time on the round's task

@@ -1,0 +1,185 @@
+"""`FLConfig`: a federated run's configuration, a `TrainConfig` (what each site trains with) plus the
+federated fields only. Frozen and validated when made; recorded in the run folder's config.json.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from app_custom.availability import check_schedule
+from lightning_modules.config import ConfigError, TrainConfig, option
+
+# Server-side aggregation: FedAvg, or FedOpt with a server optimizer (Reddi et al. 2021).
+AGGREGATIONS = {
+    "fedavg": None,
+    "fedadam": "torch.optim.Adam",
+    "fedadagrad": "torch.optim.Adagrad",
+    "fedyogi": "app_custom.yogi.Yogi",
+}
+DP_MODES = ("percentile", "svt")
+ABSENT_WEIGHTS = ("drop", "keep")
+# FLConfig fields that name files on this machine: they never travel in a job or to tracking.
+LOCAL_PATHS = ("data_root", "segmenter", "initial_model")
+JOB_SEGMENTER = "segmenter.pt"  # a lung-ROI job's segmenter, in the job's custom/ folder
+FL_EPOCHS_DEFAULT = 1
+
+
+@dataclass(frozen=True)
+class FLConfig(TrainConfig):
+    epochs: int = field(default=FL_EPOCHS_DEFAULT, metadata=option(
+        "local epochs per round (default 1)", flag="--local-epochs", parse="positive_int"))
+    sites: tuple[str, ...] = field(default=("site-1", "site-2", "site-3"), metadata=option(
+        "the site folders of the data root that take part", cli=False))
+    rounds: int = field(default=5, metadata=option("federated rounds (default 5)", parse="positive_int"))
+    min_clients: int | None = field(default=None, metadata=option(
+        "sites that must answer before a round is aggregated (default: all)", parse="positive_int"))
+    wait_after_min_clients: float = field(default=0.0, metadata=option(
+        "once --min-clients sites answered, how long a round still waits for the others (default 0); with sites "
+        "that may drop out, set --min-clients below the number of sites and this above the spread of the sites' "
+        "training times", metavar="SECONDS", parse="non_negative_float"))
+    aggregation: str = field(default="fedavg", metadata=option(
+        "server-side aggregation: FedAvg (sample-weighted mean) or FedOpt with Adam/Yogi/Adagrad",
+        choices=tuple(AGGREGATIONS)))
+    server_lr: float | None = field(default=None, metadata=option(
+        "server learning rate for fedadam/fedyogi/fedadagrad (default 0.01; FedAvg ignores it)",
+        parse="positive_float"))
+    cross_site_eval: bool = field(default=True, metadata=option(
+        "skip the final cross-site evaluation", flag="--no-cross-site-eval", negate=True))
+    # without cross-site evaluation: still each site's validation of the global models (NVFlare's
+    # GlobalModelEval, no local models sent), which the operating point and model selection need
+    global_model_eval: bool = field(default=False, metadata=option("", cli=False))
+    he: bool = field(default=False, metadata=option(
+        "homomorphic encryption of the weight exchange (FedAvg only; needs HE contexts: `cxrfl poc up --he`)"))
+    he_encrypt_layers: str | None = field(default=None, metadata=option(
+        "with --he: encrypt only the tensors whose name matches (default: all floating-point tensors). The others "
+        "travel and are averaged in plaintext: a privacy trade-off, see docs/he.md", metavar="REGEX"))
+    schedule: dict | None = field(default=None, metadata=option(
+        'sites that come and go: {"site-2": "0-2", "site-3": "2-"} (inline or a JSON file) gives the rounds each '
+        "listed site takes part in; the others take part in every round. Away, a site does not train",
+        metavar="JSON|FILE", parse="schedule"))
+    absent_weights: str = field(default="drop", metadata=option(
+        "a site that is away: drop its weights (approach 1, default) or keep averaging its last update with its "
+        "sample weight (approach 2)", choices=ABSENT_WEIGHTS))
+    dp: str | None = field(default=None, metadata=option(
+        "differential privacy on each site's update (NVFlare privacy filters, applied at the site): percentile: "
+        "share only the largest weight changes, clipped (Shokri & Shmatikov); svt: sparse vector technique with "
+        "Laplace noise", choices=DP_MODES))
+    dp_percentile: float = field(default=10.0, metadata=option(
+        "--dp percentile: changes smaller than this percentile are not shared (default 10)",
+        parse="non_negative_float"))
+    dp_gamma: float | None = field(default=None, metadata=option(
+        "--dp percentile: clip changes to +-gamma (default 0.01); svt: gamma (default 1e-5)", parse="positive_float"))
+    dp_fraction: float = field(default=0.1, metadata=option(
+        "--dp svt: fraction of the model's values uploaded per round (default 0.1)", parse="positive_float"))
+    dp_epsilon: float = field(default=0.1, metadata=option(
+        "--dp svt: privacy budget of the selection per round (default 0.1)", parse="positive_float"))
+    dp_noise_var: float = field(default=0.1, metadata=option(
+        "--dp svt: release noise (default 0.1)", parse="positive_float"))
+    record_contributions: bool = field(default=False, metadata=option(
+        "keep every site's update of every round on the server (audit; off by default)"))
+    start_round: int = field(default=0, metadata=option("a resumed run: the first round still to run", cli=False))
+    initial_model: str | None = field(default=None, metadata=option(
+        "a resumed run: the global model (persistor format) it continues from", cli=False))
+
+    def __post_init__(self):
+        object.__setattr__(self, "sites", tuple(self.sites))
+        if self.server_lr is None:
+            object.__setattr__(self, "server_lr", 1.0 if self.aggregation == "fedavg" else 0.01)
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", {str(k): str(v) for k, v in self.schedule.items()})
+        super().__post_init__()
+
+    def _check(self) -> None:
+        super()._check()
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
+        if not self.sites:
+            raise ConfigError("need at least one site")
+        if self.rounds < 1:
+            raise ConfigError("rounds must be >= 1")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"--server-lr must be a finite number > 0, got {self.server_lr}")
+        if not (math.isfinite(self.wait_after_min_clients) and self.wait_after_min_clients >= 0):
+            raise ConfigError("--wait-after-min-clients must be a finite number of seconds >= 0, "
+                              f"got {self.wait_after_min_clients}")
+        if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
+            raise ConfigError(f"--min-clients {self.min_clients} is more than the {len(self.sites)} sites"
+                              if self.min_clients > len(self.sites) else "--min-clients must be >= 1")
+        if not 0 <= self.start_round < self.rounds:
+            raise ConfigError(f"start_round {self.start_round} is outside the job's rounds 0..{self.rounds - 1}")
+        self._check_privacy()
+        self._check_availability()
+
+    def _check_privacy(self) -> None:
+        if self.he and self.aggregation != "fedavg":
+            raise ConfigError("homomorphic encryption works with FedAvg only (the server cannot run an optimizer "
+                              "on ciphertexts)")
+        if self.he_encrypt_layers and not self.he:
+            raise ConfigError("--he-encrypt-layers needs --he")
+        if self.he_encrypt_layers:
+            try:
+                re.compile(self.he_encrypt_layers)
+            except re.error as exc:
+                raise ConfigError(f"--he-encrypt-layers {self.he_encrypt_layers!r} is not a valid regular "
+                                  f"expression: {exc}") from None
+        if self.he and self.global_model_eval:
+            raise ConfigError("global-model evaluation is not available with HE (NVFlare cannot broadcast "
+                              "ciphertext models)")
+        if self.he and self.cross_site_eval:
+            raise ConfigError("cross-site evaluation is not available with HE (NVFlare cannot broadcast "
+                              "ciphertext models); pass --no-cross-site-eval")
+        if self.dp is not None:
+            if self.dp not in DP_MODES:
+                raise ConfigError(f"--dp must be one of {', '.join(DP_MODES)}")
+            if self.he or self.aggregation != "fedavg" or self.schedule or self.absent_weights == "keep":
+                raise ConfigError("--dp works with plain FedAvg (no --he, --aggregation fedopt, schedules or "
+                                  "--absent-weights keep)")
+            if not 0 <= self.dp_percentile <= 100:
+                raise ConfigError("--dp-percentile must be between 0 and 100")
+
+    def _check_availability(self) -> None:
+        if self.absent_weights not in ABSENT_WEIGHTS:
+            raise ConfigError("absent_weights must be 'drop' or 'keep'")
+        if self.schedule:
+            try:
+                check_schedule(self.schedule, list(self.sites), self.rounds)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.he and (self.schedule or self.absent_weights == "keep"):
+            raise ConfigError("availability schedules and --absent-weights keep are not available with HE")
+        if self.aggregation != "fedavg" and (self.schedule or self.absent_weights == "keep"):
+            raise ConfigError("availability schedules and --absent-weights keep work with FedAvg only")
+
+    @property
+    def job_name(self) -> str:
+        return "cxrfl_roi" if self.roi else f"cxrfl_{self.task}"
+
+    @property
+    def local_epochs(self) -> int:
+        return self.epochs
+
+    @property
+    def dp_args(self) -> dict | None:
+        """The NVFlare privacy filter's arguments."""
+        if self.dp == "percentile":
+            return {"percentile": self.dp_percentile, "gamma": self.dp_gamma or 0.01}
+        if self.dp == "svt":
+            return {"fraction": self.dp_fraction, "epsilon": self.dp_epsilon, "noise_var": self.dp_noise_var,
+                    "gamma": self.dp_gamma or 1e-5}
+        return None
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "sites": list(self.sites)}
+
+    def without_paths(self) -> dict:
+        """The configuration for experiment tracking and anything else that leaves this machine."""
+        return {k: v for k, v in self.as_dict().items() if k not in LOCAL_PATHS}
+
+    def site_config(self) -> TrainConfig:
+        """What every site trains with, as the job carries it: no path of this machine (a lung-ROI job
+        carries its segmenter as a file in custom/)."""
+        values = {name: getattr(self, name) for name in TrainConfig.__dataclass_fields__}
+        values.update(data_root=None, segmenter=JOB_SEGMENTER if self.segmenter else None)
+        return TrainConfig(**values)

@@ -1,0 +1,168 @@
+"""`TrainConfig`: everything one training run (central, or one site of a federated run) depends on.
+
+One frozen dataclass, validated when it is made and never changed after (derive a new one with
+`dataclasses.replace`). It lives in the lowest layer because a site's client script loads it from the
+job (`custom/cxrfl_train.json`) with no `cxrfl` or NVFlare code around. Each field's metadata carries its
+command-line help; `cxrfl/options.py` turns the fields into every command's options.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from lightning_modules.data.transforms import ROI_MODES
+from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
+
+TASKS = ("segment", "classify")
+DEFAULT_MODEL = {"segment": "unet", "classify": "densenet121"}
+DEFAULT_IMAGE_SIZE = 128  # one default input side for both tasks, central and federated
+CLASS_WEIGHTS = ("none", "balanced")
+SEED_LIMIT = 2**32  # what numpy's and Lightning's seeding accept
+TRAIN_CONFIG_FILE = "cxrfl_train.json"  # the site settings a federated job carries in its custom/ folder
+
+
+def option(help: str, **cli) -> dict:
+    """Field metadata: the help text, plus how the command line shows it (flag, choices, metavar,
+    parse, scope "central" | "fl" | "all", cli=False for fields no command sets)."""
+    return {"help": help, **cli}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the option."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = field(default="classify", metadata=option(
+        "segment: lung masks (U-Net); classify: pathology labels (DenseNet121 or CNN5); roi: classify on the lung "
+        "region (= classify --roi mask)", choices=("segment", "classify", "roi"), required=True))
+    roi: str | None = field(default=None, metadata=option(
+        "classify on the lung region only: 'mask' zeroes the background (default when the flag is given alone), "
+        "'crop' crops to the lungs' bounding box", choices=ROI_MODES, const="mask", aliases=("--roi-mode",)))
+    model: str | None = field(default=None, metadata=option(
+        f"network: classify {'|'.join(CLASSIFIERS)} (default densenet121), segment {'|'.join(SEGMENTERS)} "
+        "(default unet)"))
+    data_root: str | None = field(default=None, metadata=option(
+        "data root with site folders and test/ (default: data/synthetic, the synthetic phantom set, generated on "
+        "first use)", flag="--data", metavar="DATA_ROOT"))
+    image_size: int = field(default=DEFAULT_IMAGE_SIZE, metadata=option(
+        f"square input side in pixels (default {DEFAULT_IMAGE_SIZE})", metavar="PX", parse="positive_int"))
+    batch_size: int = field(default=16, metadata=option("batch size (default 16)", parse="positive_int"))
+    lr: float = field(default=1e-3, metadata=option("learning rate (default 0.001)", parse="positive_float"))
+    epochs: int = field(default=10, metadata=option(
+        "training epochs (default 10; federated: local epochs per round, default 1)", parse="positive_int"))
+    seed: int = field(default=0, metadata=option(
+        "random seed for weights, shuffling and augmentation", parse="seed"))
+    deterministic: bool = field(default=False, metadata=option(
+        "torch's deterministic algorithms where they exist (same seed, same result also on GPU; slower); on CPU "
+        "runs with the same seed repeat without it"))
+    accelerator: str = field(default="auto", metadata=option("cpu, gpu or auto (default: GPU when one exists)"))
+    workers: int = field(default=0, metadata=option(
+        "DataLoader worker processes (default 0: data is cached)", parse="non_negative_int"))
+    class_weights: str = field(default="balanced", metadata=option(
+        "cross-entropy class weights from the training label counts (default balanced)", choices=CLASS_WEIGHTS))
+    roi_threshold: float = field(default=0.5, metadata=option(
+        "with --roi: lung probability above which a pixel counts as lung (default 0.5)", parse="probability"))
+    segmenter: str | None = field(default=None, metadata=option(
+        "with --roi: lung masks from this segmentation model (a run folder's best model file; default: "
+        "ground-truth masks)", metavar="CKPT"))
+    target_sensitivity: float | None = field(default=None, metadata=option(
+        "classify, two classes: decision threshold = the highest one whose validation sensitivity is at least S "
+        "(default: the threshold maximising Youden's J on validation)", metavar="S", parse="probability"))
+    limit: int | None = field(default=None, metadata=option(
+        "use at most this many images per site and split (quick checks)", parse="positive_int"))
+    time_budget: float = field(default=0.0, metadata=option(
+        "stop a site's local training after this many seconds in a round (0: no limit)", metavar="SECONDS",
+        parse="non_negative_float", scope="fl"))
+    patience: int = field(default=0, metadata=option(
+        "stop after this many epochs without improvement (0: off)", parse="non_negative_int", scope="central"))
+    wandb: bool = field(default=False, metadata=option(
+        "also log to Weights & Biases (offline unless WANDB_API_KEY is set)"))
+    wandb_project: str = field(default="cxr-fl", metadata=option("W&B project for --wandb (default cxr-fl)"))
+    classes: tuple[str, ...] = field(default=(), metadata=option(
+        "class names, in label-index order (from the data root); every site uses the same indices", cli=False))
+
+    def __post_init__(self):
+        if self.task == "roi":  # the command-line shorthand: classification on the lung region
+            object.__setattr__(self, "task", "classify")
+            object.__setattr__(self, "roi", self.roi or "mask")
+        object.__setattr__(self, "classes", tuple(self.classes))
+        for name in ("data_root", "segmenter"):  # paths arrive as Path from the command line
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+        self._check()
+
+    def _check(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)} (or roi), got {self.task!r}")
+        valid = SEGMENTERS if self.task == "segment" else CLASSIFIERS
+        if self.model is not None and self.model not in valid:
+            raise ConfigError(f"--model {self.model!r} is not a {self.task} network; choose one of {', '.join(valid)}")
+        if self.roi is not None and self.roi not in ROI_MODES:
+            raise ConfigError(f"--roi must be one of {', '.join(ROI_MODES)}, got {self.roi!r}")
+        if self.task == "segment" and self.roi:
+            raise ConfigError("--roi applies to --task classify only")
+        if self.segmenter is not None and not self.roi:
+            raise ConfigError("--segmenter needs --roi (or --task roi)")
+        if self.target_sensitivity is not None and self.task != "classify":
+            raise ConfigError("--target-sensitivity applies to --task classify only")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}")
+        problem = input_size_problem(self.network, self.image_size)
+        if problem:
+            raise ConfigError(problem)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not 0 < self.roi_threshold < 1:
+            raise ConfigError(f"--roi-threshold must be between 0 and 1 (exclusive), got {self.roi_threshold}")
+        if self.target_sensitivity is not None and not 0 < self.target_sensitivity < 1:
+            raise ConfigError(f"--target-sensitivity must be between 0 and 1 (exclusive), got {self.target_sensitivity}")
+        if self.batch_size < 1 or self.epochs < 1 or (self.limit is not None and self.limit < 1):
+            raise ConfigError("--batch-size, --epochs and --limit must be >= 1")
+        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
+            raise ConfigError(f"--time-budget must be a finite number of seconds >= 0, got {self.time_budget}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {self.seed}")
+
+    @property
+    def network(self) -> str:
+        return self.model or DEFAULT_MODEL[self.task]
+
+    @property
+    def key_metric(self) -> str:
+        """The validation metric the best model is selected by (never a test metric)."""
+        return "val_dice" if self.task == "segment" else "val_auroc"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "classes": list(self.classes)}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "configuration"):
+        """A config from its dict (a config.json or a job's site file); unknown keys are refused by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def write_json(self, path: Path) -> None:
+        from lightning_modules.data.atomic import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.as_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read_json(cls, path: Path):
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable configuration ({exc})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings")
+        return cls.from_dict(values, str(path))
