@@ -1,5 +1,6 @@
-"""Build the LightningModule for a task: one place for central training, NVFlare clients and the
-server's model definition, so every side agrees on the network and its state_dict keys."""
+"""Build the LightningModule for a task: one place for central training and the NVFlare sites. The
+server holds only the network (`app_custom/global_model.py`, from `lightning_modules.networks`), whose
+state_dict keys (`net.*`) match these modules'."""
 
 from __future__ import annotations
 
@@ -8,20 +9,8 @@ from typing import Sequence
 import pytorch_lightning as pl
 
 from lightning_modules.classification import CXRClassifier
+from lightning_modules.config import DEFAULT_MODEL
 from lightning_modules.segmentation import LungSegmentation
-
-DEFAULT_MODEL = {"segment": "unet", "classify": "densenet121"}
-
-
-def module_spec(task: str, model: str | None = None, classes: Sequence[str] = ()) -> dict:
-    """{"path": class path, "args": constructor args}: what NVFlare's persistor instantiates."""
-    model = model or DEFAULT_MODEL[task]
-    if task == "segment":
-        return {"path": "lightning_modules.segmentation.LungSegmentation", "args": {"arch": model}}
-    if task == "classify":
-        return {"path": "lightning_modules.classification.CXRClassifier",
-                "args": {"model": model, "num_classes": len(classes), "class_names": list(classes)}}
-    raise ValueError(f"unknown task {task!r}")
 
 
 def balanced_class_weights(counts: Sequence[int]) -> list[float]:
@@ -33,8 +22,11 @@ def balanced_class_weights(counts: Sequence[int]) -> list[float]:
 def build_module(task: str, model: str | None = None, *, lr: float, classes: Sequence[str] = (),
                  class_counts: Sequence[int] | None = None) -> pl.LightningModule:
     """The module for a task; classification weights its loss by `class_counts` when given."""
-    spec = module_spec(task, model, classes)
+    model = model or DEFAULT_MODEL[task]
     if task == "segment":
-        return LungSegmentation(**spec["args"], lr=lr)
+        return LungSegmentation(arch=model, lr=lr)
+    if task != "classify":
+        raise ValueError(f"unknown task {task!r}")
     weights = balanced_class_weights(class_counts) if class_counts is not None else None
-    return CXRClassifier(**spec["args"], lr=lr, class_weights=weights)
+    return CXRClassifier(model=model, num_classes=len(classes), class_names=list(classes), lr=lr,
+                         class_weights=weights)

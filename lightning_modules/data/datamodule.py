@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader
 
 from lightning_modules.data.row_checks import inspect_record
 from lightning_modules.data.manifest import ManifestError, Record, class_names, load_split, resolve
+from lightning_modules.config import DEFAULT_IMAGE_SIZE, TASKS
 from lightning_modules.data.transforms import deterministic_transforms, lung_roi, normalize, train_augmentation
 
 log = logging.getLogger("cxrfl.data")
-TASKS = ("segment", "classify")
+
 
 # A function (images [N,1,H,W] in [0,1]) -> lung masks or probabilities [N,1,H,W]; e.g.
 # lightning_modules.segmentation.LungSegmentation.predict_masks.
@@ -52,7 +53,7 @@ class CXRDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, data_root: str | Path, task: str = "classify", sites: Sequence[str] | None = None,
-                 image_size: int = 224, batch_size: int = 16, num_workers: int = 0, roi: str | None = None,
+                 image_size: int = DEFAULT_IMAGE_SIZE, batch_size: int = 16, num_workers: int = 0, roi: str | None = None,
                  roi_threshold: float = 0.5, mask_predictor: MaskPredictor | None = None, augment: bool = True,
                  seed: int = 0, limit: int | None = None):
         super().__init__()

@@ -1,0 +1,181 @@
+"""The report's sections, in the order they appear: each turns parsed run data into HTML (and figures).
+
+A section returns "" when it has nothing to show, and the page leaves it out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from cxrfl.report import figures, html
+from cxrfl.report.metrics import RELIABILITY_BINS, confusion_matrix, reliability, roc_of
+from cxrfl.report.reading import CrossSite, Notes, Predictions, Run
+
+
+@dataclass
+class Report:
+    """What gets rendered: HTML sections in order, the figures' PNG bytes, and notes on skipped input."""
+
+    run_dir: Path
+    notes: Notes
+    sections: list[str] = field(default_factory=list)
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    def add_figure(self, fig: Figure, filename: str) -> str:
+        """Render `fig` to PNG, keep it for report/, return an <img> embedding it."""
+        png = figures.png_bytes(fig)
+        self.figures[filename] = png
+        return html.img(png, alt=Path(filename).stem)
+
+    def render(self) -> str:
+        return html.page(f"cxr-fl report: {self.run_dir.name}", str(self.run_dir), self.notes.items, self.sections)
+
+
+def summary_section(summary: dict) -> str:
+    rows = [r for r in summary.get("rows", []) if isinstance(r, dict)]
+    body = html.table(["task", "setting", "held-out test metric", "value", "wall time (s)"],
+                      [[r.get("task"), r.get("setting"), r.get("metric"), r.get("value"),
+                        html.seconds(r.get("wall_seconds"))] for r in rows])
+    facts = {"preset": summary.get("preset"), "data": summary.get("data"),
+             "total wall time (s)": html.seconds(summary.get("total_seconds"))}
+    if summary.get("seeds"):  # `cxrfl demo --seeds N`: the values are means; summary.md has the spread
+        facts["training seeds"] = ", ".join(map(str, summary["seeds"])) + " (values: mean over the seeds)"
+    return html.section("summary", "Summary", html.facts(facts) + body)
+
+
+def overview_section(runs: list[Run]) -> str:
+    rows = []
+    for run in runs:
+        test_key = "test_" + run.key_metric.removeprefix("val_")
+        rows.append([run.name, run.setting, run.task_label, run.model, run.image_size, run.sites,
+                     run.training_length, f"{test_key} {html.fmt(run.test.get(test_key))}",
+                     html.seconds(run.wall_seconds)])
+    head = ["run", "setting", "task", "model", "image size", "sites", "training", "held-out test", "wall time (s)"]
+    return html.section("runs", "Runs", html.table(head, rows))
+
+
+def test_metrics_section(runs: list[Run]) -> str:
+    tested = [r for r in runs if r.test]
+    if not tested:
+        return ""
+    names = sorted({k for r in tested for k in r.test})
+    # a metric per row and a run per column: runs side by side, and many metrics stay readable
+    rows = [[name] + [r.test.get(name) for r in tested] for name in names]
+    text = "<p>Each run's selected model (FL: best global model by the sites' validation metric; central: best " \
+           "epoch) on the held-out test set.</p>"
+    return html.section("test-metrics", "Held-out test metrics",
+                        text + html.table(["metric"] + [r.name for r in tested], rows))
+
+
+def curves_section(round_metrics: list[tuple[Run, dict]], report: Report) -> str:
+    parts = []
+    for run, per_site in round_metrics:
+        fig = figures.rounds_figure(f"{run.name}: {run.task_label}, each site's validation per round",
+                                    run.key_metric, per_site)
+        parts.append(html.figure(report.add_figure(fig, f"rounds-{_slug(run.name)}.png"),
+                                 f"{run.name}: each site's validation of the global model it received, per round"))
+    if not parts:
+        return ""
+    text = "<p>Every round each site validates the global model it receives on its own validation split; " \
+           "the dashed line is the sample-weighted mean over sites.</p>"
+    return html.section("rounds", "Per-round validation of the global model", text + "".join(parts))
+
+
+def roc_section(classified: list[tuple[Run, Predictions]], report: Report) -> str:
+    """One figure per class set (runs with the same classes are comparable), every run's curve in it."""
+    by_classes: dict[tuple[str, ...], list[tuple[Run, Predictions]]] = {}
+    for run, pred in classified:
+        by_classes.setdefault(tuple(pred.classes), []).append((run, pred))
+    parts, auc_rows = [], []
+    for classes, members in by_classes.items():
+        curves = []
+        for run, pred in members:
+            roc = roc_of(pred)
+            if roc is None:
+                report.notes.add(run.predictions_file, "a class is missing from the labels; no ROC curve")
+                continue
+            curves.append((run.name, *roc))
+            auc_rows.append([run.name, run.setting, run.task_label, " / ".join(classes), roc[2], len(pred.labels)])
+        if not curves:
+            continue
+        what = (f"positive class {classes[-1]}" if len(classes) == 2
+                else f"one-vs-rest macro average over {len(classes)} classes")
+        img = report.add_figure(figures.roc_figure(curves, what), f"roc-{_slug('-'.join(classes))}.png")
+        parts.append(html.figure(img, f"classes {', '.join(classes)}: {what}"))
+    if not parts:
+        return ""
+    table = html.table(["run", "setting", "task", "classes", "AUC", "test images"], auc_rows)
+    return html.section("roc", "ROC curves", "".join(parts) + table)
+
+
+def confusion_section(classified: list[tuple[Run, Predictions]], report: Report) -> str:
+    parts = []
+    for run, pred in classified:
+        counts = confusion_matrix(pred)
+        fig = figures.confusion_figure(counts, pred.classes, run.name)
+        accuracy = np.trace(counts) / counts.sum()
+        parts.append(html.figure(report.add_figure(fig, f"confusion-{_slug(run.name)}.png"),
+                                 f"{run.name}: {run.setting}, {run.task_label}, accuracy {accuracy:.3f} "
+                                 f"on {counts.sum()} test images"))
+    if not parts:
+        return ""
+    return html.section("confusion", "Confusion matrices", "".join(parts))
+
+
+def calibration_section(classified: list[tuple[Run, Predictions]], report: Report) -> str:
+    """One reliability diagram of every two-class run: a calibrated model's points lie on the diagonal."""
+    binary = [(run, pred) for run, pred in classified if len(pred.classes) == 2]
+    if not binary:
+        return ""
+    points, rows = [], []
+    for run, pred in binary:
+        predicted, observed, _, ece = reliability(pred.labels == 1, pred.probs[:, 1])
+        points.append((run.name, predicted, observed, ece))
+        rows.append([run.name, run.setting, run.task_label, ece, len(pred.labels)])
+    fig = figures.reliability_figure(points, positive_class=binary[0][1].classes[1])
+    caption = (f"mean predicted probability vs observed fraction of positives per bin ({RELIABILITY_BINS} "
+               "equal-width bins, empty bins left out)")
+    table = html.table(["run", "setting", "task", "test ECE", "test images"], rows)
+    return html.section("calibration", "Calibration",
+                        html.figure(report.add_figure(fig, "reliability.png"), caption) + table)
+
+
+def cross_site_section(cross_site: list[tuple[Run, CrossSite]], report: Report) -> str:
+    parts = []
+    for run, table in cross_site:
+        fig = figures.cross_site_figure(table.values, table.models, table.columns,
+                                        f"{run.name}: {table.metric.removeprefix('val_')}")
+        parts.append(html.figure(report.add_figure(fig, f"cross-site-{_slug(run.name)}.png"),
+                                 f"{run.name}: each model (rows) on each site's validation split and the test set"))
+    if not parts:
+        return ""
+    return html.section("cross-site", "Cross-site evaluation", "".join(parts))
+
+
+def interpretability_section(scores: dict[str, dict], pngs: list[tuple[str, bytes]]) -> str:
+    """interpretability.json's scores per model as a table, then the run's own figures."""
+    parts = []
+    if scores:
+        names = list(dict.fromkeys(k for v in scores.values() for k in v))
+        parts.append(html.table(["model"] + names, [[model] + [html.interval(v.get(k)) for k in names]
+                                                    for model, v in scores.items()]))
+    parts += [html.figure(html.img(png, alt=name), name) for name, png in pngs]
+    if not parts:
+        return ""
+    return html.section("interpretability", "Interpretability", "".join(parts))
+
+
+def parameters_section(runs: list[Run]) -> str:
+    blocks = [html.details(f"{run.name} ({run.setting}, {run.task_label})",
+                           html.table(["parameter", "value"], [list(p) for p in run.parameters]))
+              for run in runs]
+    return html.section("parameters", "Run parameters", "<p>Each run's config.json.</p>" + "".join(blocks))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
