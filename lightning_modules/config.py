@@ -149,7 +149,7 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
         try:
             return cls(**values)
-        except TypeError as exc:
+        except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
     def write_json(self, path: Path) -> None:

@@ -31,6 +31,27 @@ def test_training_options_share_names(capsys):
         assert option in out
 
 
+def test_every_training_option_is_one_config_field_shared_by_central_and_federated_commands():
+    """Options come from TrainConfig/FLConfig fields only: the same flag parses to the same config
+    field in `central`, `sim`, `export` and `poc submit`, and `--roi` means the same everywhere."""
+    import dataclasses
+
+    from cxrfl.options import config_from_args
+    from cxrfl.fl.config import FLConfig
+    from lightning_modules.config import TrainConfig
+
+    shared = ["--task", "classify", "--roi", "crop", "--model", "cnn5", "--image-size", "48", "--batch-size", "4",
+              "--lr", "0.01", "--seed", "7", "--roi-threshold", "0.3", "--class-weights", "none", "--limit", "5"]
+    parser = build_parser()
+    central = config_from_args(TrainConfig, parser.parse_args(["central", *shared, "--epochs", "3"]))
+    for argv in (["sim", *shared], ["export", *shared], ["poc", "submit", *shared]):
+        fl = config_from_args(FLConfig, parser.parse_args(argv + ["--local-epochs", "3"]))
+        common = {f.name for f in dataclasses.fields(TrainConfig)}
+        assert {k: getattr(fl, k) for k in common} == {k: getattr(central, k) for k in common}, argv
+    shorthand = config_from_args(FLConfig, parser.parse_args(["sim", "--task", "roi", "--roi-mode", "crop"]))
+    assert (shorthand.task, shorthand.roi) == ("classify", "crop")
+
+
 def test_console_script_and_module_entry_point():
     exe = shutil.which("cxrfl") or str(__import__("pathlib").Path(sys.executable).parent / "cxrfl")
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)

@@ -257,7 +257,7 @@ def test_federated_target_sensitivity_moves_the_threshold_down_to_reach_it(synth
         scores = (torch.rand(200, generator=gen) * 0.6 + labels * 0.35).clamp(0, 1)
         by_site[site] = score_histogram(scores, labels)
     by_site["test"] = by_site["site-1"]  # the test column never counts
-    cfg = FLConfig(task="classify", sites=["site-1", "site-2"])
+    cfg = FLConfig(task="classify", sites=["site-1", "site-2"], classes=["normal", "pneumonia"])
     youden = federated_operating_point(cfg, by_site)
     sensitive = federated_operating_point(dataclasses.replace(cfg, target_sensitivity=0.99), by_site)
     assert youden["rule"] == "youden" and sensitive["rule"] == "sensitivity>=0.99"

@@ -30,28 +30,8 @@ def add_parser(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="poc_command", metavar="{up,submit,wait,restart,down}", required=True)
 
-    up = sub.add_parser("up", help="provision and start server + sites", description="Provision and start the POC.")
-    up.add_argument("--sites", type=positive_int, default=3, help="number of hospital sites (default 3)")
-    up.add_argument("--he", action="store_true", help="provision TenSEAL HE contexts into the kits (HEBuilder)")
-    up.add_argument("--port", type=int, default=None, help="server port (default: a free port)")
-    up.add_argument("--heartbeat-timeout", type=positive_int, default=60, metavar="SECONDS",
-                    help="the server writes off a site it has not heard from for this long (sites send a heartbeat "
-                    "every 10 s; default 60; NVFlare's own default of 600 keeps a dead site's tasks waiting)")
-    up.add_argument("--data", type=Path, default=None,
-                    help="data root; site i reads folder i of it (written into each site's local/cxrfl_site.json)")
-    _workspace(up)
-    up.set_defaults(func=run_up)
-
-    submit = sub.add_parser("submit", help="export a job and submit it through the admin API",
-                            description="Export the task's job (as `cxrfl export`) for the POC's sites and submit it.")
-    add_config_options(submit, FLConfig, "fl", task_required=False)  # --resume takes everything from the run folder
-    submit.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                        help="a job whose server job was killed or crashed (`poc wait` says so and keeps its results "
-                        "in RUN_DIR): submit its remaining rounds as a new job that starts from the global model of "
-                        "its last completed round, with the run's own configuration (other options are ignored); "
-                        "`poc wait JOB` adds its rounds to RUN_DIR")
-    _workspace(submit)
-    submit.set_defaults(func=run_submit)
+    _add_up(sub)
+    _add_submit(sub)
 
     wait = sub.add_parser("wait", help="follow a job to its end and download its results into a run folder",
                           description="Wait for JOB, download its results and evaluate them (cross-site matrix, "
@@ -80,6 +60,33 @@ def add_parser(subparsers) -> None:
                       "other files); refused for a folder `poc up` did not create")
     _workspace(down)
     down.set_defaults(func=run_down)
+
+
+def _add_up(sub) -> None:
+    up = sub.add_parser("up", help="provision and start server + sites", description="Provision and start the POC.")
+    up.add_argument("--sites", type=positive_int, default=3, help="number of hospital sites (default 3)")
+    up.add_argument("--he", action="store_true", help="provision TenSEAL HE contexts into the kits (HEBuilder)")
+    up.add_argument("--port", type=int, default=None, help="server port (default: a free port)")
+    up.add_argument("--heartbeat-timeout", type=positive_int, default=60, metavar="SECONDS",
+                    help="the server writes off a site it has not heard from for this long (sites send a heartbeat "
+                    "every 10 s; default 60; NVFlare's own default of 600 keeps a dead site's tasks waiting)")
+    up.add_argument("--data", type=Path, default=None,
+                    help="data root; site i reads folder i of it (written into each site's local/cxrfl_site.json)")
+    _workspace(up)
+    up.set_defaults(func=run_up)
+
+
+def _add_submit(sub) -> None:
+    submit = sub.add_parser("submit", help="export a job and submit it through the admin API",
+                            description="Export the task's job (as `cxrfl export`) for the POC's sites and submit it.")
+    add_config_options(submit, FLConfig, "fl", task_required=False)  # --resume takes everything from the run folder
+    submit.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="a job whose server job was killed or crashed (`poc wait` says so and keeps its results "
+                        "in RUN_DIR): submit its remaining rounds as a new job that starts from the global model of "
+                        "its last completed round, with the run's own configuration (other options are ignored); "
+                        "`poc wait JOB` adds its rounds to RUN_DIR")
+    _workspace(submit)
+    submit.set_defaults(func=run_submit)
 
 
 def _workspace(p) -> None:
