@@ -68,7 +68,7 @@ class PocMonitor(threading.Thread):
         self.peaks = {}
 
     def run(self) -> None:
-        from cxrfl.poc import _kill, workspace_processes
+        from cxrfl.fl.poc import _kill, workspace_processes
 
         while not self._stop.is_set():
             total = 0
@@ -131,7 +131,7 @@ def wire_bytes(model: str, he_context_file: Path | None) -> int:
 
 
 def run_job(state: dict, cfg, monitor: PocMonitor, run_dir: Path) -> dict:
-    from cxrfl.poc import poc_submit, poc_wait
+    from cxrfl.fl.poc import poc_submit, poc_wait
 
     monitor.reset()
     start = time.time()
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/he_poc-<date>.json)")
     args = parser.parse_args(argv)
 
-    from cxrfl.fl_job import FLConfig
-    from cxrfl.poc import poc_down, poc_up
+    from cxrfl.fl.job import FLConfig
+    from cxrfl.fl.poc import poc_down, poc_up
     from lightning_modules.data.phantom import generate_dataset
 
     out = args.out or RESULTS / f"he_poc-{dt.date.today().isoformat()}.json"
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for he in (False, True):
                 cfg = FLConfig(task="classify", data_root=None, sites=state["sites"], rounds=args.rounds,
                                image_size=args.image_size, model=args.model, batch_size=16,
-                               classes=["normal", "pneumonia"], cross_site_eval=False, he=he,
-                               torch_threads=1)
+                               classes=["normal", "pneumonia"], cross_site_eval=False, he=he)
                 job = run_job(state, cfg, monitor, tmp / f"run-{'he' if he else 'plain'}")
                 results["jobs"].append(job)
                 print(json.dumps(job), flush=True)

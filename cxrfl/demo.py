@@ -16,7 +16,7 @@ from cxrfl.interpretability import score_models, segmentation_overlays
 from cxrfl.models import load_segmenter
 from cxrfl.options import DEFAULT_DATA, DEFAULT_SYNTH, ready, site_names
 from cxrfl.runs import new_run_dir
-from cxrfl.simulate import run_simulation
+from cxrfl.fl.simulator import run_simulation
 from lightning_modules.config import TrainConfig
 from lightning_modules.data.atomic import atomic_write_text, write_json
 from lightning_modules.data.manifest import DATASET_JSON

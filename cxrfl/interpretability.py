@@ -13,7 +13,8 @@ import torch
 from cxrfl.models import Classifier, load_classifier, load_segmenter
 from cxrfl.run_folder import RunFolder
 from lightning_modules.data.imageio import read_image, read_mask
-from lightning_modules.data.manifest import load_split, resolve, write_json
+from lightning_modules.data.atomic import write_json
+from lightning_modules.data.manifest import load_split, resolve
 from lightning_modules.data.transforms import deterministic_transforms, lung_roi, model_inputs
 from lightning_modules.interpret import heat_maps, mass_inside, occlusion_maps, overlay
 

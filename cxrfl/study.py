@@ -24,7 +24,7 @@ from cxrfl.central import train_central
 from cxrfl.fl.config import FLConfig
 from cxrfl.run_folder import RunFolder
 from cxrfl.runs import new_run_dir
-from cxrfl.simulate import run_simulation
+from cxrfl.fl.simulator import run_simulation
 from lightning_modules.config import TrainConfig
 from lightning_modules.data.atomic import atomic_write_text
 from lightning_modules.data.manifest import DATASET_JSON, Record, load_split, read_dataset_info, resolve

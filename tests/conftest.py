@@ -82,7 +82,7 @@ def running_poc(base, sites: int = 2, he: bool = False, heartbeat_timeout: float
     Yields (state, data root). Its key files are private to their owner. After it: no POC process
     is left and the workspace is gone (`poc down` never fails for a slow shutdown).
     """
-    from cxrfl.poc import poc_down, poc_up, workspace_processes
+    from cxrfl.fl.poc import poc_down, poc_up, workspace_processes
 
     patch = pytest.MonkeyPatch()
     patch.setenv("HOME", str(base / "home"))  # nvflare registers admin kits under ~/.nvflare

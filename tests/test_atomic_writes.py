@@ -17,7 +17,7 @@ import torch
 
 from lightning_modules.data.atomic import atomic_torch_save
 from cxrfl.runs import AtomicCheckpointIO
-from lightning_modules.data.manifest import write_json
+from lightning_modules.data.atomic import write_json
 
 
 class Unpicklable:

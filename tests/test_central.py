@@ -101,7 +101,8 @@ def test_three_class_classification_into_the_default_run_folder(synthetic_root, 
     """The RSNA setting: three classes, macro AUROC; no --out: a timestamped folder under runs/."""
     import shutil
 
-    from lightning_modules.data.manifest import read_manifest, write_json, write_manifest
+    from lightning_modules.data.atomic import write_json
+    from lightning_modules.data.manifest import read_manifest, write_manifest
 
     root = tmp_path / "three"
     shutil.copytree(synthetic_root, root)

@@ -33,7 +33,8 @@ from lightning_modules.data import imageio
 from lightning_modules.data.importers import import_dataset
 from lightning_modules.data.check import ERROR, check_data, refuse_leakage
 from lightning_modules.data.imageio import MAX_PIXELS, DecodeBudget, ImageReadError, read_header, read_image, write_png
-from lightning_modules.data.manifest import ManifestError, Record, read_manifest, write_json, write_manifest
+from lightning_modules.data.atomic import write_json
+from lightning_modules.data.manifest import ManifestError, Record, read_manifest, write_manifest
 from lightning_modules.data.phantom import generate_dataset
 from lightning_modules.data.row_checks import usable_records
 

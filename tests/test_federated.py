@@ -15,6 +15,7 @@ import torch
 from app_custom.yogi import Yogi
 from cxrfl.cli import main
 from lightning_modules.classification import CXRClassifier
+from lightning_modules.config import TRAIN_CONFIG_FILE, TrainConfig
 from lightning_modules.data.manifest import read_manifest, write_manifest
 from lightning_modules.data.phantom import generate_dataset
 from lightning_modules.segmentation import LungSegmentation
@@ -191,8 +192,10 @@ def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["segmenter"] == str(segmenter) and config["roi"] == "crop"
     client_config = (run / "job" / "cxrfl_roi" / "app" / "config" / "config_fed_client.json").read_text()
-    assert "--segmenter segmenter.pt" in client_config and "--roi crop" in client_config
-    assert str(segmenter) not in client_config  # the segmenter travels as a file in the job
+    site_settings = TrainConfig.read_json(run / "job" / "cxrfl_roi" / "app" / "custom" / TRAIN_CONFIG_FILE)
+    assert site_settings.segmenter == "segmenter.pt" and site_settings.roi == "crop"
+    for text in (client_config, json.dumps(site_settings.as_dict())):
+        assert str(segmenter) not in text  # the segmenter travels as a file in the job
     assert (run / "job" / "cxrfl_roi" / "app" / "custom" / "segmenter.pt").is_file()
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["selected_model"] == "global_final"  # one round: NVFlare selects no best model
@@ -200,14 +203,20 @@ def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
     assert not (run / "cross_site.csv").read_text().splitlines()[1].endswith(",,")  # test column filled
 
 
-def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_path, monkeypatch):
+def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_path):
     """Also a failure drill: site-2 sends NaN weights in round 1; the server refuses that update with
     its reason logged and, with --min-clients 1, the round goes on with site-1 (FedOpt's weight differences, too)."""
-    monkeypatch.setenv("CXRFL_FAULT_DRILL", "site-2:nan@1")
+    from cxrfl.fl.config import FLConfig
+    from cxrfl.options import ready
+    from cxrfl.fl.simulator import run_simulation
+    from fault_drill import nan_update
+
     run = tmp_path / "yogi"
-    assert main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
-                 "--min-clients", "1", "--wait-after-min-clients", "120", "--aggregation", "fedyogi", "--server-lr", "0.01", "--no-cross-site-eval",
-                 "--out", str(run)] + COMMON) == 0
+    run.mkdir()
+    cfg = ready(FLConfig(task="classify", data_root=str(fl_root), sites=("site-1", "site-2"), rounds=2, model="cnn5",
+                         min_clients=1, wait_after_min_clients=120, aggregation="fedyogi", server_lr=0.01,
+                         cross_site_eval=False, image_size=32, batch_size=8))
+    run_simulation(cfg, run, extend_job=nan_update("site-2", 1))  # the drill: only a test adds it to a job
     server = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
     client = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
     assert "app_custom.yogi.Yogi" in server and '"params_transfer_type": "DIFF"' in client
@@ -254,15 +263,16 @@ def test_federated_arguments_fail_fast(fl_root, capsys):
     assert main(["sim", "--task", "classify", "--data", str(fl_root), "--sites", "5"]) == 2
     assert "only 2 site folders" in capsys.readouterr().err
     assert main(["sim", "--task", "segment", "--data", str(fl_root), "--model", "cnn5"]) == 2
-    assert "does not fit --task segment" in capsys.readouterr().err
+    assert "is not a segment network" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sim", "--task", "classify", "--rounds", "0"])
 
 
 def test_client_without_site_data_names_the_missing_path(fl_root):
-    from app_custom.cxrfl_client import SiteConfigError, parse_args, site_data_module
+    from app_custom.cxrfl_client import site_data_module
+    from app_custom.site_files import SiteConfigError
 
-    args = parse_args(["--task", "classify"])
+    args = TrainConfig(task="classify")
     with pytest.raises(SiteConfigError, match=r"site-7.*manifest\.csv does not exist"):
         site_data_module(args, "site-7", Path("local/cxrfl_site.json"), {"data_root": str(fl_root)})
     with pytest.raises(SiteConfigError, match=r"no data configured"):
@@ -281,35 +291,39 @@ def test_each_job_py_exports_its_job(task, fl_root, tmp_path):
     assert out.returncode == 0, out.stderr
     server = json.loads((tmp_path / f"cxrfl_{task}" / "app" / "config" / "config_fed_server.json").read_text())
     assert server["workflows"][0]["path"].endswith("ScatterAndGather")
-    client = (tmp_path / f"cxrfl_{task}" / "app" / "config" / "config_fed_client.json").read_text()
-    assert ("--roi mask" in client) == (task == "roi")
+    site_settings = TrainConfig.read_json(tmp_path / f"cxrfl_{task}" / "app" / "custom" / TRAIN_CONFIG_FILE)
+    assert (site_settings.roi == "mask") == (task == "roi")
 
 
 def test_client_uses_the_job_classes_even_when_its_site_lacks_one(fl_root, tmp_path):
     import shutil
 
-    from app_custom.cxrfl_client import parse_args, site_data_module
+    from app_custom.cxrfl_client import site_data_module
 
     root = tmp_path / "root"
     shutil.copytree(fl_root, root)
     (root / "dataset.json").unlink()  # no class list at the site: its labels alone would decide
     rows = [r for r in read_manifest(root / "site-1" / "manifest.csv") if r.label == "pneumonia"]
     write_manifest(root / "site-1" / "manifest.csv", rows)
-    from urllib.parse import quote
-
-    args = parse_args(["--task", "classify", "--classes", quote('["normal", "pneumonia"]')])
+    args = TrainConfig(task="classify", classes=("normal", "pneumonia"))
     dm = site_data_module(args, "site-1", root / "local.json", {"data_dir": str(root / "site-1")})
     assert dm.classes == ["normal", "pneumonia"] and dm.class_counts("train")[0] == 0
 
 
-def test_client_arguments_survive_nvflare_splitting_on_spaces():
-    from app_custom.cxrfl_client import parse_args
-    from cxrfl.fl_job import FLConfig
+def test_site_settings_travel_in_the_job_as_data(tmp_path):
+    """Class names with spaces reach the sites intact: the settings travel as a JSON file, not as
+    script arguments (which NVFlare splits on spaces)."""
+    from cxrfl.fl.config import FLConfig
+    from cxrfl.fl.simulator import export_job
 
     cfg = FLConfig(classes=["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"], data_root="/data/x")
-    args = parse_args(cfg.client_args().split(" "))  # what NVFlare's in-process runner does
+    job = export_job(cfg, tmp_path)
+    site_file = job / "app" / "custom" / TRAIN_CONFIG_FILE
+    args = TrainConfig.read_json(site_file)  # what the client script reads
     assert args.classes == cfg.classes and args.task == "classify"
-    assert "/data/x" not in cfg.client_args()  # sites read their data folder from their own configuration
+    assert "/data/x" not in site_file.read_text()  # sites read their data folder from their own configuration
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    assert client["executors"][0]["executor"]["args"].get("task_script_args", "") == ""
 
 
 def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
@@ -374,8 +388,8 @@ def test_federated_runs_load_for_predict_like_central_ones(classify_run, fl_root
 
 
 def test_selection_takes_the_final_model_only_when_the_sites_validation_ranks_it_higher():
-    from cxrfl.fl_job import FLConfig
-    from cxrfl.simulate import select_global_model
+    from cxrfl.fl.job import FLConfig
+    from cxrfl.fl.evaluation import select_global_model
 
     cfg = FLConfig(sites=["a", "b"])
     both = {"global_best": "x", "global_final": "y"}

@@ -21,7 +21,7 @@ from app_custom.ckks_packing import (MAX_WEIGHTED_ABS, PACKED_PREFIX, Ciphertext
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory):
     """A client context (secret key) and the server's copy without it, as NVFlare's HEBuilder makes them."""
-    from cxrfl.he_keys import CLIENT_CONTEXT, write_he_contexts
+    from cxrfl.fl.he_keys import CLIENT_CONTEXT, write_he_contexts
 
     folder = tmp_path_factory.mktemp("he")
     write_he_contexts(folder)

@@ -44,7 +44,7 @@ def test_provisioning_leaves_every_private_key_to_its_owner(tmp_path):
 
 
 def test_a_poc_workspace_keeps_its_keys_private(tmp_path, monkeypatch):
-    from cxrfl.poc import poc_down, poc_prepare
+    from cxrfl.fl.poc import poc_down, poc_prepare
     from lightning_modules.data.phantom import generate_dataset
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -58,7 +58,7 @@ def test_a_poc_workspace_keeps_its_keys_private(tmp_path, monkeypatch):
 
 
 def test_the_simulators_he_contexts_keep_the_secret_key_private(tmp_path):
-    from cxrfl.he_keys import CLIENT_CONTEXT, SERVER_CONTEXT, write_he_contexts
+    from cxrfl.fl.he_keys import CLIENT_CONTEXT, SERVER_CONTEXT, write_he_contexts
 
     startup = tmp_path / "workspace" / "startup"
     startup.mkdir(parents=True)
@@ -70,7 +70,7 @@ def test_the_simulators_he_contexts_keep_the_secret_key_private(tmp_path):
 
 
 def test_key_files_are_found_by_name_and_content_and_only_they_change(tmp_path):
-    from cxrfl.he_keys import CLIENT_CONTEXT, SERVER_CONTEXT, write_he_contexts
+    from cxrfl.fl.he_keys import CLIENT_CONTEXT, SERVER_CONTEXT, write_he_contexts
 
     write_he_contexts(tmp_path / "he")
     secret, public = ((tmp_path / "he" / name).read_bytes() for name in (CLIENT_CONTEXT, SERVER_CONTEXT))

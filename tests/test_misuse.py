@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cxrfl.cli import main
-from cxrfl.fl_job import FLConfig
-from cxrfl.simulate import RunFailed, check_contributions
+from cxrfl.fl.job import FLConfig
+from cxrfl.fl.results import RunFailed, check_contributions
 from lightning_modules.data.manifest import read_manifest, write_manifest
 from lightning_modules.data.phantom import generate_dataset
 from lightning_modules.networks import INPUT_SIDES, build_classifier, build_segmenter, input_size_problem
@@ -233,8 +233,7 @@ def test_an_exported_job_carries_no_local_path(tiny_root, tmp_path):
 
 
 def test_tracking_gets_the_configuration_without_paths():
-    cfg = FLConfig(data_root="/hospital/data", segmenter="/models/seg.pt", turn_lock="/tmp/lock",
-                   initial_model="/runs/r/x.pt")
+    cfg = FLConfig(task="roi", data_root="/hospital/data", segmenter="/models/seg.pt", initial_model="/runs/r/x.pt")
     tracked = json.dumps(cfg.without_paths())
     assert "/" not in tracked.replace("/ ", "")  # no path of any kind
     assert cfg.without_paths()["image_size"] == cfg.image_size

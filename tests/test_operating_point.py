@@ -248,7 +248,7 @@ def test_federated_target_sensitivity_moves_the_threshold_down_to_reach_it(synth
     validation sensitivity reaches S (below Youden's where Youden's misses positives)."""
     from cxrfl.fl.config import FLConfig
     from cxrfl.options import fl_config
-    from cxrfl.simulate import federated_operating_point
+    from cxrfl.fl.evaluation import federated_operating_point
 
     gen = torch.Generator().manual_seed(4)
     by_site = {}

@@ -17,7 +17,7 @@ import pytest
 from conftest import running_poc
 
 from cxrfl.cli import main
-from cxrfl.poc import load_state, session, workspace_processes
+from cxrfl.fl.poc import load_state, session, workspace_processes
 
 JOB = ["--task", "classify", "--model", "cnn5", "--rounds", "2", "--image-size", "32", "--batch-size", "8"]
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import running_poc, send_signal, sha256_of
 
 from cxrfl.cli import main
-from cxrfl.poc import workspace_processes
+from cxrfl.fl.poc import workspace_processes
 
 JOB = ["--task", "classify", "--model", "cnn5", "--image-size", "32", "--batch-size", "8"]
 

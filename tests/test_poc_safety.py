@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from cxrfl.cli import main
-from cxrfl.poc import PocError, poc_down, poc_prepare, workspace_processes
-from cxrfl.poc_processes import read_process
+from cxrfl.fl.poc import PocError, poc_down, poc_prepare, workspace_processes
+from cxrfl.fl.poc_processes import read_process
 from lightning_modules.data.phantom import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ if os.environ.get("STAND_IN_IGNORES_SIGTERM"):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 report = os.environ.get("STAND_IN_REPORT")
 if report:  # list the workspace's processes from inside it, as a POC process calling `poc down` would
-    from cxrfl.poc_processes import workspace_process_list
+    from cxrfl.fl.poc_processes import workspace_process_list
     listed = [p.pid for p in workspace_process_list(os.environ["STAND_IN_WORKSPACE"])]
     with open(report + ".tmp", "w") as f:
         json.dump({"me": os.getpid(), "parent": os.getppid(), "listed": listed}, f)
@@ -191,7 +191,7 @@ def test_down_stops_exactly_the_poc_processes_even_when_nvflares_stop_fails(prep
             raise PocError(NVFLARE_STOP_FAILURE)
         raise AssertionError(f"unexpected nvflare call {args}")
 
-    monkeypatch.setattr("cxrfl.poc._nvflare", nvflare_stop_fails)
+    monkeypatch.setattr("cxrfl.fl.poc._nvflare", nvflare_stop_fails)
     started = time.monotonic()
     notes = poc_down(workspace)  # never raises for a slow or failed shutdown
     assert calls == [["poc", "stop"]]

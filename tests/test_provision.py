@@ -35,7 +35,7 @@ def test_nvflare_provisions_a_kit_per_participant(tmp_path):
 
 
 def test_poc_project_is_the_production_file_on_one_machine():
-    from cxrfl.poc import poc_project
+    from cxrfl.fl.poc import poc_project
 
     plain = poc_project(2, 12345, he=False)
     server = plain["participants"][0]

@@ -17,7 +17,7 @@ from pathlib import Path
 from conftest import send_signal, sha256_of
 
 from cxrfl.cli import main
-from cxrfl.poc import workspace_processes
+from cxrfl.fl.poc import workspace_processes
 from lightning_modules.data.phantom import generate_dataset
 
 
@@ -65,8 +65,8 @@ def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, cap
 
 
 def _run_folder(tmp_path: Path, **changes) -> Path:
-    from cxrfl.fl_job import FLConfig
-    from lightning_modules.data.manifest import write_json
+    from cxrfl.fl.job import FLConfig
+    from lightning_modules.data.atomic import write_json
 
     run = tmp_path / "run"
     cfg = FLConfig(task="classify", model="cnn5", sites=["site-1", "site-2"], rounds=3, data_root=str(tmp_path))
@@ -83,8 +83,8 @@ def test_resume_refuses_what_it_cannot_continue_and_says_why(tmp_path, capsys):
 
 
 def test_poc_resume_names_the_missing_pieces(tmp_path, capsys):
-    from cxrfl.poc import STATE_FILE
-    from lightning_modules.data.manifest import write_json
+    from cxrfl.fl.poc import STATE_FILE
+    from lightning_modules.data.atomic import write_json
 
     workspace = tmp_path / "ws"
     assert main(["poc", "submit", "--resume", str(tmp_path / "run"), "--workspace", str(workspace)]) == 2

@@ -11,7 +11,7 @@ import time
 import yaml
 
 from cxrfl.cli import main
-from app_custom.cxrfl_client import machine_turn
+from app_custom.simulated_site import machine_turn
 from cxrfl.study import CONFIGS, grid_runs, pooled_data, split_for
 from lightning_modules.data.manifest import load_split
 

@@ -11,7 +11,7 @@ from cxrfl.options import DEFAULT_DATA, positive_int, seed
 from cxrfl.report import write_report
 from cxrfl.run_folder import RunFolder
 from cxrfl.runs import RunDirError, new_run_dir
-from cxrfl.simulate import SimulationError
+from cxrfl.fl.results import SimulationError
 from lightning_modules.data.manifest import ManifestError
 
 

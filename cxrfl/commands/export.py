@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cxrfl.fl.config import FLConfig
 from cxrfl.options import add_config_options, fl_config
-from cxrfl.simulate import export_job
+from cxrfl.fl.simulator import export_job
 from lightning_modules.data.manifest import ManifestError
 
 JOB_CONFIG = "job_config.json"

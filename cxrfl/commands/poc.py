@@ -8,10 +8,10 @@ from pathlib import Path
 
 from cxrfl.fl.config import FLConfig
 from cxrfl.options import add_config_options, fl_config, positive_int, resolve_data_root
-from cxrfl.poc import (PocError, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait,
+from cxrfl.fl.poc import (PocError, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait,
                        resumed_run)
 from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics, run_dir_ready
-from cxrfl.simulate import SimulationError
+from cxrfl.fl.results import SimulationError
 from lightning_modules.data.manifest import ManifestError
 
 DEFAULT_WORKSPACE = Path("poc-workspace")

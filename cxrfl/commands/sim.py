@@ -8,7 +8,9 @@ from pathlib import Path
 from cxrfl.fl.config import FLConfig
 from cxrfl.options import add_config_options, fl_config
 from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics
-from cxrfl.simulate import SimulationError, resume_simulation, run_simulation
+from cxrfl.fl.results import SimulationError
+from cxrfl.fl.resume import resume_simulation
+from cxrfl.fl.simulator import run_simulation
 from lightning_modules.data.manifest import ManifestError
 
 

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from cxrfl.simulate import SimulationError
+    from cxrfl.fl.results import SimulationError
     from cxrfl.study import CONFIGS, StudyError, load_config, run_study
 
     path = args.config or CONFIGS / ("full.yaml" if args.full else "default.yaml")

@@ -45,8 +45,8 @@ class FLConfig(TrainConfig):
     server_lr: float | None = field(default=None, metadata=option(
         "server learning rate for fedadam/fedyogi/fedadagrad (default 0.01; FedAvg ignores it)",
         parse="positive_float"))
-    cross_site_eval: bool = field(default=True, metadata=option(
-        "skip the final cross-site evaluation", flag="--no-cross-site-eval", negate=True))
+    cross_site_eval: bool | None = field(default=None, metadata=option(
+        "skip the final cross-site evaluation (always skipped with --he)", flag="--no-cross-site-eval", negate=True))
     # without cross-site evaluation: still each site's validation of the global models (NVFlare's
     # GlobalModelEval, no local models sent), which the operating point and model selection need
     global_model_eval: bool = field(default=False, metadata=option("", cli=False))
@@ -85,6 +85,8 @@ class FLConfig(TrainConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "sites", tuple(self.sites))
+        if self.cross_site_eval is None:  # default: on, but NVFlare cannot broadcast ciphertext models
+            object.__setattr__(self, "cross_site_eval", not self.he)
         if self.server_lr is None:
             object.__setattr__(self, "server_lr", 1.0 if self.aggregation == "fedavg" else 0.01)
         if self.schedule is not None:

@@ -8,7 +8,7 @@ those of `cxrfl sim` (see --help).
     python jobs/segment/job.py --data data/synthetic --simulate /tmp/sim-ws     # NVFlare simulator, one client per site
 """
 
-from cxrfl.fl_job import job_main
+from cxrfl.fl.job import job_main
 
 if __name__ == "__main__":
     job_main("segment", __doc__)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from lightning_modules.data.atomic import atomic_write_text, write_json  # noqa: F401 (write_json: importers move to atomic)
+from lightning_modules.data.atomic import atomic_write_text
 
 MANIFEST_NAME = "manifest.csv"
 DATASET_JSON = "dataset.json"

@@ -21,14 +21,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from lightning_modules.data.imageio import write_png
-from lightning_modules.data.manifest import (
-    DATASET_JSON,
-    MANIFEST_NAME,
-    TEST_SITE,
-    Record,
-    write_json,
-    write_manifest,
-)
+from lightning_modules.data.atomic import write_json
+from lightning_modules.data.manifest import DATASET_JSON, MANIFEST_NAME, TEST_SITE, Record, write_manifest
 
 CLASSES = ["normal", "pneumonia"]
 # What tells the label: the opacity plus site cues (default), or the opacity only.

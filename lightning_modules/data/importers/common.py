@@ -19,15 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from lightning_modules.data.imageio import read_header
-from lightning_modules.data.manifest import (
-    DATASET_JSON,
-    MANIFEST_NAME,
-    ManifestError,
-    Record,
-    natural_key,
-    write_json,
-    write_manifest,
-)
+from lightning_modules.data.atomic import write_json
+from lightning_modules.data.manifest import DATASET_JSON, MANIFEST_NAME, ManifestError, Record, natural_key, write_manifest
 from lightning_modules.data.row_checks import row_problems
 
 log = logging.getLogger("cxrfl.data")

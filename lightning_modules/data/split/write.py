@@ -9,18 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lightning_modules.data.manifest import (
-    DATASET_JSON,
-    MANIFEST_NAME,
-    TEST_SITE,
-    ManifestError,
-    Record,
-    atomic_write_text,
-    read_dataset_info,
-    resolve,
-    write_json,
-    write_manifest,
-)
+from lightning_modules.data.atomic import atomic_write_text, write_json
+from lightning_modules.data.manifest import DATASET_JSON, MANIFEST_NAME, TEST_SITE, ManifestError, Record, read_dataset_info, resolve, write_manifest
 from lightning_modules.data.split.partition import SplitResult
 from lightning_modules.data.split.summary import describe, format_summary, summarize
 

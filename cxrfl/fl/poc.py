@@ -24,15 +24,18 @@ from pathlib import Path
 import yaml
 
 from cxrfl.fl.config import FLConfig
-from cxrfl.fl_job import SITE_CONFIG
+from cxrfl.fl.job import SITE_CONFIG
 from cxrfl.run_folder import RunFolder
-from cxrfl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
+from cxrfl.fl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
 from cxrfl.keyfiles import restrict_private_files
-from cxrfl.poc_processes import stop_processes, wait_until_ended, workspace_process_list
-from cxrfl.simulate import (SimulationError, check_contributions, collect_server_results, evaluate_run, export_job,
-                            prepare_resume)
+from cxrfl.fl.poc_processes import stop_processes, wait_until_ended, workspace_process_list
+from cxrfl.fl.evaluation import evaluate_run
+from cxrfl.fl.results import SimulationError, check_contributions, collect_server_results
+from cxrfl.fl.resume import prepare_resume
+from cxrfl.fl.simulator import export_job
 from lightning_modules.data.imageio import one_line
-from lightning_modules.data.manifest import atomic_write_text, site_dirs, write_json
+from lightning_modules.data.atomic import atomic_write_text, write_json
+from lightning_modules.data.manifest import site_dirs
 
 STATE_FILE = "cxrfl_poc.json"
 CREATED_BY = "cxrfl poc up"  # in the state file: this project made the workspace
@@ -376,7 +379,7 @@ def _server_job_folder(download: Path) -> Path:
 
 def workspace_processes(workspace: Path) -> list[int]:
     """PIDs of the processes NVFlare started for this workspace (server, sites, job processes and
-    their children), recognised by what they run and their workspace path; see cxrfl/poc_processes.py."""
+    their children), recognised by what they run and their workspace path; see cxrfl/fl/poc_processes.py."""
     return [p.pid for p in workspace_process_list(workspace)]
 
 
@@ -455,6 +458,6 @@ def _remove_entries(folder: Path, names: list[str]) -> None:
 
 def _kill(pids: list[int], grace: float = 10) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds, to these processes (while they are the same)."""
-    from cxrfl.poc_processes import read_process
+    from cxrfl.fl.poc_processes import read_process
 
     stop_processes([p for p in map(read_process, pids) if p is not None], grace=grace)

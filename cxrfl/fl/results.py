@@ -1,0 +1,173 @@
+"""The server's results of a federated run (simulator workspace or a downloaded POC job) collected
+into the run folder, and the check that every round got the updates it needed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from lightning_modules.data.atomic import atomic_torch_save
+from app_custom.availability import check_schedule
+from cxrfl.fl.config import FLConfig
+from lightning_modules.data.imageio import one_line
+from lightning_modules.data.atomic import atomic_write_text, write_json
+
+
+class SimulationError(RuntimeError):
+    """The simulated job did not produce its results; the message says where to look."""
+
+
+def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path, append_logs: bool = False) -> dict:
+    """Copy a finished job's server-side results (the folder holding app_server/) into the run folder
+    (append_logs: a resumed run adds its round log and metrics lines to the earlier attempts')."""
+    app = server / "app_server"
+    logs = f"{run_dir / 'simulator.log'} and the site logs" if (run_dir / "simulator.log").exists() else "the site logs"
+    models = run_dir / "models"
+    (models / "rounds").mkdir(parents=True, exist_ok=True)
+    final = app / "FL_global_model.pt"
+    if not final.is_file():
+        raise SimulationError(f"the job wrote no global model ({final} missing); a site probably crashed: see {logs}")
+    shutil.copy2(final, models / "global_final.pt")
+    best = app / "best_FL_global_model.pt"
+    if best.is_file():  # NVFlare's model selector skips round 0: a 1-round job has no best model
+        shutil.copy2(best, models / "global_best.pt")
+    for f in sorted((app / "rounds").glob("*")):
+        if append_logs and f.suffix == ".jsonl":
+            append_lines(f, models / "rounds" / f.name)
+        else:
+            shutil.copy2(f, models / "rounds" / f.name)
+    done = len(list((models / "rounds").glob("global_round_*.pt")))
+    if done < cfg.rounds:
+        raise SimulationError(f"only {done} of {cfg.rounds} rounds completed; a site probably crashed: see {logs}")
+    if (server / "metrics").is_dir():
+        for f in sorted((server / "metrics").glob("*.jsonl")) if append_logs else []:
+            append_lines(f, run_dir / "metrics" / f.name)
+        shutil.copytree(server / "metrics", run_dir / "metrics", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.jsonl") if append_logs else None)
+    if (server / "tb_events").is_dir():
+        shutil.copytree(server / "tb_events", run_dir / "tb", dirs_exist_ok=True)
+    # under HE the server holds the sites' models only as ciphertexts
+    local = {} if cfg.he else _local_models(server / "cross_site_val" / "model_shareables", cfg.sites)
+    for site, params in local.items():
+        atomic_torch_save({"model": params}, models / f"local_{site}.pt")
+    cse = server / "cross_site_val" / "cross_val_results.json"
+    return {"local_sites": sorted(local), "cse": cse if cse.is_file() else None}
+
+
+class RunFailed(SimulationError):
+    """Rounds ran without the contributions they need; metrics.json says which and why."""
+
+
+def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[Path]]) -> None:
+    """Every round needs --min-clients accepted updates (all sites by default; a site scheduled away
+    is not expected), as the round log records them. NVFlare goes on to the next round, and ends
+    the job 'successfully', when a round's updates were all refused or every site crashed.
+    Otherwise writes metrics.json with the short rounds and each failing site's error, and raises."""
+    import json
+
+    accepted: dict[int, set[str]] = {r: set() for r in range(cfg.rounds)}
+    log = run_dir / "models" / "rounds" / "round_log.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if entry.get("accepted") and entry.get("round") in accepted:
+            accepted[entry["round"]].add(entry.get("site"))
+    plan = check_schedule(cfg.schedule or {}, cfg.sites, cfg.rounds)
+    short = {}
+    for r, sites in accepted.items():
+        present = [s for s in cfg.sites if r in plan[s]]
+        needed = max(1, min(cfg.min_clients or len(cfg.sites), len(present)))
+        if len(sites) < needed:
+            short[r] = {"accepted": sorted(sites), "needed": needed, "missing": sorted(set(present) - sites)}
+    if not short:
+        return
+    failing = sorted({s for entry in short.values() for s in entry["missing"]})
+    errors = {site: site_error(site_logs.get(site, [])) for site in failing}
+    first = min(short)
+    message = (f"{len(short)} of {cfg.rounds} rounds lacked the updates they need (round {first}: "
+               f"{len(short[first]['accepted'])} of {short[first]['needed']} accepted); "
+               + "; ".join(f"{site}: {err}" for site, err in errors.items())
+               + f"; see {run_dir / 'metrics.json'} and the site logs")
+    write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "short_rounds": short,
+                                          "site_errors": errors, "task": cfg.task, "sites": cfg.sites})
+    raise RunFailed(message)
+
+
+# The last line of a Python traceback or a client's own exit message.
+ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception|Exit)|cxrfl client[^:]*): .+")
+
+
+def site_error(logs: list[Path]) -> str:
+    """The first error a site's logs name, in one line (else where to look)."""
+    for log in logs:
+        if not log.is_file():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if ERROR_LINE.match(line.strip()):
+                return one_line(line)
+    where = ", ".join(str(p) for p in logs) or "its log"
+    return f"no update accepted and no error in {where} (rejected by the server? see its log)"
+
+
+def append_lines(source: Path, target: Path, keep=lambda entry: True) -> None:
+    """Append a JSON-lines file's entries that `keep` accepts to another, rewritten atomically."""
+    import json
+
+    kept = []
+    for line in source.read_text().splitlines():
+        try:
+            if keep(json.loads(line)):
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    target.parent.mkdir(parents=True, exist_ok=True)
+    earlier = target.read_text() if target.is_file() else ""
+    atomic_write_text(target, earlier + "".join(line + "\n" for line in kept))
+
+
+ROUND_FILE = re.compile(r"global_round_(\d+)\.pt$")
+
+
+def last_complete_round(folder: Path) -> tuple[int, dict] | tuple[None, None]:
+    """The last round whose global model file is readable, with its contents (a copy into the run
+    folder cut by a kill is not). A round file that would run code when loaded stops the resume
+    (SimulationError naming it): it is not ours, so the folder is not to be trusted."""
+    from lightning_modules.weights import UnsafeFileError, load_checkpoint
+
+    rounds = sorted((int(m.group(1)), f) for f in folder.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name)))
+    for number, path in reversed(rounds):
+        try:
+            saved = load_checkpoint(path)
+        except UnsafeFileError as exc:
+            raise SimulationError(str(exc)) from None
+        except ValueError:  # an unreadable file is simply not a complete round
+            continue
+        if saved.kind == "nvflare":
+            return number, {"model": saved.state, "meta": saved.info}
+    return None, None
+
+
+def _local_models(folder: Path, sites: list[str]) -> dict:
+    """Each site's own model, as it submitted it for cross-site evaluation."""
+    from nvflare.app_opt.pt.decomposers import TensorDecomposer
+    from nvflare.fuel.utils import fobs
+
+    fobs.register(TensorDecomposer)
+    found = {}
+    for site in sites:
+        path = folder / site
+        if path.is_file():
+            found[site] = {k: torch.as_tensor(v) for k, v in fobs.loads(path.read_bytes()).data.items()}
+    return found
+
+
+def load_state(path: Path) -> dict:
+    """The tensors of a global or local model file of a run, read without running code from it."""
+    from lightning_modules.weights import load_checkpoint
+
+    return {k: torch.as_tensor(v) for k, v in load_checkpoint(path).state.items()}

@@ -1,0 +1,39 @@
+"""Test-only failure drill: a site-side result filter that turns one site's update of one round into
+NaN weights, to see the server refuse it with its reason and the round go on (docs/security.md,
+"Failure modes"). Only a test adds it to a job (`run_simulation(..., extend_job=nan_update(...))`);
+NVFlare copies this module into that job's custom/ folder."""
+
+from __future__ import annotations
+
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.job_config.defs import FilterType
+
+
+class NaNUpdate(Filter):
+    """At `site`, the train result of round `round_num` leaves with its first tensor all NaN."""
+
+    def __init__(self, site: str, round_num: int):
+        super().__init__()
+        self.site = site
+        self.round_num = round_num
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        this_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        if fl_ctx.get_identity_name() != self.site or this_round != self.round_num:
+            return shareable
+        dxo = from_shareable(shareable)
+        first = next(iter(dxo.data))
+        dxo.data[first] = dxo.data[first] * float("nan")
+        self.log_warning(fl_ctx, f"fault drill: {first} of round {self.round_num} sent as NaN")
+        return dxo.update_shareable(shareable)
+
+
+def nan_update(site: str, round_num: int):
+    """A job extension (see cxrfl.fl.job.built_job) that adds the drill to every site."""
+    def extend(job) -> None:
+        job.to_clients(NaNUpdate(site, round_num), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+    return extend
