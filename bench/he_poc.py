@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/he_poc-<date>.json)")
     args = parser.parse_args(argv)
 
-    from cxrfl.fl.job import FLConfig
+    from cxrfl.fl.config import FLConfig
     from cxrfl.fl.poc import poc_down, poc_up
     from lightning_modules.data.phantom import generate_dataset
 

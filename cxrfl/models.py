@@ -12,12 +12,11 @@ of an earlier release (`cxrfl-model/1`) still loads.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxrfl.run_folder import RunFolder, RunFolderError
 from lightning_modules.classification import CXRClassifier
-from lightning_modules.factory import DEFAULT_MODEL
 from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.operating_point import DEFAULT_THRESHOLD
 from lightning_modules.segmentation import LungSegmentation
@@ -54,31 +53,39 @@ class Classifier:
         return self.segmenter.module.mask_predictor(self.roi_threshold) if self.segmenter else None
 
 
-def _find_config(path: Path) -> tuple[Path, dict]:
-    """The run folder holding `path` (itself or up to two levels up) and its config.json."""
-    for folder in [path, *path.parents[:3]] if path.is_dir() else list(path.parents[:3]):
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            try:
-                return folder, json.loads(cfg.read_text())
-            except json.JSONDecodeError as exc:
-                raise ModelLoadError(f"{cfg}: not valid JSON ({exc})") from None
-    raise ModelLoadError(f"{path}: no config.json next to it, so its preprocessing is unknown; pass its run "
-                         "folder or a file written by `cxrfl export-model`")
+def _run_of(path: Path) -> RunFolder:
+    """The training run holding `path` (itself or up to three folders up), read by RunFolder."""
+    try:
+        run = RunFolder.holding(path)
+    except RunFolderError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if run.config is None:
+        raise ModelLoadError(f"{run.path}: a {run.kind} folder; pass one of its runs")
+    return run
 
 
-def _weights_file(run: Path, config: dict) -> Path:
-    if (run / "checkpoints" / "best.ckpt").is_file():
-        return run / "checkpoints" / "best.ckpt"
-    models = run / "models" / ("decrypted" if config.get("he") else "")
+def _weights_file(run: RunFolder) -> Path:
+    if (run.path / "checkpoints" / "best.ckpt").is_file():
+        return run.path / "checkpoints" / "best.ckpt"
+    he = run.federated and run.config.he
+    models = run.path / "models" / ("decrypted" if he else "")
     selected = []
-    if (run / "metrics.json").is_file():  # the model the run selected and tested
-        selected = [f"{json.loads((run / 'metrics.json').read_text()).get('selected_model')}.pt"]
+    metrics = _metrics(run)
+    if metrics.get("selected_model"):  # the model the run selected and tested
+        selected = [f"{metrics['selected_model']}.pt"]
     for name in selected + ["global_best.pt", "global_final.pt"]:
         if (models / name).is_file():
             return models / name
-    hint = " (an HE run: decrypt it with a site's key first)" if config.get("he") else ""
-    raise ModelLoadError(f"{run}: no trained weights found (checkpoints/best.ckpt or models/global_*.pt){hint}")
+    hint = " (an HE run: decrypt it with a site's key first)" if he else ""
+    raise ModelLoadError(f"{run.path}: no trained weights found (checkpoints/best.ckpt or models/global_*.pt){hint}")
+
+
+def _metrics(run: RunFolder) -> dict:
+    """metrics.json, or {} when the run has none or it is unreadable (a model without its chosen threshold)."""
+    try:
+        return run.metrics() or {}
+    except RunFolderError:
+        return {}
 
 
 def _read(path: Path) -> ModelFile:
@@ -103,12 +110,11 @@ def load_segmenter(path: str | Path) -> Segmenter:
     exported = _exported(path)
     if exported is not None:
         return _segmenter_from_bundle(_description(exported), path)
-    run, config = _find_config(path)
-    if config.get("task") != "segment":
-        raise ModelLoadError(f"{run}: a {config.get('task')!r} run, not a segmentation run")
-    weights = path if path.is_file() else _weights_file(run, config)
-    return Segmenter(_segmentation_module(weights, config.get("model") or DEFAULT_MODEL["segment"]),
-                     int(config["image_size"]), str(weights))
+    run = _run_of(path)
+    if run.config.task != "segment":
+        raise ModelLoadError(f"{run.path}: a {run.config.task!r} run, not a segmentation run")
+    weights = path if path.is_file() else _weights_file(run)
+    return Segmenter(_segmentation_module(weights, run.config.network), run.config.image_size, str(weights))
 
 
 def _segmentation_module(weights: Path, arch: str | None = None) -> LungSegmentation:
@@ -127,21 +133,17 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
     if given is not None and given.kind in EXPORTED:
         clf = _classifier_from_bundle(_description(given), path)
     else:
-        run, config = _find_config(path)
-        task = config.get("task")
-        if task not in ("classify", "roi"):
-            raise ModelLoadError(f"{run}: a {task!r} run, not a classification run")
-        federated = "aggregation" in config  # an FLConfig: its roi field applies to task "roi" only
-        roi = (config.get("roi") if task == "roi" else None) if federated else config.get("roi")
-        weights = path if path.is_file() else _weights_file(run, config)
-        classes = list(config.get("classes") or [])
-        model = config.get("model") or DEFAULT_MODEL["classify"]
-        module = _load_into(_classifier_module(model, classes, weights), (given or _read(weights)).state, weights)
-        clf = Classifier(module, classes, int(config["image_size"]), roi, float(config.get("roi_threshold", 0.5)),
-                         source=str(weights))
+        run = _run_of(path)
+        cfg = run.config
+        if cfg.task != "classify":
+            raise ModelLoadError(f"{run.path}: a {cfg.task!r} run, not a classification run")
+        weights = path if path.is_file() else _weights_file(run)
+        classes = list(cfg.classes)
+        module = _load_into(_classifier_module(cfg.network, classes, weights), (given or _read(weights)).state, weights)
+        clf = Classifier(module, classes, cfg.image_size, cfg.roi, cfg.roi_threshold, source=str(weights))
         clf.threshold, clf.temperature = _stored_operating_point(run, weights)
-        if roi and config.get("segmenter") and segmenter is None:
-            clf.segmenter = load_segmenter(config["segmenter"])
+        if cfg.roi and cfg.segmenter and segmenter is None:
+            clf.segmenter = load_segmenter(cfg.segmenter)
     if segmenter is not None:
         clf.segmenter = load_segmenter(segmenter)
     if clf.roi and clf.segmenter is None:
@@ -150,18 +152,15 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
     return clf
 
 
-def _stored_operating_point(run: Path, weights: Path) -> tuple[float, float]:
+def _stored_operating_point(run: RunFolder, weights: Path) -> tuple[float, float]:
     """(threshold, temperature) a run chose on validation for its tested model; (0.5, 1.0) for a
     run without them (older runs, federated runs) or when `weights` is not the model it tested."""
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return DEFAULT_THRESHOLD, 1.0
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("operating_point"), dict):
+    metrics = _metrics(run)
+    if not isinstance(metrics.get("operating_point"), dict):
         return DEFAULT_THRESHOLD, 1.0
     point = metrics["operating_point"]
     checkpoint, selected = metrics.get("best_checkpoint"), metrics.get("selected_model")
-    if checkpoint and (run / checkpoint).resolve() != weights.resolve():  # central: another checkpoint
+    if checkpoint and (run.path / checkpoint).resolve() != weights.resolve():  # central: another checkpoint
         return DEFAULT_THRESHOLD, 1.0
     if selected and weights.stem != selected:  # federated: another of the run's models
         return DEFAULT_THRESHOLD, 1.0
@@ -268,9 +267,12 @@ def _classifier_from_bundle(bundle: dict, path: Path) -> Classifier:
 
 
 def model_task(source: str | Path) -> str | None:
-    """The task ("segment", "classify", "roi") of a model source: an exported model's, else its run folder's."""
+    """The task ("segment", "classify", "roi") of a model source: an exported model's, else its run's."""
     source = Path(source)
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file or folder")
     exported = _exported(source)
-    return exported.info.get("task") if exported else _find_config(source)[1].get("task")
+    if exported:
+        return exported.info.get("task")
+    cfg = _run_of(source).config
+    return "roi" if cfg.roi else cfg.task

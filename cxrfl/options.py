@@ -70,7 +70,7 @@ PARSERS = {"positive_int": positive_int, "non_negative_int": non_negative_int, "
 
 
 def _is_bool(f) -> bool:
-    return f.type in (bool, "bool")
+    return f.type in (bool, "bool", "bool | None")
 
 
 def _path_like(f) -> bool:

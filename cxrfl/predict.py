@@ -82,11 +82,14 @@ def _columns(clf: Classifier) -> list[str]:
 
 
 def predict(clf: Classifier, inputs: list[str | Path], out: Path, cam: str = "gradcam", batch_size: int = 8,
-            log=sys.stderr, calibrated: bool = False) -> dict:
+            log=None, calibrated: bool = False) -> dict:
     """Write per image a lung mask PNG and a Grad-CAM overlay PNG (full resolution) and one row of
     predictions.csv; returns counts and throughput. `calibrated`: the p_<class> columns are the
     temperature-scaled probabilities (the model's temperature, fitted on validation); the
-    predicted class is the same either way (the threshold applies to the unscaled probability)."""
+    predicted class is the same either way (the threshold applies to the unscaled probability).
+    `log`: where unreadable files are reported, sys.stderr as it is at the call (a default bound at
+    import would keep a stream that has since been replaced and closed)."""
+    log = log or sys.stderr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = collect_inputs(inputs)

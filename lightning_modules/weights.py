@@ -111,6 +111,8 @@ def load_checkpoint(path, map_location="cpu") -> ModelFile:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         meta = obj.get("meta_props") or obj.get("meta") or {}
         return ModelFile(path, "nvflare", obj["model"], dict(meta) if isinstance(meta, dict) else {})
+    if is_bundle(path.parent.parent):  # a bundle's bare weights: its description is beside them
+        raise ValueError(f"{path}: part of a model bundle; give the bundle's folder ({path.parent.parent})")
     raise ValueError(f"{path}: holds no model weights (expected {KINDS})")
 
 

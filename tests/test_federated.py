@@ -388,7 +388,7 @@ def test_federated_runs_load_for_predict_like_central_ones(classify_run, fl_root
 
 
 def test_selection_takes_the_final_model_only_when_the_sites_validation_ranks_it_higher():
-    from cxrfl.fl.job import FLConfig
+    from cxrfl.fl.config import FLConfig
     from cxrfl.fl.evaluation import select_global_model
 
     cfg = FLConfig(sites=["a", "b"])

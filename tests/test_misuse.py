@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cxrfl.cli import main
-from cxrfl.fl.job import FLConfig
+from cxrfl.fl.config import FLConfig
 from cxrfl.fl.results import RunFailed, check_contributions
 from lightning_modules.data.manifest import read_manifest, write_manifest
 from lightning_modules.data.phantom import generate_dataset

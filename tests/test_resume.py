@@ -65,7 +65,7 @@ def test_a_killed_simulation_resumes_from_its_last_completed_round(tmp_path, cap
 
 
 def _run_folder(tmp_path: Path, **changes) -> Path:
-    from cxrfl.fl.job import FLConfig
+    from cxrfl.fl.config import FLConfig
     from lightning_modules.data.atomic import write_json
 
     run = tmp_path / "run"
@@ -77,7 +77,7 @@ def _run_folder(tmp_path: Path, **changes) -> Path:
 def test_resume_refuses_what_it_cannot_continue_and_says_why(tmp_path, capsys):
     assert main(["sim", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    run = _run_folder(tmp_path, he=True)
+    run = _run_folder(tmp_path, he=True, cross_site_eval=False)
     assert main(["sim", "--resume", str(run)]) == 2
     assert "HE run cannot be resumed" in capsys.readouterr().err
 

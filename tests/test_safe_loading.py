@@ -134,7 +134,7 @@ def test_a_payload_model_file_is_refused_by_every_command_without_running(comman
 
 
 def test_a_site_and_the_he_decryption_refuse_a_payload_without_running(hostile, tmp_path):
-    from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
+    from cxrfl.fl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
 
     path, marker = hostile
     with pytest.raises(UnsafeFileError, match=REFUSED):
@@ -148,8 +148,8 @@ def test_a_site_and_the_he_decryption_refuse_a_payload_without_running(hostile, 
 
 
 def test_resume_refuses_a_payload_round_file_without_running(tmp_path, capsys):
-    from cxrfl.fl_job import FLConfig
-    from lightning_modules.data.manifest import write_json
+    from cxrfl.fl.config import FLConfig
+    from lightning_modules.data.atomic import write_json
 
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
@@ -250,8 +250,8 @@ def test_every_format_cxrfl_writes_loads_safely(tmp_path):
     from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
     from app_custom.ckks_packing import SUM_WEIGHT, pack_and_encrypt
-    from cxrfl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
-    from cxrfl.simulate import last_complete_round, load_state
+    from cxrfl.fl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
+    from cxrfl.fl.results import last_complete_round, load_state
 
     seg = LungSegmentation(arch="unet").eval()
     arrays = {k: v.numpy() for k, v in seg.state_dict().items()}
@@ -346,6 +346,8 @@ def test_a_bundle_round_trips_an_earlier_single_file_export(tmp_path, capsys):
         assert a.state_dict().keys() == b.state_dict().keys()
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert (exported.classes, exported.roi, exported.image_size) == (["normal", "pneumonia"], "mask", 64)
+    with pytest.raises(ValueError, match="part of a model bundle; give the bundle's folder"):
+        load_classifier(bundle / "models" / "model.pt")  # bare weights: the description is the folder's
     assert main(["export-model", str(tmp_path / "legacy.pt"), "--out", str(bundle)]) == 0  # replaces it
     seg_file = tmp_path / "seg.pt"
     torch.save(_segmenter_bundle(), seg_file)
@@ -406,7 +408,7 @@ def test_a_sites_update_carrying_a_pickle_is_refused_by_the_server_without_runni
 
 def test_the_servers_persistor_refuses_a_payload_initial_model_without_running(synthetic_root, tmp_path):
     """A resumed job's initial model is one cxrfl wrote from a round file it read safely
-    (cxrfl/simulate.py prepare_resume); NVFlare's persistor reads it with weights_only=True too,
+    (cxrfl/fl/simulator.py prepare_resume); NVFlare's persistor reads it with weights_only=True too,
     and no job cxrfl builds turns that off."""
     from nvflare.apis.fl_context import FLContext
     from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
@@ -417,8 +419,8 @@ def test_the_servers_persistor_refuses_a_payload_initial_model_without_running(s
     persistor = PTFileModelPersistor(model={"w": torch.zeros(2)}, source_ckpt_file_full_name=str(evil))
     assert persistor.load_model(FLContext()) is None  # a system panic: the job stops
     assert not marker.exists()
-    for extra in ([], ["--dp", "percentile"], ["--he"]):
-        out = tmp_path / f"job{len(extra)}"
+    for number, extra in enumerate([[], ["--dp", "percentile"]]):  # an HE run is never resumed (resume.py)
+        out = tmp_path / f"job{number}"
         assert main(["export", "--task", "classify", "--data", str(synthetic_root), "--out", str(out)] + extra) == 0
         servers = [json.loads(f.read_text()) for f in out.rglob("config_fed_server.json")]
         persistors = [c for cfg in servers for c in cfg["components"] if c["id"] == "persistor"]

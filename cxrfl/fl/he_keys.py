@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-PROJECT_FILE = Path(__file__).resolve().parents[1] / "provision" / "project.yml"
+PROJECT_FILE = Path(__file__).resolve().parents[2] / "provision" / "project.yml"
 SERVER_CONTEXT = "server_context.tenseal"  # public: can add ciphertexts, cannot decrypt
 CLIENT_CONTEXT = "client_context.tenseal"  # holds the secret key: sites only
 
