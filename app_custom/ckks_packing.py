@@ -23,7 +23,6 @@ import tenseal as ts
 
 PACKED_PREFIX = "cxrfl.he.packed:"
 DEFAULT_PACK_SIZE = 1 << 21  # values per CKKS vector: 512 ciphertexts, ~60 MB serialised
-SUM_WEIGHT = "cxrfl_he_sum_of_weights"  # meta of a summed model: what the sites divide by
 # With the project's context (data prime 54 bits, scale 2^27) a sum stays exact up to |2^26|:
 # each site's weighted values must stay below this so that 16 sites still fit.
 MAX_WEIGHTED_ABS = float(2 ** 22)

@@ -41,9 +41,10 @@ from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_wor
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
-from app_custom.ckks_packing import (DEFAULT_PACK_SIZE, SUM_WEIGHT, CiphertextSum, decrypt_and_unpack, is_packed,
+from app_custom.ckks_packing import (DEFAULT_PACK_SIZE, CiphertextSum, decrypt_and_unpack, is_packed,
                                      pack_and_encrypt)
 from app_custom.contributions import read_contribution
+from app_custom.wire import SUM_WEIGHT
 
 
 class _ContextFilter(DXOFilter):

@@ -4,3 +4,4 @@ round log; plain names with no NVFlare import, so the orchestration that reads r
 ABSENT = "cxrfl_absent"  # meta flag of an update from a site that is away this round
 FRESH, KEPT = "cxrfl_fresh_sites", "cxrfl_kept_sites"  # meta of the global model: who counted
 LOCAL_SECONDS = "cxrfl_local_seconds"  # meta of an update: the site's time on the round's task
+SUM_WEIGHT = "cxrfl_he_sum_of_weights"  # meta of an HE-summed model: what the sites divide the sum by

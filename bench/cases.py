@@ -7,6 +7,9 @@ machine noise hits both sides) and returns rows of the results table. Sizes come
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import statistics
 import subprocess
@@ -15,10 +18,26 @@ import tempfile
 import threading
 import time
 import warnings
+from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
+
+from bench.he_poc import round_times
+from cxrfl import demo
+from cxrfl.models import Classifier, Segmenter
+from cxrfl.options import DEFAULT_DATA
+from cxrfl.predict import predict
+from lightning_modules.attribution_checks import (fit_classifier, planted_signal_check, planted_signal_data,
+                                                  randomisation_check, randomised_copy)
+from lightning_modules.classification import CXRClassifier
+from lightning_modules.data.datamodule import CXRDataModule
+from lightning_modules.data.manifest import DATASET_JSON
+from lightning_modules.data.phantom import generate_dataset
+from lightning_modules.factory import build_module
+from lightning_modules.segmentation import LungSegmentation
 
 
 @dataclass(frozen=True)
@@ -65,8 +84,6 @@ def row(case: str, measured: float | None, target: str, ok: bool | None, unit: s
 
 def _synthetic(root: Path, sites: int, train_per_site: int, size: int, test_size: int = 20) -> Path:
     """Synthetic sites with about `train_per_site` training images each (20 % more go to validation)."""
-    from lightning_modules.data.phantom import generate_dataset
-
     if not (root / "dataset.json").is_file():
         generate_dataset(root, sites=sites, per_site=max(2, round(train_per_site / 0.8)), test_size=test_size,
                          size=size, seed=0)
@@ -75,16 +92,12 @@ def _synthetic(root: Path, sites: int, train_per_site: int, size: int, test_size
 
 # ---- Lightning loop cost and data pipeline -------------------------------------------------------
 def _train_loader(root: Path, size: int, batch: int):
-    from lightning_modules.data.datamodule import CXRDataModule
-
     dm = CXRDataModule(root, task="classify", image_size=size, batch_size=batch, num_workers=0, seed=0)
     dm.setup("fit")
     return dm
 
 
 def _module(dm, model: str):
-    from lightning_modules.factory import build_module
-
     torch.manual_seed(0)
     return build_module("classify", model, lr=1e-3, classes=dm.classes, class_counts=dm.class_counts("train"))
 
@@ -110,8 +123,6 @@ def _plain_epoch(dm, model: str) -> float:
 
 def _lightning_epoch(dm, model: str) -> float:
     """The same epoch under a plain Lightning Trainer (set-up included: users pay it); images/s."""
-    import pytorch_lightning as pl
-
     module = _module(dm, model)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -132,8 +143,6 @@ def _loader_rate(dm) -> float:
 
 
 def loop_and_pipeline(scale: Scale, work: Path) -> list[dict]:
-    import logging
-
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     root = _synthetic(work / "loop-data", 1, scale.loop_images, max(scale.loop_size, 32))
     dm = _train_loader(root, scale.loop_size, 16)
@@ -228,8 +237,6 @@ class TreeRss(threading.Thread):
 
 
 def _sim_round_seconds(run_dir: Path) -> list[float]:
-    from bench.he_poc import round_times
-
     return round_times(run_dir / "simulator.log")
 
 
@@ -283,8 +290,6 @@ def site_scaling(scale: Scale, work: Path) -> list[dict]:
 
 # ---- Homomorphic encryption (provisioned POC) ---------------------------------------------------
 def homomorphic_encryption(scale: Scale, work: Path) -> list[dict]:
-    import json
-
     out = work / "he_poc.json"
     args = ["--sites", "3", "--rounds", str(scale.he_rounds), "--image-size", str(scale.he_size),
             "--per-site", str(scale.he_per_site), "--out", str(out)]
@@ -316,14 +321,6 @@ def homomorphic_encryption(scale: Scale, work: Path) -> list[dict]:
 def inference(scale: Scale, work: Path) -> list[dict]:
     """`cxrfl predict`'s work (lung mask, lung-ROI DenseNet121, Grad-CAM, PNGs) on synthetic PNGs.
     Weights are untrained: the time does not depend on them."""
-    import io
-    from contextlib import redirect_stderr
-
-    from cxrfl.models import Classifier, Segmenter
-    from cxrfl.predict import predict
-    from lightning_modules.classification import CXRClassifier
-    from lightning_modules.segmentation import LungSegmentation
-
     root = _synthetic(work / "predict-data", 1, scale.predict_images, 256, test_size=scale.predict_images)
     images = sorted((root / "test").rglob("*.png"))[: scale.predict_images]
     model = "cnn5" if scale.quick else "densenet121"
@@ -345,14 +342,6 @@ def inference(scale: Scale, work: Path) -> list[dict]:
 def attribution(scale: Scale, work: Path) -> list[dict]:
     """The heat-map methods through both sanity checks (lightning_modules/attribution_checks.py)
     for a classifier trained on the opacity-only phantom; passing is what publishing a map needs."""
-    from lightning_modules.attribution_checks import (
-        fit_classifier,
-        planted_signal_check,
-        planted_signal_data,
-        randomisation_check,
-        randomised_copy,
-    )
-
     images, labels, _ = planted_signal_data(scale.attribution_train, scale.attribution_size, seed=0)
     net = fit_classifier(scale.attribution_model, images, labels, epochs=scale.attribution_epochs)
     test, test_labels, opacity = planted_signal_data(scale.attribution_test, scale.attribution_size, seed=1)
@@ -378,13 +367,6 @@ def attribution(scale: Scale, work: Path) -> list[dict]:
 def quality(scale: Scale, work: Path) -> list[dict]:
     """`cxrfl demo --seeds N` (its preset, data and settings): per task, the federated model's test
     metric over its centralized counterpart's, mean over the training seeds, against the target."""
-    import json
-
-    from cxrfl import demo
-    from cxrfl.options import DEFAULT_DATA
-    from lightning_modules.data.manifest import DATASET_JSON
-    from lightning_modules.data.phantom import generate_dataset
-
     data = DEFAULT_DATA if scale.quality_preset == "full" else work / "data"
     if not (data / DATASET_JSON).is_file():
         generate_dataset(data, **demo.PRESETS[scale.quality_preset]["synth"])

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cxrfl.cli import main as cxrfl
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"none": [], "percentile": ["--dp", "percentile"], "svt": ["--dp", "svt"]}
 
@@ -27,9 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="data root (default: the synthetic default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-
-    from cxrfl.cli import main as cxrfl
-
     rows = []
     with tempfile.TemporaryDirectory(prefix="cxrfl-dp-") as tmp:
         for name, extra in VARIANTS.items():

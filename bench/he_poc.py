@@ -24,7 +24,18 @@ import threading
 import time
 from pathlib import Path
 
+import tenseal as ts
 import torch
+from nvflare.app_common.decomposers import common_decomposers
+from nvflare.app_opt.he import decomposers
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.fuel.utils import fobs
+
+from app_custom.ckks_packing import pack_and_encrypt
+from app_custom.global_model import GlobalModel
+from cxrfl.fl.config import FLConfig
+from cxrfl.fl.poc import _kill, poc_down, poc_submit, poc_up, poc_wait, workspace_processes
+from lightning_modules.data.phantom import generate_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,8 +79,6 @@ class PocMonitor(threading.Thread):
         self.peaks = {}
 
     def run(self) -> None:
-        from cxrfl.fl.poc import _kill, workspace_processes
-
         while not self._stop.is_set():
             total = 0
             seen = workspace_processes(self.workspace)  # the POC's own processes, never a bystander's
@@ -109,30 +118,18 @@ def round_times(log: Path) -> list[float]:
 
 def wire_bytes(model: str, he_context_file: Path | None) -> int:
     """Bytes of one site's update as NVFlare serialises it (FOBS), plain or packed and encrypted."""
-    from nvflare.app_common.decomposers import common_decomposers
-    from nvflare.app_opt.he import decomposers
-    from nvflare.app_opt.pt.decomposers import TensorDecomposer
-    from nvflare.fuel.utils import fobs
-
-    from app_custom.global_model import GlobalModel
-    from app_custom.ckks_packing import pack_and_encrypt
-
     common_decomposers.register()
     decomposers.register()
     fobs.register(TensorDecomposer)
     state = GlobalModel(task="classify", model=model).state_dict()
     if he_context_file is None:
         return len(fobs.dumps(dict(state)))
-    import tenseal as ts
-
     context = ts.context_from(he_context_file.read_bytes())
     packed, _ = pack_and_encrypt({k: v.numpy() for k, v in state.items()}, context, weight=100.0)
     return len(fobs.dumps(packed))
 
 
 def run_job(state: dict, cfg, monitor: PocMonitor, run_dir: Path) -> dict:
-    from cxrfl.fl.poc import poc_submit, poc_wait
-
     monitor.reset()
     start = time.time()
     job_id = poc_submit(state, cfg)
@@ -157,11 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit-gb", type=float, default=18.0)
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/he_poc-<date>.json)")
     args = parser.parse_args(argv)
-
-    from cxrfl.fl.config import FLConfig
-    from cxrfl.fl.poc import poc_down, poc_up
-    from lightning_modules.data.phantom import generate_dataset
-
     out = args.out or RESULTS / f"he_poc-{dt.date.today().isoformat()}.json"
     with tempfile.TemporaryDirectory(prefix="cxrfl-bench-he-") as tmp:
         tmp = Path(tmp)

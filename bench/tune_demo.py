@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from cxrfl.cli import main as cxrfl
+from cxrfl.fl.evaluation import sites_mean
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (label, image size, rounds, local epochs, extra options shared by both sides, extra options of the sim only)
@@ -43,9 +45,8 @@ def fl_validation(run: Path, key: str) -> float | None:
     """The sites' mean validation of the run's selected global model (cross-site evaluation)."""
     metrics = json.loads((run / "metrics.json").read_text())
     matrix = json.loads((run / "cross_site.json").read_text())["matrix"]
-    values = [m[key] for site, m in matrix.get(metrics["selected_model"], {}).items()
-              if site != "test" and m.get(key) is not None]
-    return statistics.mean(values) if values else None
+    by_site = matrix.get(metrics["selected_model"], {})
+    return sites_mean(by_site, key, [site for site in by_site if site != "test"])  # "test": the held-out test set
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs (kept)")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="grid rows to run (indices)")
     args = parser.parse_args(argv)
-
-    from cxrfl.cli import main as cxrfl
-
     data = ["--data", str(args.data)] if args.data else []
     rows = []
     for index, (label, size, rounds, local_epochs, shared, sim_only) in enumerate(GRIDS[args.task]):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -16,6 +15,7 @@ from cxrfl.interpretability import score_models, segmentation_overlays
 from cxrfl.models import load_segmenter
 from cxrfl.options import DEFAULT_DATA, DEFAULT_SYNTH, ready, site_names
 from cxrfl.runs import new_run_dir
+from cxrfl.tables import mean_sd, mean_sd_cell
 from cxrfl.fl.simulator import run_simulation
 from lightning_modules.config import TrainConfig
 from lightning_modules.data.atomic import atomic_write_text, write_json
@@ -155,18 +155,6 @@ def format_ratios(ratios: dict[str, float | None]) -> str:
     return "\n".join(lines)
 
 
-def mean_sd(values: list) -> tuple[float, float, int] | None:
-    numbers = [v for v in values if isinstance(v, (int, float))]
-    if not numbers:
-        return None
-    return statistics.fmean(numbers), (statistics.stdev(numbers) if len(numbers) > 1 else 0.0), len(numbers)
-
-
-def _mean_sd_cell(values: list, digits: int = 4) -> str:
-    found = mean_sd(values)
-    return "n/a" if found is None else f"{found[0]:.{digits}f} ± {found[1]:.{digits}f} (n={found[2]})"
-
-
 HEAT_MAP_SCORES = ("gradient_in_lung_ratio", "in_lung_ratio", "occlusion_in_lung_ratio", "gradient_in_opacity_share")
 
 
@@ -184,7 +172,7 @@ def write_seeded_summary(summaries: list[dict], run_dir: Path, name: str, data: 
         found = [r for s in summaries for r in s["rows"] if (r["task"], r["setting"]) == (task, setting)]
         values, walls = [r["value"] for r in found], [r["wall_seconds"] for r in found]
         rows.append({"task": task, "setting": setting, "metric": metric, "values": values, "wall_seconds": walls})
-        lines.append(f"| {task} | {setting} | {metric} | {_mean_sd_cell(values)} | {_mean_sd_cell(walls, 0)} |")
+        lines.append(f"| {task} | {setting} | {metric} | {mean_sd_cell(values)} | {mean_sd_cell(walls, 0)} |")
     tasks = [t for t in dict.fromkeys(r["task"] for r in summaries[0]["rows"]) if t in summaries[0]["fl_over_central"]]
     ratios = {task: [s["fl_over_central"].get(task) for s in summaries] for task in tasks}  # in the demo's order
     lines += ["", f"| task | FL ÷ central (test), per seed | mean ± sd | target: mean ≥ {QUALITY_TARGET} |",
@@ -193,7 +181,7 @@ def write_seeded_summary(summaries: list[dict], run_dir: Path, name: str, data: 
         found = mean_sd(values)
         verdict = "n/a" if found is None else ("pass" if found[0] >= QUALITY_TARGET else "**below**")
         per_seed = ", ".join("n/a" if v is None else f"{v:.3f}" for v in values)
-        lines.append(f"| {task} | {per_seed} | {_mean_sd_cell(values)} | {verdict} |")
+        lines.append(f"| {task} | {per_seed} | {mean_sd_cell(values)} | {verdict} |")
     shares = {}
     for s in summaries:
         for model, r in (s.get("interpretability") or {}).items():
@@ -205,7 +193,7 @@ def write_seeded_summary(summaries: list[dict], run_dir: Path, name: str, data: 
         lines += ["", "| model | in-lung share ÷ uniform: gradient | Grad-CAM | occlusion | gradient share in opacities |",
                   "|---|---|---|---|---|"]
         for model, by_key in shares.items():
-            lines.append(f"| {model} | " + " | ".join(_mean_sd_cell(by_key.get(k, [])) for k in HEAT_MAP_SCORES) + " |")
+            lines.append(f"| {model} | " + " | ".join(mean_sd_cell(by_key.get(k, [])) for k in HEAT_MAP_SCORES) + " |")
     table = "\n".join(lines)
     write_json(run_dir / "summary.json", {"preset": name, "data": str(data), "seeds": seeds, "rows": [
         {"task": r["task"], "setting": r["setting"], "metric": r["metric"],

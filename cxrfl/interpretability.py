@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend, nothing to close
 
 from cxrfl.models import Classifier, load_classifier, load_segmenter
 from cxrfl.run_folder import RunFolder
+from lightning_modules.attribution_checks import mean_interval, rounded
 from lightning_modules.data.imageio import read_image, read_mask
 from lightning_modules.data.atomic import write_json
 from lightning_modules.data.manifest import load_split, resolve
@@ -62,8 +64,6 @@ def _nanmean(values: torch.Tensor) -> float | None:
 def lung_ratio(in_lung: torch.Tensor, lung: torch.Tensor) -> dict:
     """The maps' in-lung mass share over the lungs' area share (1 = a uniform map), mean and
     bootstrap 95 % interval over images: is a model looking at the lungs more than chance?"""
-    from lightning_modules.attribution_checks import mean_interval, rounded
-
     mean, low, high = mean_interval((in_lung / lung.flatten(1).mean(1).clamp(min=1e-6)).numpy())
     return {"ratio": rounded(mean, 3), "ci95": [rounded(low, 3), rounded(high, 3)]}
 
@@ -134,14 +134,10 @@ def _region_scores(prefix: str, maps: torch.Tensor, lung: torch.Tensor, with_opa
 
 
 def _grid_figure(grid: dict, path: Path, cam: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(grid)
     rows = max(len(v) for v in grid.values())
-    fig, axes = plt.subplots(rows, len(names), figsize=(2.4 * len(names), 2.4 * rows), squeeze=False)
+    fig = Figure(figsize=(2.4 * len(names), 2.4 * rows))
+    axes = fig.subplots(rows, len(names), squeeze=False)
     for c, name in enumerate(names):
         for r in range(rows):
             ax = axes[r][c]
@@ -155,23 +151,18 @@ def _grid_figure(grid: dict, path: Path, cam: str) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def segmentation_overlays(segmenter_run: Path, data_root: Path, out: Path, show: int = 6) -> Path:
     """figures/segmentation_overlays.png: predicted lung contour (red) and ground truth (green) on
     the sites' validation images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     seg = load_segmenter(segmenter_run)
     items = _test_set(Path(data_root), show, split="val")
     _, resized, _ = model_inputs([it["image"] for it in items], seg.image_size)
     predicted = seg.module.predict_masks(resized)[:, 0].numpy()
     truth = _resized([it["lung"] for it in items], seg.image_size)[:, 0].numpy()
-    fig, axes = plt.subplots(1, len(items), figsize=(2.4 * len(items), 2.6), squeeze=False)
+    fig = Figure(figsize=(2.4 * len(items), 2.6))
+    axes = fig.subplots(1, len(items), squeeze=False)
     for ax, image, pred, gt in zip(axes[0], resized[:, 0].numpy(), predicted, truth):
         ax.imshow(image, cmap="gray")
         ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.8)
@@ -182,5 +173,4 @@ def segmentation_overlays(segmenter_run: Path, data_root: Path, out: Path, show:
     path = Path(out) / FIGURES / "segmentation_overlays.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

@@ -14,6 +14,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+import tenseal as ts
 from nvflare.lighter.spec import Builder
 
 SECRET_CONTEXT = "client_context.tenseal"  # the TenSEAL context that holds the secret key
@@ -40,8 +41,6 @@ def is_private_key_file(path: Path) -> bool:
 
 def _private_tenseal_context(path: Path) -> bool:
     try:
-        import tenseal as ts
-
         return ts.context_from(path.read_bytes()).is_private()
     except Exception:  # not a context tenseal can read: keep it private to be safe
         return True

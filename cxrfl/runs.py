@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
+import io
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from lightning_modules.data.atomic import atomic_torch_save
 from lightning_modules.data.atomic import atomic_write_text
+from lightning_modules.operating_point import expected_calibration_error, metrics_at_threshold
 
 RUNS_DIR = Path("runs")
 MIN_FREE_BYTES = 200 * 1024 * 1024
@@ -104,11 +108,6 @@ def write_test_predictions(path: Path, module, classes: list[str], threshold: fl
     """test_predictions.csv of a classifier's last `trainer.test` run: image, label, predicted,
     p_<class>... (what the report's ROC curves and confusion matrices read). `predicted`: for two
     classes with a `threshold`, the second class where its probability >= threshold; else argmax."""
-    import csv
-    import io
-
-    import torch
-
     out = module.test_outputs
     probs, targets = torch.cat(out["probs"]), torch.cat(out["target"])
     buf = io.StringIO()
@@ -132,10 +131,6 @@ def test_at_operating_point(module, point: dict) -> dict:
     """Test metrics of a classifier's last `trainer.test` run at the operating point chosen on
     validation (the trainer's own test metrics use argmax, i.e. 0.5), and the test ECE; for more
     than two classes (no threshold) the ECE only."""
-    import torch
-
-    from lightning_modules.operating_point import expected_calibration_error, metrics_at_threshold
-
     probs, target = torch.cat(module.test_outputs["probs"]), torch.cat(module.test_outputs["target"])
     values = {"test_ece": expected_calibration_error(probs, target)}
     if point.get("threshold") is not None:

@@ -24,10 +24,13 @@ from cxrfl.central import train_central
 from cxrfl.fl.config import FLConfig
 from cxrfl.run_folder import RunFolder
 from cxrfl.runs import new_run_dir
+from cxrfl.tables import mean_sd_cell
 from cxrfl.fl.simulator import run_simulation
 from lightning_modules.config import TrainConfig
 from lightning_modules.data.atomic import atomic_write_text
 from lightning_modules.data.manifest import DATASET_JSON, Record, load_split, read_dataset_info, resolve
+from lightning_modules.data.phantom import generate_dataset
+from lightning_modules.data.split import split_into_sites, write_data_root
 
 CONFIGS = Path(__file__).resolve().parent / "studies"  # package data: ships with the wheel
 COLUMNS = ["run", "sites", "rounds", "local_epochs", "schedule", "approach", "test_loss", "test_acc", "test_auroc",
@@ -57,16 +60,12 @@ def pooled_data(config: dict, out: Path) -> Path:
         return Path(data["root"])
     root = out / "data" / "pool"
     if not (root / DATASET_JSON).is_file():
-        from lightning_modules.data.phantom import generate_dataset
-
         generate_dataset(root, **data["synthetic"])
     return root
 
 
 def split_for(pool: Path, n_sites: int, out: Path, seed: int) -> Path:
     """`pool`'s train/val records re-split IID into n sites (patients kept together); same test set."""
-    from lightning_modules.data.split import split_into_sites, write_data_root
-
     root = out / "data" / f"{n_sites}-sites"
     if (root / DATASET_JSON).is_file():
         return root
@@ -259,16 +258,8 @@ def write_table(rows: list[dict], out: Path) -> None:
 
 
 def _summary_cell(values: list) -> str:
-    import statistics
-
-    numbers = [v for v in values if isinstance(v, (int, float))]
-    if len(values) == 1 or not numbers:
-        return _cell(values[0]) if len(values) == 1 else "n/a"
-    mean = statistics.fmean(numbers)
-    spread = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
-    missing = f", {len(values) - len(numbers)} n/a" if len(numbers) < len(values) else ""
-    digits = 4 if abs(mean) < 10 else 1
-    return f"{mean:.{digits}f} ± {spread:.{digits}f} (n={len(numbers)}{missing})"
+    """One seed: the number itself; several: mean ± sd over the seeds."""
+    return _cell(values[0]) if len(values) == 1 else mean_sd_cell(values, digits=None, count_missing=True)
 
 
 def _cell(value) -> str:

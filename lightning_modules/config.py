@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from lightning_modules.data.atomic import atomic_write_text
 from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
 
@@ -153,8 +154,6 @@ class TrainConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
     def write_json(self, path: Path) -> None:
-        from lightning_modules.data.atomic import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.as_dict(), indent=2) + "\n")
 
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
 
 from lightning_modules.networks import CAM_LAYERS
@@ -125,8 +126,6 @@ def mass_inside(maps: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 of a grayscale image [H,W] (any range) with a jet-coloured heat map [H,W] in [0,1]."""
-    from matplotlib import colormaps
-
     img = np.asarray(image, dtype=np.float32)
     span = float(img.max() - img.min())
     img = (img - img.min()) / span if span > 0 else np.zeros_like(img)

@@ -106,3 +106,15 @@ def test_attribution_case_takes_its_model_and_size_from_the_command_line(tmp_pat
     assert len(rows) == 6 and all(r["detail"]["setup"].startswith("cnn5 at 40 px") for r in rows), rows
     with pytest.raises(SystemExit):
         bench_main(["--cases", "attribution", "--attribution-size", "big"])
+
+
+def test_tune_demo_scores_the_selected_model_by_the_sites_validation_only(tmp_path):
+    from bench.tune_demo import fl_validation
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"selected_model": "global_final"}))
+    (tmp_path / "cross_site.json").write_text(json.dumps({"matrix": {
+        "global_best": {"site-1": {"val_dice": 0.9}, "site-2": {"val_dice": 0.9}},
+        "global_final": {"site-1": {"val_dice": 0.8}, "site-2": {"val_dice": 0.6}, "site-3": {"val_loss": 0.1},
+                         "test": {"val_dice": 0.0, "test_dice": 0.5}}}}))
+    assert fl_validation(tmp_path, "val_dice") == pytest.approx(0.7)  # not the test column, not a site without it
+    assert fl_validation(tmp_path, "val_auroc") is None

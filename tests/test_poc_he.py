@@ -14,7 +14,8 @@ import tenseal as ts
 import torch
 from conftest import readable_private_keys, running_poc
 
-from app_custom.ckks_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
+from app_custom.ckks_packing import decrypt_and_unpack, is_packed
+from app_custom.wire import SUM_WEIGHT
 from cxrfl.cli import main
 
 

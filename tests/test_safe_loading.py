@@ -249,7 +249,8 @@ def test_every_format_cxrfl_writes_loads_safely(tmp_path):
     import tenseal as ts
     from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
-    from app_custom.ckks_packing import SUM_WEIGHT, pack_and_encrypt
+    from app_custom.ckks_packing import pack_and_encrypt
+    from app_custom.wire import SUM_WEIGHT
     from cxrfl.fl.he_keys import CLIENT_CONTEXT, decrypt_checkpoint, write_he_contexts
     from cxrfl.fl.results import last_complete_round, load_state
 

@@ -6,7 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from cxrfl.bundle import export_model
+from cxrfl.models import ModelLoadError, load_classifier
 from cxrfl.options import positive_int
+from cxrfl.predict import predict
 
 
 def add_parser(subparsers) -> None:
@@ -47,9 +50,6 @@ def add_parser(subparsers) -> None:
 
 
 def run_predict(args) -> int:
-    from cxrfl.models import ModelLoadError, load_classifier
-    from cxrfl.predict import predict
-
     try:
         clf = load_classifier(args.classifier, segmenter=args.segmenter)
         summary = predict(clf, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size,
@@ -62,9 +62,6 @@ def run_predict(args) -> int:
 
 
 def run_export_model(args) -> int:
-    from cxrfl.bundle import export_model
-    from cxrfl.models import ModelLoadError
-
     try:
         info = export_model(args.source, args.out)
     except (ModelLoadError, OSError) as exc:  # OSError: --out not writable

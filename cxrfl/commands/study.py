@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cxrfl.fl.results import SimulationError
 from cxrfl.options import positive_int
+from cxrfl.study import CONFIGS, StudyError, load_config, run_study
 
 
 def add_parser(subparsers) -> None:
@@ -27,9 +29,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from cxrfl.fl.results import SimulationError
-    from cxrfl.study import CONFIGS, StudyError, load_config, run_study
-
     path = args.config or CONFIGS / ("full.yaml" if args.full else "default.yaml")
     try:
         config = load_config(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,6 +19,7 @@ from cxrfl.runs import finite_or_none, test_at_operating_point, undefined_reason
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.atomic import atomic_write_text, write_json
 from lightning_modules.factory import build_module
+from lightning_modules.operating_point import DEFAULT_THRESHOLD, histogram_counts, threshold_from_histograms
 from lightning_modules.segmentation import LungSegmentation
 
 
@@ -25,8 +27,6 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
     """Test-set metrics of every model of the run, and the cross-site matrix. Under HE the server's
     models are ciphertexts: with a site's key (`he_key`, a client context) they are decrypted into
     models/decrypted/ and evaluated; without one there is no test evaluation."""
-    import json
-
     models = run_dir / "models"
     candidates = {"global_final": models / "global_final.pt", "global_best": models / "global_best.pt"}
     candidates.update({f"local_{s}": models / f"local_{s}.pt" for s in collected["local_sites"]})
@@ -83,15 +83,19 @@ def select_global_model(cfg: FLConfig, candidates: dict, matrix: dict) -> str:
     or the final one, whichever the sites' validation in cross-site evaluation ranks higher.
     NVFlare's selector never sees the last round's aggregate; the cross-site evaluation does, on
     the sites' validation splits (never the test set). Without it: the best, else the final."""
-    def site_mean(name: str) -> float | None:
-        values = [m.get(cfg.key_metric) for site, m in matrix.get(name, {}).items() if site in cfg.sites]
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-
     if "global_best" not in candidates:
         return "global_final"
-    best, final = site_mean("global_best"), site_mean("global_final")
+    best = sites_mean(matrix.get("global_best", {}), cfg.key_metric, cfg.sites)
+    final = sites_mean(matrix.get("global_final", {}), cfg.key_metric, cfg.sites)
     return "global_final" if best is not None and final is not None and final > best else "global_best"
+
+
+def sites_mean(by_site: dict[str, dict], metric: str, sites) -> float | None:
+    """The mean of `metric` over `sites` in one model's row of the cross-site matrix (data site ->
+    metrics); sites without it do not count; None when none has it."""
+    values = [m.get(metric) for site, m in by_site.items() if site in sites]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _write_matrix_csv(path: Path, matrix: dict, cfg: FLConfig) -> None:
@@ -128,8 +132,6 @@ def federated_operating_point(cfg: FLConfig, by_site: dict) -> dict | None:
     """A two-class classifier's decision threshold from the sites' validation in cross-site
     evaluation: their per-class score histograms pooled (no image or score leaves a site), Youden's
     J (or the configured target sensitivity); 0.5 when no site sent one (no cross-site evaluation). None for other tasks."""
-    from lightning_modules.operating_point import DEFAULT_THRESHOLD, histogram_counts, threshold_from_histograms
-
     if cfg.task != "classify" or len(cfg.classes) != 2:
         return None
     histograms = [h for site, m in by_site.items() if site in cfg.sites for h in [histogram_counts(m)] if h]

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tenseal as ts
 import torch
 import yaml
+from nvflare.lighter.impl.he import HEBuilder
+
+from app_custom.ckks_packing import decrypt_and_unpack, is_packed
+from app_custom.wire import SUM_WEIGHT
+from cxrfl.keyfiles import write_private_bytes
+from lightning_modules.weights import load_checkpoint
 
 PROJECT_FILE = Path(__file__).resolve().parents[2] / "provision" / "project.yml"
 SERVER_CONTEXT = "server_context.tenseal"  # public: can add ciphertexts, cannot decrypt
@@ -28,10 +35,6 @@ def write_he_contexts(folder: Path, project_file: Path = PROJECT_FILE) -> None:
     """Write server and client contexts into `folder` (a simulator workspace's startup/). The
     client context holds the secret key: 0600, and the folder 0700 (NVFlare's HEBuilder leaves
     both to the umask)."""
-    from nvflare.lighter.impl.he import HEBuilder
-
-    from cxrfl.keyfiles import write_private_bytes
-
     builder = HEBuilder(**he_builder_args(project_file))
     builder.initialize(None, None)
     folder = Path(folder)
@@ -43,11 +46,6 @@ def decrypt_checkpoint(path: Path, client_context: Path) -> dict[str, torch.Tens
     """The plaintext state_dict of a saved HE global model (NVFlare persistor or round file),
     with a site's secret-key context. The file is read without running code from it; ValueError
     (one line, naming the file) for any other kind of file."""
-    import tenseal as ts
-
-    from app_custom.ckks_packing import SUM_WEIGHT, decrypt_and_unpack, is_packed
-    from lightning_modules.weights import load_checkpoint
-
     saved = load_checkpoint(path)
     if saved.kind != "nvflare":
         raise ValueError(f"{path}: a {saved.kind} model file, not a federated (NVFlare) global model")

@@ -35,6 +35,7 @@ from nvflare.job_config.base_fed_job import BaseFedJob
 from nvflare.job_config.defs import FilterType
 
 import app_custom
+from cxrfl.bundle import export_segmenter_file
 from cxrfl.fl import settings
 from cxrfl.fl.config import AGGREGATIONS, JOB_SEGMENTER, FLConfig
 from cxrfl.options import add_config_options, fl_config
@@ -43,6 +44,8 @@ from lightning_modules.config import TRAIN_CONFIG_FILE, ConfigError
 from lightning_modules.data.atomic import write_json
 from app_custom.contributions import UpdateValidator
 from app_custom.global_model import GlobalModel
+from app_custom.he_packing import (HESumAggregator, PackedHEDecryptor, PackedHEEncryptor, PackedHEModelPersistor,
+                                   PackedHEShareableGenerator)
 from app_custom.intermittent import SiteAwareFedAvg
 from app_custom.round_recorder import RoundRecorder
 from app_custom.site_files import SIMULATION_CONFIG, SITE_CONFIG
@@ -88,6 +91,7 @@ def build_job(cfg: FLConfig, staging: Path, simulated: bool = False) -> BaseFedJ
     job = BaseFedJob(name=cfg.job_name, min_clients=min_clients, key_metric=cfg.key_metric,
                      analytics_receiver=TBAnalyticsReceiver(tb_folder="tb_events"))
     if cfg.wandb:
+        # lazy: it imports wandb, +0.3 s on every sim/poc/demo/export start (measured); only --wandb needs it
         from nvflare.app_opt.tracking.wandb.wandb_receiver import WandBReceiver
 
         # Offline (files under the run folder) unless the user has set a W&B key; metrics only.
@@ -174,8 +178,6 @@ def _add_site_side(job: BaseFedJob, cfg: FLConfig, staging: Path, script: str, e
     cfg.site_config().write_json(staging / TRAIN_CONFIG_FILE)
     job.add_file_to_clients(str(staging / TRAIN_CONFIG_FILE))
     if cfg.segmenter:  # travels as a file: no site needs the exporter's path
-        from cxrfl.bundle import export_segmenter_file
-
         export_segmenter_file(cfg.segmenter, staging / JOB_SEGMENTER)
         job.add_file_to_clients(str(staging / JOB_SEGMENTER))
     _add_package_files(job, script)
@@ -200,8 +202,6 @@ def _add_package_files(job: BaseFedJob, script: str) -> None:
 def _he_server_components(model_id: str, initial_model: str | None):
     """HE server side: add ciphertexts, persist them serialised; never plaintext weights.
     Returns (persistor, shareable generator, aggregator, exchange format, transfer type)."""
-    from app_custom.he_packing import HESumAggregator, PackedHEModelPersistor, PackedHEShareableGenerator
-
     # sites weight their update before encrypting it; the server only adds, and keeps ciphertexts
     # as bytes except while adding (see app_custom/he_packing.py)
     return (PackedHEModelPersistor(model=model_id, source_ckpt_file_full_name=initial_model),
@@ -212,8 +212,6 @@ def _he_server_components(model_id: str, initial_model: str | None):
 def _add_he_client_filters(job: BaseFedJob, encrypt_layers: str | None) -> None:
     """Sites decrypt what they receive and encrypt what they send, weighted by their sample count,
     packed into few CKKS vectors (see app_custom/he_packing.py for why not NVFlare's per-tensor filters)."""
-    from app_custom.he_packing import PackedHEDecryptor, PackedHEEncryptor
-
     job.to_clients(PackedHEDecryptor(), tasks=["train", "validate"], filter_type=FilterType.TASK_DATA)
     job.to_clients(PackedHEEncryptor(encrypt_layers=encrypt_layers), tasks=["train"],
                    filter_type=FilterType.TASK_RESULT)

@@ -22,13 +22,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
+from nvflare.fuel.flare_api.flare_api import new_secure_session
 
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.job import SITE_CONFIG
 from cxrfl.run_folder import RunFolder
 from cxrfl.fl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
 from cxrfl.keyfiles import restrict_private_files
-from cxrfl.fl.poc_processes import stop_processes, wait_until_ended, workspace_process_list
+from cxrfl.fl.poc_processes import read_process, stop_processes, wait_until_ended, workspace_process_list
 from cxrfl.fl.evaluation import evaluate_run
 from cxrfl.fl.results import SimulationError, check_contributions, collect_server_results
 from cxrfl.fl.resume import prepare_resume
@@ -232,8 +233,6 @@ def set_heartbeat_timeout(server_kit: Path, seconds: float) -> None:
 
 
 def session(state: dict):
-    from nvflare.fuel.flare_api.flare_api import new_secure_session
-
     return new_secure_session(state["admin"], state["admin_kit"], timeout=30)
 
 
@@ -458,6 +457,4 @@ def _remove_entries(folder: Path, names: list[str]) -> None:
 
 def _kill(pids: list[int], grace: float = 10) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds, to these processes (while they are the same)."""
-    from cxrfl.fl.poc_processes import read_process
-
     stop_processes([p for p in map(read_process, pids) if p is not None], grace=grace)

@@ -3,17 +3,21 @@ into the run folder, and the check that every round got the updates it needed.""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.fuel.utils import fobs
 
 from lightning_modules.data.atomic import atomic_torch_save
 from app_custom.availability import check_schedule
 from cxrfl.fl.config import FLConfig
 from lightning_modules.data.imageio import one_line
 from lightning_modules.data.atomic import atomic_write_text, write_json
+from lightning_modules.weights import UnsafeFileError, load_checkpoint
 
 
 class SimulationError(RuntimeError):
@@ -66,8 +70,6 @@ def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[
     is not expected), as the round log records them. NVFlare goes on to the next round, and ends
     the job 'successfully', when a round's updates were all refused or every site crashed.
     Otherwise writes metrics.json with the short rounds and each failing site's error, and raises."""
-    import json
-
     accepted: dict[int, set[str]] = {r: set() for r in range(cfg.rounds)}
     log = run_dir / "models" / "rounds" / "round_log.jsonl"
     for line in log.read_text().splitlines() if log.is_file() else []:
@@ -116,8 +118,6 @@ def site_error(logs: list[Path]) -> str:
 
 def append_lines(source: Path, target: Path, keep=lambda entry: True) -> None:
     """Append a JSON-lines file's entries that `keep` accepts to another, rewritten atomically."""
-    import json
-
     kept = []
     for line in source.read_text().splitlines():
         try:
@@ -137,8 +137,6 @@ def last_complete_round(folder: Path) -> tuple[int, dict] | tuple[None, None]:
     """The last round whose global model file is readable, with its contents (a copy into the run
     folder cut by a kill is not). A round file that would run code when loaded stops the resume
     (SimulationError naming it): it is not ours, so the folder is not to be trusted."""
-    from lightning_modules.weights import UnsafeFileError, load_checkpoint
-
     rounds = sorted((int(m.group(1)), f) for f in folder.glob("global_round_*.pt") if (m := ROUND_FILE.search(f.name)))
     for number, path in reversed(rounds):
         try:
@@ -154,9 +152,6 @@ def last_complete_round(folder: Path) -> tuple[int, dict] | tuple[None, None]:
 
 def _local_models(folder: Path, sites: list[str]) -> dict:
     """Each site's own model, as it submitted it for cross-site evaluation."""
-    from nvflare.app_opt.pt.decomposers import TensorDecomposer
-    from nvflare.fuel.utils import fobs
-
     fobs.register(TensorDecomposer)
     found = {}
     for site in sites:
@@ -168,6 +163,4 @@ def _local_models(folder: Path, sites: list[str]) -> dict:
 
 def load_state(path: Path) -> dict:
     """The tensors of a global or local model file of a run, read without running code from it."""
-    from lightning_modules.weights import load_checkpoint
-
     return {k: torch.as_tensor(v) for k, v in load_checkpoint(path).state.items()}

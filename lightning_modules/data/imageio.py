@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.filereader import read_file_meta_info
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from lightning_modules.data.atomic import atomic_path
 
@@ -158,10 +162,6 @@ def check_file(path: str | os.PathLike) -> Path:
 
 def _dicom_dataset(path: Path):
     """The DICOM header with its pixel data left on disk (deferred) until used."""
-    import pydicom
-    from pydicom.filereader import read_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
     try:
         meta = read_file_meta_info(path)
         if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
@@ -296,8 +296,6 @@ def _read_raster(path: Path) -> np.ndarray:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     ds = _dicom_dataset(path)
     _dicom_declared(path, ds)  # the size limit, before the pixel data is even read
     try:
