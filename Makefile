@@ -25,10 +25,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The inner loop (~4 min on 2 cores): everything but the simulator, POC, demo, study and resume runs.
+# The inner loop (~4 min on 2 cores): no simulator or POC end to end (the files below and the tests
+# marked e2e elsewhere).
 SLOW_TESTS := federated poc poc_intermittent poc_he demo resume study
 test-fast: install
-	$(BIN)/python -m pytest -q $(foreach t,$(SLOW_TESTS),--ignore=tests/test_$(t).py)
+	$(BIN)/python -m pytest -q -m "not e2e" $(foreach t,$(SLOW_TESTS),--ignore=tests/test_$(t).py)
 
 clean:
 	rm -rf $(VENV) runs data *.egg-info

@@ -108,7 +108,7 @@ def add_config_options(parser: argparse.ArgumentParser, config: type[TrainConfig
                         "patient, or identical image files, in two places; `cxrfl data check` lists them); without "
                         "it such a data root is refused")
     if scope == "fl":
-        parser.add_argument("--sites", dest="site_count", type=positive_int, default=None,
+        parser.add_argument("--sites", dest="site_count", type=positive_int, default=None, metavar="N",
                             help="number of sites: the first N site folders of the data root (default: all)")
 
 

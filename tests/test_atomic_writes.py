@@ -61,7 +61,7 @@ def test_a_process_killed_while_writing_leaves_a_whole_file(tmp_path):
     writer = textwrap.dedent(f"""
         import torch
         from lightning_modules.data.atomic import atomic_torch_save
-        from lightning_modules.data.manifest import write_json
+        from lightning_modules.data.atomic import write_json
         version = 0
         while True:
             atomic_torch_save({{"version": version, "model": {{"w": torch.full((10_000_000,), float(version))}}}},

@@ -143,6 +143,7 @@ def test_a_finished_run_with_an_undefined_metric_prints_na_and_exits_0(tiny_root
     assert metrics["test"]["test_auroc"] is None and metrics["test"]["test_acc"] is not None
 
 
+@pytest.mark.e2e
 def test_a_simulation_with_an_undefined_test_metric_prints_na_and_exits_0(tiny_root, tmp_path, capsys):
     import shutil
 
@@ -194,6 +195,7 @@ def test_a_site_scheduled_away_is_not_expected(tmp_path):
         check_contributions(cfg, tmp_path, {})
 
 
+@pytest.mark.e2e
 def test_a_simulation_in_which_every_site_crashed_fails(tiny_root, tmp_path, capsys):
     import shutil
 

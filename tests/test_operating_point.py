@@ -212,6 +212,7 @@ def test_predict_uses_the_stored_threshold_and_old_runs_fall_back_to_one_half(ce
 
 
 # ---- a federated run -----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_federated_threshold_comes_from_the_sites_validation_histograms(tmp_path):
     """The selected model's threshold is the one the sites' validation scores give when pooled
     (recomputed here from each site's own validation split), and `predict` uses it."""

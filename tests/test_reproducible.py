@@ -36,6 +36,7 @@ def _round_models(run) -> list[dict]:
     return [torch.load(f, map_location="cpu", weights_only=True)["model"] for f in files]
 
 
+@pytest.mark.e2e
 def test_two_simulations_with_the_same_seed_write_the_same_models(tmp_path):
     root = tmp_path / "data"
     generate_dataset(root, sites=2, per_site=16, test_size=8, size=32, seed=4)

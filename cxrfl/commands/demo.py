@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
         "summary.json / interpretability.json) and an HTML report (report/report.html). --seeds N repeats it per "
         "training seed and reports mean ± standard deviation and FL ÷ central per task.",
     )
-    p.add_argument("--quick", action="store_true", help="a ~2 minute version (2 small sites, 64 px, CNN5)")
+    p.add_argument("--quick", action="store_true", help="a ~2.5 minute version (2 small sites, 64 px, CNN5)")
     p.add_argument("--data", type=Path, default=None,
                    help=f"data root to use instead of the synthetic default ({DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=None, metavar="RUN_DIR",
