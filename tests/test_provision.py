@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1] / "provision" / "project.yml"
 
 
-def test_nvflare_provisions_a_kit_per_participant(tmp_path):
+def test_cxrfl_provision_builds_a_kit_per_participant_and_says_who_gets_which(tmp_path, capsys):
+    """`cxrfl provision` = the project check + NVFlare's provisioner (production, not POC)."""
+    from cxrfl.cli import main
+
     project = yaml.safe_load(PROJECT.read_text())
-    nvflare = shutil.which("nvflare") or str(Path(sys.executable).parent / "nvflare")
-    out = subprocess.run([nvflare, "provision", "-p", str(PROJECT), "-w", str(tmp_path / "ws")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert main(["provision", "--out", str(tmp_path / "ws")]) == 0
+    printed = capsys.readouterr().out
+    for participant in project["participants"]:
+        assert f"- {participant['name']} (" in printed, participant["name"]
+    assert "open TCP port 8002 inbound" in printed and "connects out to server.cxr-fl.local:8002 only" in printed
     kits = tmp_path / "ws" / project["name"] / "prod_00"
     sites = [p["name"] for p in project["participants"] if p["type"] == "client"]
     assert len(sites) == 3 and all(not s.startswith("site-") for s in sites)  # hospital names
@@ -49,3 +51,51 @@ def test_poc_project_is_the_production_file_on_one_machine():
     paths = [b["path"].rsplit(".", 1)[-1] for b in he["builders"]]
     assert paths.index("HEBuilder") < paths.index("CertBuilder")
     assert [p["name"] for p in he["participants"] if p["type"] == "client"][-1] == "hospital-4"
+
+
+def test_provision_refuses_a_used_output_folder_and_keeps_it(tmp_path, capsys):
+    from cxrfl.cli import main
+
+    out = tmp_path / "kits"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["provision", "--out", str(out)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def _mutated(change) -> dict:
+    project = yaml.safe_load(PROJECT.read_text())
+    change(project)
+    return project
+
+
+def _builders(project, order):
+    by_name = {b["path"].rsplit(".", 1)[-1]: b for b in project["builders"]}
+    project["builders"] = [by_name[name] for name in order]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p["participants"][0].update(name="https://server.cxr-fl.local:8002"), "is not a host name"),
+    (lambda p: p["participants"][0].update(name="server_1"), "is not a host name"),
+    (lambda p: p["participants"][2].update(name="st-mary-hospital"), "used twice: st-mary-hospital"),
+    (lambda p: p["participants"][0].update(fed_learn_port=70000), "is not a TCP port"),
+    (lambda p: p.update(participants=[q for q in p["participants"] if q["type"] != "client"]), "no participant of type client"),
+    (lambda p: p.update(participants=[q for q in p["participants"] if q["type"] != "server"]), "exactly one participant of type server"),
+    (lambda p: _builders(p, ["PrivateKeyModes", "WorkspaceBuilder", "StaticFileBuilder", "CertBuilder", "HEBuilder",
+                             "SignatureBuilder"]), "must come in this order"),
+    (lambda p: _builders(p, ["WorkspaceBuilder", "PrivateKeyModes", "StaticFileBuilder", "HEBuilder", "CertBuilder",
+                             "SignatureBuilder"]), "PrivateKeyModes must be the first builder"),
+    (lambda p: p.update(api_version=2), "api_version must be 3"),
+])
+def test_an_obviously_wrong_project_is_refused_before_nvflare_runs(change, message, tmp_path, capsys):
+    from cxrfl.cli import main
+    from cxrfl.fl.provision import project_problems
+
+    assert project_problems(yaml.safe_load(PROJECT.read_text())) == []  # the shipped file passes
+    bad = tmp_path / "project.yml"
+    bad.write_text(yaml.safe_dump(_mutated(change)))
+    assert main(["provision", "--project", str(bad), "--out", str(tmp_path / "kits")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(bad) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "kits").exists()  # refused before anything was written

@@ -18,7 +18,7 @@ from app_custom.wire import SUM_WEIGHT
 from cxrfl.keyfiles import write_private_bytes
 from lightning_modules.weights import load_checkpoint
 
-PROJECT_FILE = Path(__file__).resolve().parents[2] / "provision" / "project.yml"
+from cxrfl.fl.provision import PROJECT_FILE
 SERVER_CONTEXT = "server_context.tenseal"  # public: can add ciphertexts, cannot decrypt
 CLIENT_CONTEXT = "client_context.tenseal"  # holds the secret key: sites only
 

@@ -27,7 +27,8 @@ from nvflare.fuel.flare_api.flare_api import new_secure_session
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.job import SITE_CONFIG
 from cxrfl.run_folder import RunFolder
-from cxrfl.fl.he_keys import CLIENT_CONTEXT, PROJECT_FILE
+from cxrfl.fl.he_keys import CLIENT_CONTEXT
+from cxrfl.fl.provision import PROJECT_FILE
 from cxrfl.keyfiles import restrict_private_files
 from cxrfl.fl.poc_processes import read_process, stop_processes, wait_until_ended, workspace_process_list
 from cxrfl.fl.evaluation import evaluate_run
