@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import typing
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -66,15 +67,8 @@ def schedule(text: str) -> dict[str, str]:
 
 
 PARSERS = {"positive_int": positive_int, "non_negative_int": non_negative_int, "positive_float": positive_float,
-           "non_negative_float": non_negative_float, "probability": probability, "seed": seed, "schedule": schedule}
-
-
-def _is_bool(f) -> bool:
-    return f.type in (bool, "bool", "bool | None")
-
-
-def _path_like(f) -> bool:
-    return f.name in ("data_root", "segmenter")
+           "non_negative_float": non_negative_float, "probability": probability, "seed": seed, "schedule": schedule,
+           "path": Path}
 
 
 def add_config_options(parser: argparse.ArgumentParser, config: type[TrainConfig], scope: str,
@@ -82,20 +76,21 @@ def add_config_options(parser: argparse.ArgumentParser, config: type[TrainConfig
     """One option per field of `config` shown in `scope` ("central" | "fl"); `task` fixes the task
     (a job.py of one task) instead of asking for it. Unset options stay None: the dataclass default."""
     group = parser.add_argument_group("training options (see `lightning_modules/config.py`, `cxrfl/fl/config.py`)")
+    types = typing.get_type_hints(config)
     for f in fields(config):
         meta = f.metadata
         if not meta.get("cli", True) or meta.get("scope", "all") not in ("all", scope):
             continue
         flags = [meta.get("flag") or "--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
         kwargs = {"dest": f.name, "default": None, "help": meta["help"]}
-        if _is_bool(f):
+        if types[f.name] in (bool, bool | None):
             kwargs.update(action="store_const", const=not meta.get("negate", False))
         else:
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]
             if "const" in meta:
                 kwargs.update(nargs="?", const=meta["const"])
-            kwargs["type"] = PARSERS[meta["parse"]] if "parse" in meta else (Path if _path_like(f) else str)
+            kwargs["type"] = PARSERS[meta["parse"]] if "parse" in meta else str
             if "metavar" in meta:
                 kwargs["metavar"] = meta["metavar"]
         if f.name == "task":

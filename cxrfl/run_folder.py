@@ -11,13 +11,12 @@ two schemas are converted here, and only here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from cxrfl.fl.config import FLConfig
 from lightning_modules.config import ConfigError, TrainConfig
-from lightning_modules.data.atomic import write_json
+from lightning_modules.data.atomic import read_json_object, write_json
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -118,12 +117,9 @@ class RunFolder:
 
 def _read_object(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunFolderError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise RunFolderError(f"{path}: expected a JSON object")
-    return data
+        return read_json_object(path)
+    except ValueError as exc:
+        raise RunFolderError(str(exc)) from None
 
 
 # A central run of the first release recorded its command line (argparse names) plus these facts.

@@ -15,8 +15,7 @@ import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from lightning_modules.data.atomic import atomic_torch_save
-from lightning_modules.data.atomic import atomic_write_text
+from lightning_modules.data.atomic import atomic_torch_save, atomic_write_text
 from lightning_modules.operating_point import expected_calibration_error, metrics_at_threshold
 
 RUNS_DIR = Path("runs")

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lightning_modules.data.atomic import atomic_write_text
+from lightning_modules.data.atomic import atomic_write_text, read_json_object
 from lightning_modules.data.transforms import ROI_MODES
 from lightning_modules.networks import CLASSIFIERS, SEGMENTERS, input_size_problem
 
@@ -48,7 +48,7 @@ class TrainConfig:
         "(default unet)"))
     data_root: str | None = field(default=None, metadata=option(
         "data root with site folders and test/ (default: data/synthetic, the synthetic phantom set, generated on "
-        "first use)", flag="--data", metavar="DATA_ROOT"))
+        "first use)", flag="--data", metavar="DATA_ROOT", parse="path"))
     image_size: int = field(default=DEFAULT_IMAGE_SIZE, metadata=option(
         f"square input side in pixels (default {DEFAULT_IMAGE_SIZE})", metavar="PX", parse="positive_int"))
     batch_size: int = field(default=16, metadata=option("batch size (default 16)", parse="positive_int"))
@@ -69,7 +69,7 @@ class TrainConfig:
         "with --roi: lung probability above which a pixel counts as lung (default 0.5)", parse="probability"))
     segmenter: str | None = field(default=None, metadata=option(
         "with --roi: lung masks from this segmentation model (a run folder's best model file; default: "
-        "ground-truth masks)", metavar="CKPT"))
+        "ground-truth masks)", metavar="CKPT", parse="path"))
     target_sensitivity: float | None = field(default=None, metadata=option(
         "classify, two classes: decision threshold = the highest one whose validation sensitivity is at least S "
         "(default: the threshold maximising Youden's J on validation)", metavar="S", parse="probability"))
@@ -159,9 +159,7 @@ class TrainConfig:
     @classmethod
     def read_json(cls, path: Path):
         try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: unreadable configuration ({exc})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a JSON object of settings")
+            values = read_json_object(path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls.from_dict(values, str(path))

@@ -15,9 +15,8 @@ import time
 import pytest
 import torch
 
-from lightning_modules.data.atomic import atomic_torch_save
+from lightning_modules.data.atomic import atomic_torch_save, write_json
 from cxrfl.runs import AtomicCheckpointIO
-from lightning_modules.data.atomic import write_json
 
 
 class Unpicklable:

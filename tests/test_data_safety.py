@@ -24,7 +24,7 @@ import torch
 from conftest import write_dicom
 from PIL import Image
 
-from lightning_modules.data.atomic import atomic_torch_save
+from lightning_modules.data.atomic import atomic_torch_save, write_json
 from cxrfl.fl.config import FLConfig
 from cxrfl.options import add_config_options
 from lightning_modules.config import TrainConfig
@@ -33,7 +33,6 @@ from lightning_modules.data import imageio
 from lightning_modules.data.importers import import_dataset
 from lightning_modules.data.check import ERROR, check_data, refuse_leakage
 from lightning_modules.data.imageio import MAX_PIXELS, DecodeBudget, ImageReadError, read_header, read_image, write_png
-from lightning_modules.data.atomic import write_json
 from lightning_modules.data.manifest import ManifestError, Record, read_manifest, write_manifest
 from lightning_modules.data.phantom import generate_dataset
 from lightning_modules.data.row_checks import usable_records

@@ -159,10 +159,6 @@ class FLConfig(TrainConfig):
         return "cxrfl_roi" if self.roi else f"cxrfl_{self.task}"
 
     @property
-    def local_epochs(self) -> int:
-        return self.epochs
-
-    @property
     def dp_args(self) -> dict | None:
         """The NVFlare privacy filter's arguments."""
         if self.dp == "percentile":

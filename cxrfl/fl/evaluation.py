@@ -11,13 +11,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.data.atomic import atomic_torch_save
+from lightning_modules.data.atomic import atomic_torch_save, atomic_write_text, write_json
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.results import load_state
 from cxrfl.fl.he_keys import decrypt_checkpoint
 from cxrfl.runs import finite_or_none, test_at_operating_point, undefined_reason, write_test_predictions
 from lightning_modules.data.datamodule import CXRDataModule
-from lightning_modules.data.atomic import atomic_write_text, write_json
 from lightning_modules.factory import build_module
 from lightning_modules.operating_point import DEFAULT_THRESHOLD, histogram_counts, threshold_from_histograms
 from lightning_modules.segmentation import LungSegmentation

@@ -12,11 +12,10 @@ import torch
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from lightning_modules.data.atomic import atomic_torch_save
+from lightning_modules.data.atomic import atomic_torch_save, atomic_write_text, write_json
 from app_custom.availability import check_schedule
 from cxrfl.fl.config import FLConfig
 from lightning_modules.data.imageio import one_line
-from lightning_modules.data.atomic import atomic_write_text, write_json
 from lightning_modules.weights import UnsafeFileError, load_checkpoint
 
 

@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file in the same folder + rename) that keep the umask's permissions.
+"""Atomic file writes (temp file in the same folder + rename) that keep the umask's permissions, and the
+reader of the JSON objects they write.
 
 `tempfile.mkstemp` creates its file 0600; renamed into place as it is, every manifest, image,
 checkpoint and metrics file would be private to the writer, and a site's client running under
@@ -78,6 +79,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object `write_json` wrote; ValueError (one line naming the file) for anything else."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from lightning_modules.data.atomic import atomic_write_text
+from lightning_modules.data.atomic import atomic_write_text, read_json_object
 
 MANIFEST_NAME = "manifest.csv"
 DATASET_JSON = "dataset.json"
@@ -125,12 +124,9 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
     if not path.is_file():
         return {}
     try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(info, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
-    return info
+        return read_json_object(path)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def class_names(root: str | os.PathLike, records: Iterable[Record] = ()) -> list[str]:
