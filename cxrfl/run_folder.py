@@ -1,6 +1,6 @@
 """The run-folder contract: every run writes `config.json` as
 
-    {"kind": "central" | "sim" | "poc" | "demo" | "study", "version": 1, <the run's config fields>,
+    {"kind": "central" | "sim" | "poc" | "deployment" | "demo" | "study", "version": 1, <the run's config fields>,
      "facts": {what the run found out before training: sample counts, skipped files, torch version}}
 
 and `RunFolder` is the one reader of it (report, model loading, predict, study, interpretability and
@@ -21,7 +21,7 @@ from lightning_modules.data.atomic import read_json_object, write_json
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 VERSION = 1
-TRAINING_KINDS = ("central", "sim", "poc")
+TRAINING_KINDS = ("central", "sim", "poc", "deployment")  # deployment: a job on provisioned hosts
 CONTAINER_KINDS = ("demo", "study")  # folders of sub-runs
 KINDS = TRAINING_KINDS + CONTAINER_KINDS
 

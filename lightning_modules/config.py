@@ -79,7 +79,8 @@ class TrainConfig:
         "stop a site's local training after this many seconds in a round (0: no limit)", metavar="SECONDS",
         parse="non_negative_float", scope="fl"))
     patience: int = field(default=0, metadata=option(
-        "stop after this many epochs without improvement (0: off)", parse="non_negative_int", scope="central"))
+        "stop after this many epochs without improvement of the validation metric (0: off)", metavar="EPOCHS",
+        parse="non_negative_int", scope="central"))  # federated runs: FLConfig.patience, in rounds
     wandb: bool = field(default=False, metadata=option(
         "also log to Weights & Biases (offline unless WANDB_API_KEY is set)"))
     wandb_project: str = field(default="cxr-fl", metadata=option("W&B project for --wandb (default cxr-fl)"))

@@ -1,6 +1,6 @@
-"""Test-only failure drill: a site-side result filter that turns one site's update of one round into
+"""Test-only failure drills: a site-side result filter that turns one site's update of one round into
 NaN weights, to see the server refuse it with its reason and the round go on (docs/security.md,
-"Failure modes"). Only a test adds it to a job (`run_simulation(..., extend_job=nan_update(...))`);
+"Failure modes"), and a task filter that makes one site's round fail (a transient error). Only a test adds it to a job (`run_simulation(..., extend_job=nan_update(...))`);
 NVFlare copies this module into that job's custom/ folder."""
 
 from __future__ import annotations
@@ -30,6 +30,28 @@ class NaNUpdate(Filter):
         dxo.data[first] = dxo.data[first] * float("nan")
         self.log_warning(fl_ctx, f"fault drill: {first} of round {self.round_num} sent as NaN")
         return dxo.update_shareable(shareable)
+
+
+class FailRound(Filter):
+    """At `site`, the train task of round `round_num` fails before training (a transient site error:
+    a disk hiccup, an out-of-memory); the site answers the next rounds as usual."""
+
+    def __init__(self, site: str, round_num: int):
+        super().__init__()
+        self.site = site
+        self.round_num = round_num
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_identity_name() == self.site and shareable.get_header(AppConstants.CURRENT_ROUND) == self.round_num:
+            raise RuntimeError(f"fault drill: {self.site} fails round {self.round_num}")
+        return shareable
+
+
+def failing_round(site: str, round_num: int):
+    """A job extension that makes one site's train task of one round fail."""
+    def extend(job) -> None:
+        job.to_clients(FailRound(site, round_num), tasks=["train"], filter_type=FilterType.TASK_DATA)
+    return extend
 
 
 def nan_update(site: str, round_num: int):

@@ -6,11 +6,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from cxrfl.fl.admin import AdminError
 from cxrfl.fl.config import FLConfig
 from cxrfl.options import add_config_options, fl_config, positive_int, resolve_data_root
 from cxrfl.fl.poc import (PocError, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait,
                        resumed_run)
 from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics, run_dir_ready
+from cxrfl.fl.outcome import run_notes
 from cxrfl.fl.results import SimulationError
 from lightning_modules.data.manifest import ManifestError
 
@@ -103,7 +105,7 @@ def run_up(args) -> int:
     try:
         state = poc_up(args.workspace, args.sites, resolve_data_root(args.data), he=args.he, port=args.port,
                        heartbeat_timeout=args.heartbeat_timeout)
-    except (PocError, ManifestError) as exc:
+    except (AdminError, ManifestError) as exc:
         return _fail(exc)
     print(f"POC up on localhost:{state['port']} with sites {', '.join(state['sites'])}")
     print(f"admin kit: {state['admin_kit']}")
@@ -121,7 +123,7 @@ def run_submit(args) -> int:
                 raise ValueError("--task is required (or --resume RUN_DIR)")
             cfg = replace(fl_config(args), sites=state["sites"], data_root=None)  # sites read their own data
             job_id = poc_submit(state, cfg)
-    except (PocError, ValueError, ManifestError, SimulationError) as exc:
+    except (AdminError, ValueError, ManifestError, SimulationError) as exc:
         return _fail(exc)
     print(job_id)
     return 0
@@ -135,17 +137,19 @@ def run_wait(args) -> int:
             raise PocError(f"job {args.job_id} continues the run in {continues}; wait for it with --out {continues}")
         run_dir = run_dir_ready(continues) if continues is not None else new_run_dir(args.out, "poc")
         summary = poc_wait(state, args.job_id, run_dir, timeout=args.timeout)
-    except (PocError, SimulationError, RunDirError) as exc:
+    except (AdminError, SimulationError, RunDirError) as exc:
         return _fail(exc)
     print(f"job {args.job_id}: {summary['status']}; run folder: {run_dir}")
     print_test_metrics(summary["test"], summary.get("undefined_reason", ""))
+    for note in run_notes(summary):  # sites that missed rounds, an early stop
+        print(note)
     return 0
 
 
 def run_restart(args) -> int:
     try:
         poc_restart_site(load_state(args.workspace), args.site)
-    except PocError as exc:
+    except AdminError as exc:
         return _fail(exc)
     print(f"{args.site} connected again; it takes part from the next job")
     return 0
@@ -157,7 +161,7 @@ def run_down(args) -> int:
         return 0
     try:
         notes = poc_down(args.workspace, clean=args.clean)
-    except PocError as exc:
+    except AdminError as exc:
         return _fail(exc)
     for note in notes:  # NVFlare's stop failed and the processes were stopped directly; files kept
         print(f"cxrfl poc: {note}", file=sys.stderr)

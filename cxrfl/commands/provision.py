@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cxrfl.options import positive_int
 from cxrfl.fl.provision import PROJECT_FILE, ProvisionError, handover, load_project, provision
 
 
@@ -18,12 +19,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--project", type=Path, default=PROJECT_FILE, help=f"NVFlare project file (default {PROJECT_FILE})")
     p.add_argument("--out", type=Path, default=Path("provisioned"),
                    help="a new or empty folder for the kits (default ./provisioned)")
+    p.add_argument("--server-storage", type=Path, default=None, metavar="DIR",
+                   help="where the server keeps its job store and snapshots, a folder on the server host (default: "
+                   "NVFlare's /tmp/nvflare, which a reboot may wipe and every server on that host shares)")
+    p.add_argument("--heartbeat-timeout", type=positive_int, default=60, metavar="SECONDS",
+                   help="the server writes off a site it has not heard from for this long (sites send a heartbeat "
+                   "every 10 s; default 60; NVFlare's own 600 keeps a dead site's tasks waiting 10 minutes)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     try:
-        kits = provision(args.project, args.out)
+        kits = provision(args.project, args.out, server_storage=args.server_storage,
+                         heartbeat_timeout=args.heartbeat_timeout)
     except ProvisionError as exc:
         print(f"cxrfl provision: {exc}", file=sys.stderr)
         return 2

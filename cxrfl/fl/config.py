@@ -33,8 +33,16 @@ class FLConfig(TrainConfig):
     sites: tuple[str, ...] = field(default=("site-1", "site-2", "site-3"), metadata=option(
         "the site folders of the data root that take part", cli=False))
     rounds: int = field(default=5, metadata=option("federated rounds (default 5)", parse="positive_int"))
+    patience: int = field(default=0, metadata=option(
+        "the server stops the job when the sites' validation metric (the key metric the best model is chosen by) "
+        "has not improved for this many rounds (default 0: off); metrics.json records the round it stopped at",
+        metavar="ROUNDS", parse="non_negative_int", scope="fl"))
     min_clients: int | None = field(default=None, metadata=option(
         "sites that must answer before a round is aggregated (default: all)", parse="positive_int"))
+    allow_missing_sites: bool = field(default=False, metadata=option(
+        "complete a run in which a site never contributed an accepted update (it is named in the summary and "
+        "metrics.json). Without it such a run fails, even when every round had --min-clients updates: a site "
+        "that never took part is a configuration or network problem, not a result"))
     wait_after_min_clients: float = field(default=0.0, metadata=option(
         "once --min-clients sites answered, how long a round still waits for the others (default 0); with sites "
         "that may drop out, set --min-clients below the number of sites and this above the spread of the sites' "
@@ -109,6 +117,8 @@ class FLConfig(TrainConfig):
         if self.min_clients is not None and not 1 <= self.min_clients <= len(self.sites):
             raise ConfigError(f"--min-clients {self.min_clients} is more than the {len(self.sites)} sites"
                               if self.min_clients > len(self.sites) else "--min-clients must be >= 1")
+        if self.patience < 0:
+            raise ConfigError(f"--patience must be a number of rounds >= 0, got {self.patience}")
         if not 0 <= self.start_round < self.rounds:
             raise ConfigError(f"start_round {self.start_round} is outside the job's rounds 0..{self.rounds - 1}")
         self._check_privacy()
@@ -177,7 +187,7 @@ class FLConfig(TrainConfig):
 
     def site_config(self) -> TrainConfig:
         """What every site trains with, as the job carries it: no path of this machine (a lung-ROI job
-        carries its segmenter as a file in custom/)."""
+        carries its segmenter as a file in custom/; early stopping is the server's, in rounds)."""
         values = {name: getattr(self, name) for name in TrainConfig.__dataclass_fields__}
-        values.update(data_root=None, segmenter=JOB_SEGMENTER if self.segmenter else None)
+        values.update(data_root=None, segmenter=JOB_SEGMENTER if self.segmenter else None, patience=0)
         return TrainConfig(**values)

@@ -2,8 +2,9 @@
 
 Server: PyTorch persistor (last + best global model), in-time weighted aggregator (weights =
 each site's training-sample count), FedAvg or a FedOpt server optimizer, IntimeModelSelector on
-the sites' validation metric, per-round recorder, TensorBoard (and optionally W&B) receivers,
-then cross-site evaluation. Clients: NVFlare's Client API executor running `app_custom/cxrfl_client.py`
+the sites' validation metric (with --patience, early stopping on it too), per-round recorder,
+TensorBoard (and optionally W&B) receivers, then cross-site evaluation. Clients: NVFlare's Client
+API executor running `app_custom/cxrfl_client.py`
 (the simulator's sites: `app_custom/simulated_site.py`) with the site settings as data, `custom/cxrfl_train.json`.
 """
 
@@ -43,6 +44,7 @@ from cxrfl.runs import WANDB_PRIVATE_SETTINGS
 from lightning_modules.config import TRAIN_CONFIG_FILE, ConfigError
 from lightning_modules.data.atomic import write_json
 from app_custom.contributions import UpdateValidator
+from app_custom.early_stopping import EarlyStopping
 from app_custom.global_model import GlobalModel
 from app_custom.he_packing import (HESumAggregator, PackedHEDecryptor, PackedHEEncryptor, PackedHEModelPersistor,
                                    PackedHEShareableGenerator)
@@ -57,6 +59,7 @@ DP_FILTERS = {"percentile": PercentilePrivacy, "svt": SVTPrivacy}  # NVFlare's, 
 PACKAGE_ROOT = Path(app_custom.__file__).resolve().parent.parent
 CLIENT_SCRIPT = "app_custom/cxrfl_client.py"
 SIMULATED_SITE_SCRIPT = "app_custom/simulated_site.py"  # the simulator's sites: the client + simulation hooks
+CONTROLLER_ID = "scatter_and_gather"  # the training workflow, by the id early stopping finds it
 
 
 @contextlib.contextmanager
@@ -121,7 +124,10 @@ def build_job(cfg: FLConfig, staging: Path, simulated: bool = False) -> BaseFedJ
                                    wait_time_after_min_received=int(cfg.wait_after_min_clients),
                                    ignore_result_error=True, aggregator_id=aggregator_id,
                                    persistor_id=persistor_id, shareable_generator_id=generator_id,
-                                   train_task_name="train", train_timeout=0))
+                                   train_task_name="train", train_timeout=0), id=CONTROLLER_ID)
+    if cfg.patience:  # follows the model selector's best rounds (BaseFedJob adds it for the key metric)
+        job.to_server(EarlyStopping(patience=cfg.patience, controller_id=CONTROLLER_ID, key_metric=cfg.key_metric),
+                      id="early_stopping")
     _add_evaluation(job, cfg, persistor_id)
     _add_site_side(job, cfg, staging, SIMULATED_SITE_SCRIPT if simulated else CLIENT_SCRIPT, exchange, transfer)
     return job

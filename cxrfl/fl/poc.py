@@ -17,26 +17,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from nvflare.fuel.flare_api.flare_api import new_secure_session
 
+from cxrfl.fl import admin
+from cxrfl.fl.admin import AdminError, AdminKit
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.job import SITE_CONFIG
-from cxrfl.run_folder import RunFolder
 from cxrfl.fl.he_keys import CLIENT_CONTEXT
-from cxrfl.fl.provision import PROJECT_FILE
+from cxrfl.fl.provision import PROJECT_FILE, configure_server
 from cxrfl.keyfiles import restrict_private_files
 from cxrfl.fl.poc_processes import read_process, stop_processes, wait_until_ended, workspace_process_list
-from cxrfl.fl.evaluation import evaluate_run
-from cxrfl.fl.results import SimulationError, check_contributions, collect_server_results
-from cxrfl.fl.resume import prepare_resume
-from cxrfl.fl.simulator import export_job
 from lightning_modules.data.imageio import one_line
-from lightning_modules.data.atomic import atomic_write_text, write_json
+from lightning_modules.data.atomic import write_json
 from lightning_modules.data.manifest import site_dirs
 
 STATE_FILE = "cxrfl_poc.json"
@@ -45,7 +39,7 @@ NVFLARE_STOP_TIMEOUT = 120  # NVFlare gives its server 30 s, then reports a comm
 SETTLE_AFTER_STOP = 30  # seconds job processes get to end by themselves after NVFlare's stop
 
 
-class PocError(RuntimeError):
+class PocError(AdminError):
     """The POC could not be brought up, used or brought down; the message says why."""
 
 
@@ -206,7 +200,7 @@ def poc_prepare(workspace: Path, n_sites: int, data_root: Path, he: bool = False
     restrict_private_files(workspace)  # cert.json (every private key) and HE secret contexts
     for site, data_dir in zip(sites, data_sites):  # each hospital's own data, in its own local config
         write_json(kits / site / SITE_CONFIG, {"data_dir": str(data_dir.absolute())})
-    set_heartbeat_timeout(kits / "localhost", heartbeat_timeout)
+    configure_server(kits / "localhost", heartbeat_timeout=heartbeat_timeout)
     return state
 
 
@@ -222,159 +216,51 @@ def poc_restart_site(state: dict, site: str, connect_timeout: float = 180) -> No
     wait_for_sites(state, connect_timeout)
 
 
-def set_heartbeat_timeout(server_kit: Path, seconds: float) -> None:
-    """NVFlare's default (600 s) keeps a killed site's tasks, cross-site evaluation and the job's
-    end waiting for 10 minutes before the server writes the site off."""
-    local = Path(server_kit) / "local"
-    source = local / "resources.json" if (local / "resources.json").is_file() else local / "resources.json.default"
-    resources = json.loads(source.read_text())
-    for server in resources["servers"]:
-        server["heart_beat_timeout"] = seconds
-    write_json(local / "resources.json", resources)
+def admin_kit(state: dict) -> AdminKit:
+    """The POC's project admin; its jobs' configurations live in the workspace's jobs/."""
+    return AdminKit.open(state["admin_kit"], jobs_dir=Path(state["workspace"]) / "jobs")
 
 
 def session(state: dict):
-    return new_secure_session(state["admin"], state["admin_kit"], timeout=30)
+    return admin.session(admin_kit(state))
 
 
 def wait_for_sites(state: dict, timeout: float) -> None:
-    deadline = time.time() + timeout
-    connected: list[str] = []
-    while time.time() < deadline:
-        try:
-            sess = session(state)
-            try:
-                connected = [c.name for c in sess.get_system_info().client_info]
-            finally:
-                sess.close()
-            if set(state["sites"]) <= set(connected):
-                return
-        except Exception:  # the server may not accept admin sessions yet
-            pass
-        time.sleep(2)
-    raise PocError(f"only {sorted(connected)} of {state['sites']} connected within {timeout:.0f} s; "
-                   f"see {state['kits']}/*/poc_console.log")
+    try:
+        admin.wait_for_sites(admin_kit(state), state["sites"], timeout)
+    except AdminError as exc:
+        raise PocError(f"{exc}; see {state['kits']}/*/poc_console.log") from None
 
 
 def poc_submit(state: dict, cfg: FLConfig) -> str:
-    workspace = Path(state["workspace"])
-    jobs = workspace / "jobs"
-    job_dir = export_job(cfg, jobs / f"{cfg.job_name}-{int(time.time())}")
-    sess = session(state)
-    try:
-        job_id = sess.submit_job(str(job_dir))
-    finally:
-        sess.close()
-    cfg.write_json(jobs / f"{job_id}.json")
-    return job_id
+    return admin.submit(admin_kit(state), cfg)
 
 
 def resumed_run(state: dict, job_id: str) -> Path | None:
     """The run folder a job submitted by `poc_resume` continues, else None."""
-    marker = Path(state["workspace"]) / "jobs" / f"{job_id}.resumes"
-    return Path(marker.read_text().strip()) if marker.is_file() else None
+    return admin.resumed_run(admin_kit(state), job_id)
 
 
 def poc_resume(state: dict, run_dir: Path) -> str:
-    """Submit the rest of a job that ended early (its server job killed or crashed) as a new job that
-    starts from the global model of its last completed round, with the run's own configuration.
-    run_dir: where `poc wait` put the failed job's results. Returns the new job's id; its results
-    join the same run folder (`poc wait NEW_JOB`)."""
-    run_dir = Path(run_dir).absolute()
-    download = run_dir / "download"
-    interrupted = _server_job_folder(download) if download.is_dir() else None
-    cfg = prepare_resume(run_dir, interrupted)
-    missing = sorted(set(cfg.sites) - set(state["sites"]))
-    if missing:
-        raise PocError(f"{run_dir}: the run's sites {missing} are not in this POC ({state['sites']})")
-    if download.is_dir():  # the failed attempt's results stay, beside the ones to come
-        meta_file = run_dir / "job_meta.json"
-        failed = json.loads(meta_file.read_text()).get("job_id", "earlier") if meta_file.is_file() else "earlier"
-        download.rename(run_dir / f"download-{failed}")
-    job_id = poc_submit(state, replace(cfg, data_root=None))  # sites read their data from their local config
-    atomic_write_text(Path(state["workspace"]) / "jobs" / f"{job_id}.resumes", str(run_dir))
-    return job_id
+    """Submit the rest of a job that ended early as a new job (see admin.resume_config)."""
+    cfg = admin.resume_config(run_dir, state["sites"], "this POC")
+    return admin.submit_resumed(admin_kit(state), cfg, run_dir)
 
 
 def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> dict:
-    """Follow a job to its end, download its results and evaluate them like a simulator run.
-    A job that continues an earlier one (`poc_resume`) adds its rounds to that run folder."""
-    workspace = Path(state["workspace"])
-    cfg_path = workspace / "jobs" / f"{job_id}.json"
-    if not cfg_path.is_file():
-        raise PocError(f"job {job_id} was not submitted with `cxrfl poc submit` here ({cfg_path} missing)")
-    # the coordinator's copy of the data root, for the held-out test set
-    cfg = replace(FLConfig.read_json(cfg_path), data_root=state["data_root"])
+    """admin.wait with what only a POC has: the coordinator's data root (for the held-out test set),
+    every site's logs (to name their errors) and, under HE, a site's key on this machine."""
+    kit = admin_kit(state)
     run_dir = Path(run_dir).absolute()
-    continues = resumed_run(state, job_id)
+    continues = admin.resumed_run(kit, job_id)
     if continues is not None and continues != run_dir:
         raise PocError(f"job {job_id} continues the run in {continues}; wait for it with --out {continues}")
-    start = time.time()
-    meta = _follow_job(state, job_id, timeout)
-    wall = time.time() - start
-    download = run_dir / "download"
-    download.mkdir(parents=True, exist_ok=True)
-    result = _with_admin(state, lambda sess: Path(sess.download_job_result(job_id)), deadline=time.time() + 600)
-    status = str(meta.get("status", ""))
-    shutil.copytree(result, download, dirs_exist_ok=True)
-    if continues is None:  # a resumed job keeps the run's own configuration
-        RunFolder.create(run_dir, "poc", cfg)
-    write_json(run_dir / "job_meta.json", meta)
-    if "FINISHED_COMPLETED" not in status.replace(":", "_"):
-        raise PocError(f"job {job_id} ended as {status}; results in {download}. To continue it from its last "
-                       f"completed round: cxrfl poc submit --resume {run_dir}")
-    server = _server_job_folder(download)
-    collected = collect_server_results(cfg, server, run_dir, append_logs=continues is not None)
-    kits = Path(state["kits"])  # every site's kit is on this machine: their logs name their errors
-    check_contributions(cfg, run_dir, {site: [kits / site / job_id / "log.txt", kits / site / "log.txt"]
-                                       for site in cfg.sites})
-    # all kits live on this machine: the first site's key decrypts an HE model for the test set
-    he_key = Path(state["kits"]) / state["sites"][0] / "startup" / CLIENT_CONTEXT if cfg.he else None
-    summary = evaluate_run(cfg, run_dir, collected, he_key=he_key)
-    summary.update(job_id=job_id, status=status, wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
-    write_json(run_dir / "metrics.json", summary)
-    return summary
-
-
-def _with_admin(state: dict, action, deadline: float):
-    """Run action(session), retrying while the server does not answer: a server busy relaying
-    large updates (HE) can miss an admin request's deadline without anything being wrong."""
-    last = None
-    while True:
-        try:
-            sess = session(state)
-            try:
-                return action(sess)
-            finally:
-                sess.close()
-        except PocError:
-            raise
-        except Exception as exc:  # NoConnection, timeouts
-            last = exc
-        if time.time() > deadline:
-            raise PocError(f"the POC server did not answer the admin API: {last}")
-        time.sleep(5)
-
-
-def _follow_job(state: dict, job_id: str, timeout: float) -> dict:
-    """The job's meta once it has ended (FINISHED:* or FAILED*)."""
-    deadline = time.time() + timeout
-    while True:
-        meta = _with_admin(state, lambda sess: sess.get_job_meta(job_id), deadline=deadline)
-        status = str(meta.get("status", ""))
-        if status.startswith("FINISHED") or status.startswith("FAILED"):
-            return meta
-        if time.time() > deadline:
-            raise PocError(f"job {job_id} did not finish within {timeout:.0f} s (status {status})")
-        time.sleep(3)
-
-
-def _server_job_folder(download: Path) -> Path:
-    """The folder of a downloaded job result that holds app_server/ (its layout varies by version)."""
-    hits = sorted(p.parent for p in download.rglob("app_server") if p.is_dir())
-    if not hits:
-        raise SimulationError(f"{download}: the downloaded job result has no app_server folder")
-    return hits[0]
+    kits = Path(state["kits"])
+    site_logs = {site: [kits / site / job_id / "log.txt", kits / site / "log.txt"] for site in state["sites"]}
+    he_key = kits / state["sites"][0] / "startup" / CLIENT_CONTEXT if state.get("he") else None
+    return admin.wait(kit, job_id, run_dir, state["data_root"], timeout=timeout, he_key=he_key,
+                      site_logs=site_logs, continues=continues is not None, kind="poc",
+                      resume_command="cxrfl poc submit --resume")
 
 
 def workspace_processes(workspace: Path) -> list[int]:

@@ -7,6 +7,7 @@ scheme, or two sites with one name, only fail later, on the hospitals' side, as 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from lightning_modules.data.atomic import write_json
 
 PROJECT_FILE = Path(__file__).resolve().parents[2] / "provision" / "project.yml"
 # RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens, at most 253 characters
@@ -103,8 +106,10 @@ def _builder_problems(builders: list) -> list[str]:
     return problems
 
 
-def provision(project_path: Path, out: Path) -> list[Kit]:
-    """Check the project, run NVFlare's provisioner into `out` (new or empty), return the kits."""
+def provision(project_path: Path, out: Path, server_storage: Path | None = None,
+              heartbeat_timeout: float | None = None) -> list[Kit]:
+    """Check the project, run NVFlare's provisioner into `out` (new or empty), return the kits.
+    server_storage, heartbeat_timeout: see `configure_server`."""
     project = load_project(project_path)
     problems = project_problems(project)
     if problems:
@@ -122,7 +127,31 @@ def provision(project_path: Path, out: Path) -> list[Kit]:
     if done.returncode != 0 or not prods:
         tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
         raise ProvisionError(f"nvflare provision failed (exit {done.returncode}): {' | '.join(tail)}")
-    return [Kit(p["name"], p["type"], prods[-1] / p["name"]) for p in project["participants"]]
+    kits = [Kit(p["name"], p["type"], prods[-1] / p["name"]) for p in project["participants"]]
+    server_kit = next(k.path for k in kits if k.role == "server")
+    configure_server(server_kit, server_storage, heartbeat_timeout)
+    return kits
+
+
+def configure_server(server_kit: Path, storage: Path | None = None, heartbeat_timeout: float | None = None) -> None:
+    """The server kit's local/resources.json from NVFlare's default, with
+    storage: the folder (on the server host) for its job store and snapshots; NVFlare's default is
+      /tmp/nvflare, which a reboot or a tmp cleaner may wipe, and which every server on the host shares;
+    heartbeat_timeout: seconds without a heartbeat after which the server writes a site off (sites
+      send one every 10 s); NVFlare's default of 600 keeps a dead site's tasks waiting 10 minutes."""
+    local = Path(server_kit) / "local"
+    source = local / "resources.json" if (local / "resources.json").is_file() else local / "resources.json.default"
+    resources = json.loads(source.read_text())
+    if heartbeat_timeout is not None:
+        for server in resources["servers"]:
+            server["heart_beat_timeout"] = heartbeat_timeout
+    if storage is not None:
+        storage = Path(storage).absolute()
+        resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] = str(storage / "snapshot-storage")
+        for component in resources["components"]:
+            if component.get("id") == "job_manager":
+                component["args"]["uri_root"] = str(storage / "jobs-storage")
+    write_json(local / "resources.json", resources)
 
 
 def handover(kit: Kit, project: dict) -> str:

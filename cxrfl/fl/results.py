@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from lightning_modules.data.atomic import atomic_torch_save, atomic_write_text, write_json
+from lightning_modules.data.atomic import atomic_torch_save, atomic_write_text, read_json_object, write_json
 from app_custom.availability import check_schedule
+from app_custom.early_stopping import EARLY_STOP_FILE
 from cxrfl.fl.config import FLConfig
+from cxrfl.fl.outcome import round_ranges
 from lightning_modules.data.imageio import one_line
 from lightning_modules.weights import UnsafeFileError, load_checkpoint
 
@@ -43,8 +46,10 @@ def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path, append_lo
         else:
             shutil.copy2(f, models / "rounds" / f.name)
     done = len(list((models / "rounds").glob("global_round_*.pt")))
-    if done < cfg.rounds:
-        raise SimulationError(f"only {done} of {cfg.rounds} rounds completed; a site probably crashed: see {logs}")
+    stopped = early_stop(run_dir)
+    if done < rounds_run(cfg, stopped):
+        raise SimulationError(f"only {done} of {rounds_run(cfg, stopped)} rounds completed; a site probably crashed: "
+                              f"see {logs}")
     if (server / "metrics").is_dir():
         for f in sorted((server / "metrics").glob("*.jsonl")) if append_logs else []:
             append_lines(f, run_dir / "metrics" / f.name)
@@ -60,16 +65,62 @@ def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path, append_lo
     return {"local_sites": sorted(local), "cse": cse if cse.is_file() else None}
 
 
+def early_stop(run_dir: Path) -> dict | None:
+    """The server's record of stopping early (app_custom/early_stopping.py), copied into the run
+    folder: {"round": last round run, "patience", "best_round", ...}; None when the run did not stop early."""
+    path = run_dir / "models" / "rounds" / EARLY_STOP_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = read_json_object(path)
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from None
+    if not isinstance(record.get("round"), int):
+        raise SimulationError(f"{path}: no round number in the early-stopping record")
+    return record
+
+
+def rounds_run(cfg: FLConfig, stopped: dict | None) -> int:
+    """Rounds the job ran: all of them, or up to the one it stopped early after."""
+    return min(cfg.rounds, stopped["round"] + 1) if stopped else cfg.rounds
+
+
 class RunFailed(SimulationError):
     """Rounds ran without the contributions they need; metrics.json says which and why."""
 
 
-def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[Path]]) -> None:
-    """Every round needs --min-clients accepted updates (all sites by default; a site scheduled away
-    is not expected), as the round log records them. NVFlare goes on to the next round, and ends
-    the job 'successfully', when a round's updates were all refused or every site crashed.
-    Otherwise writes metrics.json with the short rounds and each failing site's error, and raises."""
-    accepted: dict[int, set[str]] = {r: set() for r in range(cfg.rounds)}
+@dataclass
+class Contributions:
+    """Who contributed an accepted update in which round, as the round log records it."""
+
+    rounds: int  # rounds run (fewer than configured after an early stop)
+    accepted: dict[int, set[str]]  # round -> sites whose update was accepted
+    expected: dict[str, list[int]]  # site -> the rounds it was expected in (not scheduled away)
+    stopped: dict | None  # the server's early-stopping record
+
+    def missing_rounds(self, site: str) -> list[int]:
+        return [r for r in self.expected[site] if site not in self.accepted[r]]
+
+    def never(self) -> list[str]:
+        """Sites expected in some round that contributed in none."""
+        return [s for s, rounds in self.expected.items() if rounds and len(self.missing_rounds(s)) == len(rounds)]
+
+    def facts(self) -> dict:
+        """metrics.json's record of it: rounds run, each site's count of contributed rounds, the rounds
+        each site missed (sites that missed none left out), the sites that never contributed, and
+        an early stop."""
+        missing = {s: self.missing_rounds(s) for s in self.expected}
+        return {"rounds_run": self.rounds,
+                "rounds_contributed": {s: len(self.expected[s]) - len(missing[s]) for s in self.expected},
+                "sites_missing_rounds": {s: rounds for s, rounds in missing.items() if rounds},
+                "missing_sites": self.never()} | ({"stopped_early": self.stopped} if self.stopped else {})
+
+
+def round_contributions(cfg: FLConfig, run_dir: Path) -> Contributions:
+    """The run folder's round log read against the rounds run and the availability schedule."""
+    stopped = early_stop(run_dir)
+    rounds = rounds_run(cfg, stopped)
+    accepted: dict[int, set[str]] = {r: set() for r in range(rounds)}
     log = run_dir / "models" / "rounds" / "round_log.jsonl"
     for line in log.read_text().splitlines() if log.is_file() else []:
         try:
@@ -79,23 +130,45 @@ def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[
         if entry.get("accepted") and entry.get("round") in accepted:
             accepted[entry["round"]].add(entry.get("site"))
     plan = check_schedule(cfg.schedule or {}, cfg.sites, cfg.rounds)
+    return Contributions(rounds, accepted, {s: sorted(r for r in plan[s] if r < rounds) for s in cfg.sites}, stopped)
+
+
+def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[Path]]) -> dict:
+    """Every round needs --min-clients accepted updates (all sites by default; a site scheduled away
+    is not expected), and every site an accepted update in some round (unless --allow-missing-sites),
+    as the round log records them. NVFlare goes on to the next round, and ends the job 'successfully',
+    when a round's updates were all refused, every site crashed, or a site never joined while
+    --min-clients others did. Returns what the run's metrics.json must record of it: who contributed
+    and an early stop (`Contributions.facts`). Otherwise writes metrics.json with the short rounds,
+    the missing sites and each failing site's error, and raises RunFailed."""
+    found = round_contributions(cfg, run_dir)
     short = {}
-    for r, sites in accepted.items():
-        present = [s for s in cfg.sites if r in plan[s]]
+    for r, sites in found.accepted.items():
+        present = [s for s in cfg.sites if r in found.expected[s]]
         needed = max(1, min(cfg.min_clients or len(cfg.sites), len(present)))
         if len(sites) < needed:
             short[r] = {"accepted": sorted(sites), "needed": needed, "missing": sorted(set(present) - sites)}
-    if not short:
-        return
-    failing = sorted({s for entry in short.values() for s in entry["missing"]})
+    never = [] if cfg.allow_missing_sites else found.never()
+    if not short and not never:
+        return found.facts()
+    failing = sorted({s for entry in short.values() for s in entry["missing"]} | set(never))
     errors = {site: site_error(site_logs.get(site, [])) for site in failing}
-    first = min(short)
-    message = (f"{len(short)} of {cfg.rounds} rounds lacked the updates they need (round {first}: "
-               f"{len(short[first]['accepted'])} of {short[first]['needed']} accepted); "
-               + "; ".join(f"{site}: {err}" for site, err in errors.items())
+    reasons = []
+    if short:
+        first = min(short)
+        reasons.append(f"{len(short)} of {found.rounds} rounds lacked the updates they need (round(s) "
+                       f"{round_ranges(list(short))}; round {first}: {len(short[first]['accepted'])} of "
+                       f"{short[first]['needed']} accepted)")
+    if never:
+        reasons.append(", ".join(f"{s} (expected in round(s) {round_ranges(found.expected[s])})" for s in never)
+                       + " never contributed an accepted update"
+                       + ("" if short else " although every round had the updates it needs (--allow-missing-sites "
+                          "completes such a run)"))
+    message = ("; ".join(reasons) + "; " + "; ".join(f"{site}: {err}" for site, err in errors.items())
                + f"; see {run_dir / 'metrics.json'} and the site logs")
     write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "short_rounds": short,
-                                          "site_errors": errors, "task": cfg.task, "sites": cfg.sites})
+                                          "site_errors": errors, "task": cfg.task, "sites": cfg.sites,
+                                          **found.facts()})
     raise RunFailed(message)
 
 

@@ -9,12 +9,13 @@ Run folder::
     RUN/simulator.log
     RUN/models/global_final.pt      last global model   } NVFlare persistor format:
     RUN/models/global_best.pt       best by val metric  } {"model": state_dict, ...}
-    RUN/models/rounds/global_round_NNN.pt, round_log.jsonl
+    RUN/models/rounds/global_round_NNN.pt, round_log.jsonl, early_stop.json (when --patience stopped the job)
     RUN/models/local_<site>.pt      each site's last local model (from cross-site evaluation)
     RUN/metrics/round_metrics.jsonl per round, per site validation metrics of the global model
     RUN/tb/<site>/                  streamed training/validation curves (TensorBoard)
     RUN/cross_site.json|csv         model x (each site's val split + held-out test) matrix
-    RUN/metrics.json                summary: test metrics of the best and final global model, wall time
+    RUN/metrics.json                summary: test metrics of the best and final global model, wall time,
+                                    who contributed in which round, an early stop (cxrfl/fl/outcome.py)
 
 The simulator exits 0 even when a client crashes, so success is judged from the files.
 A run killed mid-way continues with `resume_simulation` (`cxrfl sim --resume RUN`): from the
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.evaluation import evaluate_run
+from cxrfl.fl.outcome import run_notes
 from cxrfl.fl.results import SimulationError, check_contributions, collect_server_results
 from cxrfl.fl.job import built_job, write_simulator_site_config
 from cxrfl.run_folder import RunFolder
@@ -91,10 +93,12 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, tak
     collected = collect_server_results(cfg, workspace / "server" / "simulate_job", run_dir, append_logs=resuming)
     if returncode != 0:
         raise SimulationError(f"nvflare simulator exited with {returncode}; see {run_dir / 'simulator.log'}")
-    check_contributions(cfg, run_dir, {site: [workspace / site / "log.txt"] for site in cfg.sites})
+    contributions = check_contributions(cfg, run_dir, {site: [workspace / site / "log.txt"] for site in cfg.sites})
     summary = evaluate_run(cfg, run_dir, collected, he_key=he_key)
-    summary.update(wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
+    summary.update(contributions, wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
     write_json(run_dir / "metrics.json", summary)
+    for note in run_notes(summary):  # missing sites and rounds, an early stop: never only in a file
+        print(note, flush=True)
     return summary
 
 

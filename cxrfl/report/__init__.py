@@ -4,6 +4,7 @@ Writes ``RUN_DIR/report/report.html`` with every figure embedded as a base64 ``d
 works when copied elsewhere), and each figure also as a PNG next to it:
 
 - run overview, held-out test metrics, run parameters and wall times (and the demo's summary table);
+- the run outcome: why a run failed, sites that never contributed or missed rounds, an early stop;
 - per FL run: the sites' per-round validation of the global model (key metric and loss);
 - ROC curves of every classification run with ``test_predictions.csv``, overlaid per class set;
 - a confusion matrix per classification run;

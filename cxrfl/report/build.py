@@ -40,7 +40,8 @@ def _assemble(report: Report, runs: list[reading.Run], summary: dict | None) -> 
     notes = report.notes
     parts = [sections.summary_section(summary) if summary else ""]
     if runs:
-        parts += [sections.overview_section(runs), sections.test_metrics_section(runs)]
+        parts += [sections.overview_section(runs), sections.outcome_section(runs),
+                  sections.test_metrics_section(runs)]
     classified = reading.load_predictions(runs, notes)
     parts += [sections.curves_section(reading.fl_round_metrics(runs, notes), report),
               sections.roc_section(classified, report),

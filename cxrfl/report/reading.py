@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrfl.fl.outcome import run_notes
 from cxrfl.run_folder import CONFIG_FILE, METRICS_FILE, RunFolder, RunFolderError
 from lightning_modules.config import TrainConfig
 
@@ -106,8 +107,21 @@ class Run:
         return list(self.config.sites) if self.federated else "pooled"
 
     @property
+    def failed(self) -> bool:
+        return self.metrics.get("status") == "failed"
+
+    @property
+    def notes(self) -> list[str]:
+        """How the run went besides its test metrics: its failure, missing sites and rounds, an early stop."""
+        return run_notes(self.metrics)
+
+    @property
     def training_length(self) -> str:
         if self.federated:
+            stopped = self.metrics.get("stopped_early")
+            if isinstance(stopped, dict) and isinstance(stopped.get("round"), int):
+                return (f"{stopped['round'] + 1} of {self.config.rounds} rounds (stopped early) x "
+                        f"{self.config.epochs} epochs")
             return f"{self.config.rounds} rounds x {self.config.epochs} epochs"
         return f"{self.config.epochs} epochs"
 

@@ -52,11 +52,21 @@ def overview_section(runs: list[Run]) -> str:
     rows = []
     for run in runs:
         test_key = "test_" + run.key_metric.removeprefix("val_")
+        tested = "failed (see Run outcome)" if run.failed else f"{test_key} {html.fmt(run.test.get(test_key))}"
         rows.append([run.name, run.setting, run.task_label, run.model, run.image_size, run.sites,
-                     run.training_length, f"{test_key} {html.fmt(run.test.get(test_key))}",
-                     html.seconds(run.wall_seconds)])
+                     run.training_length, tested, html.seconds(run.wall_seconds)])
     head = ["run", "setting", "task", "model", "image size", "sites", "training", "held-out test", "wall time (s)"]
     return html.section("runs", "Runs", html.table(head, rows))
+
+
+def outcome_section(runs: list[Run]) -> str:
+    """Runs that failed (with the reason), sites that never contributed or missed rounds, early stops."""
+    rows = [[run.name, note] for run in runs for note in run.notes]
+    if not rows:
+        return ""
+    text = "<p>A federated run fails when a round had fewer accepted updates than --min-clients, or when a site " \
+           "never contributed one (unless --allow-missing-sites); metrics.json holds the details.</p>"
+    return html.section("outcome", "Run outcome", text + html.table(["run", "what happened"], rows))
 
 
 def test_metrics_section(runs: list[Run]) -> str:
