@@ -15,9 +15,11 @@ $(BIN)/cxrfl: pyproject.toml
 
 # tests/test_report.py opens the HTML report in headless Chromium (Debian packages; apt needs root, else sudo).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# tests/test_rehearsal.py builds separate network hosts with iproute2 (`ip netns`, `tc`).
 install: $(BIN)/cxrfl
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v ip >/dev/null && \
+		command -v tc >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium chromium-driver iproute2)
 
 demo: install
 	$(BIN)/cxrfl demo

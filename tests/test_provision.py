@@ -99,3 +99,37 @@ def test_an_obviously_wrong_project_is_refused_before_nvflare_runs(change, messa
     err = capsys.readouterr().err
     assert message in err and str(bad) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "kits").exists()  # refused before anything was written
+
+
+def test_provisioning_again_with_the_same_ca_adds_a_hospital_without_new_kits_for_the_others(tmp_path, capsys):
+    from cxrfl.cli import main
+
+    out = tmp_path / "kits"
+    assert main(["provision", "--out", str(out)]) == 0
+    project = yaml.safe_load(PROJECT.read_text())
+    project["participants"].append({"name": "new-hospital", "type": "client", "org": "new_hospital"})
+    grown = tmp_path / "project.yml"
+    grown.write_text(yaml.safe_dump(project, sort_keys=False))
+    assert main(["provision", "--project", str(grown), "--out", str(out)]) == 2  # a used folder, no --same-ca
+    assert "--same-ca" in capsys.readouterr().err and not (out / "cxr_fl" / "prod_01").exists()
+    assert main(["provision", "--project", str(grown), "--out", str(out), "--same-ca"]) == 0
+    first, second = out / "cxr_fl" / "prod_00", out / "cxr_fl" / "prod_01"
+    assert (second / "new-hospital" / "startup" / "client.crt").is_file()
+    root = (first / "st-mary-hospital" / "startup" / "rootCA.pem").read_bytes()
+    assert (second / "new-hospital" / "startup" / "rootCA.pem").read_bytes() == root  # the kits handed out still fit
+    assert main(["provision", "--out", str(tmp_path / "fresh"), "--same-ca"]) == 2
+    assert "holds no earlier provisioning" in capsys.readouterr().err
+
+
+def test_server_storage_and_heartbeat_go_into_the_server_kit(tmp_path):
+    import json
+
+    from cxrfl.fl.provision import provision
+
+    kits = provision(PROJECT, tmp_path / "kits", server_storage=tmp_path / "store", heartbeat_timeout=45)
+    server = next(k for k in kits if k.role == "server")
+    resources = json.loads((server.path / "local" / "resources.json").read_text())
+    assert resources["servers"][0]["heart_beat_timeout"] == 45
+    assert resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] == str(tmp_path / "store" / "snapshot-storage")
+    assert [c["args"]["uri_root"] for c in resources["components"] if c["id"] == "job_manager"] == [
+        str(tmp_path / "store" / "jobs-storage")]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 import netns
-from cxrfl.fl.provision import PROJECT_FILE, provision
+from cxrfl.fl.provision import PROJECT_FILE
 from lightning_modules.data.phantom import generate_dataset
 
 pytestmark = pytest.mark.e2e
@@ -72,18 +71,20 @@ class Deployment:
         generate_dataset(self.data, sites=3, per_site=16, test_size=8, size=32, seed=1)
         kits_dir = base / "kits"
         project = _project(base / "project.yml", "cxr_fl", SERVER, self.sites)
-        # the server keeps its jobs in the rehearsal's folder (NVFlare's default: /tmp/nvflare, shared)
-        self.kits = {k.participant: k.path for k in provision(project, kits_dir, server_storage=base / "server-storage",
-                                                               heartbeat_timeout=30)}
-        # the same consortium (same root CA) re-provisioned after the server was renamed: a kit of
-        # the earlier generation still points at the old name, which the hospital's DNS still resolves
+        # the consortium lead's commands; the server keeps its jobs in the rehearsal's folder
+        _cxrfl("provision", "--project", str(project), "--out", str(kits_dir), "--server-storage",
+               str(base / "server-storage"), "--heartbeat-timeout", "30")
+        prod = kits_dir / "cxr_fl" / "prod_00"
+        self.kits = {p.name: p for p in prod.iterdir() if p.is_dir()}
+        # a kit of the same consortium (same root CA) provisioned for the server's old name, which the
+        # hospital's DNS still resolves to the server
         stale = _project(base / "stale.yml", "cxr_fl", STALE_SERVER, ["stale-kit-hospital"])
-        shutil.rmtree(kits_dir / "cxr_fl" / "prod_01", ignore_errors=True)
-        self.stale_kit = next(k.path for k in _provision_again(stale, kits_dir) if k.participant == "stale-kit-hospital")
+        _cxrfl("provision", "--project", str(stale), "--out", str(kits_dir), "--same-ca")
+        self.stale_kit = kits_dir / "cxr_fl" / "prod_01" / "stale-kit-hospital"
         # a kit of another consortium (its own root CA) pointed at this server
         foreign = _project(base / "foreign.yml", "other_fl", SERVER, ["foreign-hospital"])
-        self.foreign_kit = next(k.path for k in provision(foreign, base / "foreign-kits")
-                                if k.participant == "foreign-hospital")
+        _cxrfl("provision", "--project", str(foreign), "--out", str(base / "foreign-kits"))
+        self.foreign_kit = base / "foreign-kits" / "other_fl" / "prod_00" / "foreign-hospital"
         self.env = dict(os.environ, HOME=str(base / "home"), PYTHONWARNINGS="ignore",
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                         PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
@@ -148,13 +149,9 @@ class Deployment:
         self.net.close()
 
 
-def _provision_again(project: Path, kits_dir: Path):
-    """Provision into the same workspace: NVFlare keeps its root CA (state/cert.json) for prod_01."""
-    nvflare = shutil.which("nvflare") or str(Path(sys.executable).parent / "nvflare")
-    subprocess.run([nvflare, "provision", "-p", str(project), "-w", str(kits_dir), "--force"], check=True, capture_output=True,
-                   cwd=kits_dir)
-    prod = kits_dir / "cxr_fl" / "prod_01"
-    return [type("Kit", (), {"participant": p.name, "path": p}) for p in prod.iterdir() if p.is_dir()]
+def _cxrfl(*args: str) -> None:
+    done = subprocess.run([CXRFL, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")

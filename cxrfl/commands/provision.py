@@ -19,6 +19,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--project", type=Path, default=PROJECT_FILE, help=f"NVFlare project file (default {PROJECT_FILE})")
     p.add_argument("--out", type=Path, default=Path("provisioned"),
                    help="a new or empty folder for the kits (default ./provisioned)")
+    p.add_argument("--same-ca", action="store_true",
+                   help="provision again into the --out folder of an earlier provisioning, with its root CA: add a "
+                   "hospital (hand out only the new kit; the others keep working). To revoke one, provision into a new "
+                   "folder without --same-ca (a new root CA) and hand every remaining participant its new kit")
     p.add_argument("--server-storage", type=Path, default=None, metavar="DIR",
                    help="where the server keeps its job store and snapshots, a folder on the server host (default: "
                    "NVFlare's /tmp/nvflare, which a reboot may wipe and every server on that host shares)")
@@ -31,7 +35,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     try:
         kits = provision(args.project, args.out, server_storage=args.server_storage,
-                         heartbeat_timeout=args.heartbeat_timeout)
+                         heartbeat_timeout=args.heartbeat_timeout, same_ca=args.same_ca)
     except ProvisionError as exc:
         print(f"cxrfl provision: {exc}", file=sys.stderr)
         return 2

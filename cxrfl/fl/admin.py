@@ -209,7 +209,7 @@ SERVER_ERROR = re.compile(r" - (?:ERROR|CRITICAL) - (?:\[[^\]]*\] )?(?:- )?(.+)$
 
 def job_failed(cfg: FLConfig, what: str, download: Path, run_dir: Path, hint: str) -> AdminError:
     """A job that did not complete: the rounds it ran and the server's own reasons, in metrics.json
-    (status failed) and in the returned error."""
+    (status failed, resumable) and in the returned error."""
     rounds_run, reasons = 0, []
     try:
         server = server_job_folder(download)
@@ -222,8 +222,9 @@ def job_failed(cfg: FLConfig, what: str, download: Path, run_dir: Path, hint: st
         reasons = list(dict.fromkeys(m.group(1).strip() for m in map(SERVER_ERROR.search, lines) if m))[:4]
     because = "; ".join(reasons) if reasons else "the server's log names no error"
     message = f"{what} after {rounds_run} of {cfg.rounds} rounds: {because}; {hint}"
+    # resumable: `submit --resume` may continue it from its last completed round
     write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "rounds_run": rounds_run,
-                                          "task": cfg.task, "sites": list(cfg.sites)})
+                                          "resumable": True, "task": cfg.task, "sites": list(cfg.sites)})
     return AdminError(message)
 
 
@@ -252,6 +253,8 @@ def resume_config(run_dir: Path, available_sites: list[str], where: str = "this 
         meta_file = run_dir / "job_meta.json"
         failed = json.loads(meta_file.read_text()).get("job_id", "earlier") if meta_file.is_file() else "earlier"
         download.rename(run_dir / f"download-{failed}")
+        if (run_dir / "metrics.json").is_file():  # the failed attempt's verdict, kept beside its results
+            (run_dir / "metrics.json").rename(run_dir / f"metrics-{failed}.json")
     return replace(cfg, data_root=None)  # sites read their data from their local config
 
 

@@ -107,21 +107,28 @@ def _builder_problems(builders: list) -> list[str]:
 
 
 def provision(project_path: Path, out: Path, server_storage: Path | None = None,
-              heartbeat_timeout: float | None = None) -> list[Kit]:
+              heartbeat_timeout: float | None = None, same_ca: bool = False) -> list[Kit]:
     """Check the project, run NVFlare's provisioner into `out` (new or empty), return the kits.
-    server_storage, heartbeat_timeout: see `configure_server`."""
+    same_ca: `out` holds an earlier provisioning of this project: provision again with its root CA
+    (NVFlare keeps it in <project>/state/cert.json), into the next prod_NN folder; kits already
+    handed out keep working. server_storage, heartbeat_timeout: see `configure_server`."""
     project = load_project(project_path)
     problems = project_problems(project)
     if problems:
         raise ProvisionError(f"{project_path}: " + "; ".join(problems))
     out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    state = out / str(project.get("name")) / "state" / "cert.json"
+    if same_ca and not state.is_file():
+        raise ProvisionError(f"{out}: holds no earlier provisioning of project {project.get('name')!r} ({state} "
+                             "missing); --same-ca provisions again into the folder of the first provisioning")
+    if not same_ca and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ProvisionError(f"{out}: exists and is not an empty folder; provisioning writes new kits (and a new "
-                             "root CA) into a new folder")
+                             "root CA) into a new folder (--same-ca: again into an earlier one, with its root CA)")
     out.mkdir(parents=True, exist_ok=True)
     nvflare = shutil.which("nvflare") or str(Path(sys.executable).parent / "nvflare")
-    done = subprocess.run([nvflare, "provision", "-p", str(Path(project_path).absolute()), "-w", str(out)],
-                          capture_output=True, text=True, cwd=out, timeout=600)
+    # --force: NVFlare asks before it writes into a workspace that holds an earlier provisioning
+    done = subprocess.run([nvflare, "provision", "-p", str(Path(project_path).absolute()), "-w", str(out),
+                           *(["--force"] if same_ca else [])], capture_output=True, text=True, cwd=out, timeout=600)
     kits_root = out / project["name"]
     prods = sorted(kits_root.glob("prod_*")) if kits_root.is_dir() else []
     if done.returncode != 0 or not prods:

@@ -27,9 +27,10 @@ def prepare_resume(run_dir: Path, interrupted: Path | None) -> FLConfig:
         raise SimulationError(f"{exc}; not a run folder to resume") from None
     if not run.federated:
         raise SimulationError(f"{run_dir}: a {run.kind} run, not a federated run to resume")
-    if run.finished:
-        ended = "failed" if '"failed"' in run.metrics_file.read_text() else "finished"
-        raise SimulationError(f"{run_dir}: this run {ended} (see its metrics.json); nothing to resume: start a new run")
+    ended = run.metrics() or {}
+    if run.finished and not ended.get("resumable"):  # a job cut short (its server job died) is resumable
+        outcome = "failed" if ended.get("status") == "failed" else "finished"
+        raise SimulationError(f"{run_dir}: this run {outcome} (see its metrics.json); nothing to resume: start a new run")
     cfg = run.config
     if cfg.he:
         raise SimulationError(f"{run_dir}: an HE run cannot be resumed (its round models are ciphertexts the "
