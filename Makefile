@@ -29,7 +29,7 @@ test: install
 
 # The inner loop (~4 min on 2 cores): no simulator or POC end to end (the files below and the tests
 # marked e2e elsewhere).
-SLOW_TESTS := federated poc poc_intermittent poc_he demo resume study
+SLOW_TESTS := federated poc poc_intermittent demo resume study rehearsal
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e" $(foreach t,$(SLOW_TESTS),--ignore=tests/test_$(t).py)
 

@@ -5,6 +5,9 @@ NVFlare copies this module into that job's custom/ folder."""
 
 from __future__ import annotations
 
+import os
+import time
+
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
@@ -51,6 +54,38 @@ def failing_round(site: str, round_num: int):
     """A job extension that makes one site's train task of one round fail."""
     def extend(job) -> None:
         job.to_clients(FailRound(site, round_num), tasks=["train"], filter_type=FilterType.TASK_DATA)
+    return extend
+
+
+class HoldRound(Filter):
+    """At `site`, the train task of round `round_num` waits until the file `release` exists (at most
+    `timeout` s): a test kills the site while it is held, at a known point of every job it runs."""
+
+    def __init__(self, site: str, round_num: int, release: str, timeout: float = 300):
+        super().__init__()
+        self.site, self.round_num, self.release, self.timeout = site, round_num, release, timeout
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_identity_name() == self.site and shareable.get_header(AppConstants.CURRENT_ROUND) == self.round_num:
+            self.log_warning(fl_ctx, f"fault drill: holding round {self.round_num} until {self.release} exists")
+            deadline = time.time() + self.timeout
+            while not os.path.exists(self.release) and time.time() < deadline:
+                time.sleep(0.2)
+        return shareable
+
+
+def held_round(site: str, round_num: int, release: str):
+    """A job extension that holds one site's train task of one round (see HoldRound)."""
+    def extend(job) -> None:
+        job.to_clients(HoldRound(site, round_num, release), tasks=["train"], filter_type=FilterType.TASK_DATA)
+    return extend
+
+
+def both(*extensions):
+    """Several job extensions as one."""
+    def extend(job) -> None:
+        for extension in extensions:
+            extension(job)
     return extend
 
 

@@ -12,7 +12,7 @@ from bench.cases import QUICK, run_case
 from cxrfl.cli import main
 
 # Left out to keep the suite short (each is several simulator or POC runs; `cxrfl bench` runs them):
-# he (its machinery is test_poc_he.py's), federation (`cxrfl central` vs `cxrfl sim --take-turns`,
+# he (its machinery is test_rehearsal.py's), federation (`cxrfl central` vs `cxrfl sim --take-turns`,
 # both run elsewhere in the suite) and scaling (its memory probe is tested below).
 CASES = "loop,inference"
 
