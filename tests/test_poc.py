@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -139,57 +138,3 @@ def test_a_member_admin_may_look_but_not_submit_or_abort(poc):
     finally:
         auditor.close()
         admin.close()
-
-
-def test_a_site_with_another_projects_certificate_is_refused(poc, tmp_path):
-    """Mutual TLS: a client kit provisioned by another project (its own root CA) for this server's
-    host and port never gets in; the POC's sites stay the only ones connected."""
-    import sys
-
-    import yaml
-
-    state = load_state(poc["workspace"])
-    project = {"api_version": 3, "name": "intruder", "description": "another project's root CA",
-               "participants": [{"name": "localhost", "type": "server", "org": "elsewhere",
-                                 "fed_learn_port": state["port"], "admin_port": state["port"]},
-                                {"name": "intruder-hospital", "type": "client", "org": "elsewhere"}],
-               "builders": [{"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
-                             "args": {"template_file": ["master_template.yml"]}},
-                            {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder",
-                             "args": {"config_folder": "config"}},
-                            {"path": "nvflare.lighter.impl.cert.CertBuilder"},
-                            {"path": "nvflare.lighter.impl.signature.SignatureBuilder"}]}
-    project_file = tmp_path / "intruder.yml"
-    project_file.write_text(yaml.safe_dump(project))
-    nvflare = Path(sys.executable).parent / "nvflare"
-    subprocess.run([str(nvflare), "provision", "-p", str(project_file), "-w", str(tmp_path / "kits")],
-                   check=True, capture_output=True, timeout=120)
-    kit = next((tmp_path / "kits" / "intruder").glob("prod_*")) / "intruder-hospital"
-    with open(tmp_path / "intruder.log", "w") as log:
-        intruder = subprocess.Popen([sys.executable, "-u", "-m", "nvflare.private.fed.app.client.client_train",
-                                     "-m", str(kit), "-s", "fed_client.json", "--set", "uid=intruder-hospital",
-                                     "secure_train=true", "config_folder=config", "org=elsewhere"],
-                                    cwd=kit, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # until the intruder has been turned away at the TLS handshake (not a fixed wait that a busy
-        # machine may not reach an attempt in), then ask the server who is connected
-        deadline = time.time() + 300
-        while not re.search(r"(?i)ssl|certificate|handshake|verify", (tmp_path / "intruder.log").read_text()):
-            assert intruder.poll() is None and time.time() < deadline, (tmp_path / "intruder.log").read_text()[-3000:]
-            time.sleep(1)
-        time.sleep(5)  # and a further attempt or two
-        sess = session(state)
-        try:
-            connected = sorted(c.name for c in sess.get_system_info().client_info)
-        finally:
-            sess.close()
-    finally:
-        import os
-        import signal
-
-        os.killpg(intruder.pid, signal.SIGKILL)
-        intruder.wait()
-    assert connected == sorted(state["sites"])
-    log = (tmp_path / "intruder.log").read_text()
-    assert "intruder-hospital" not in connected
-    assert re.search(r"(?i)ssl|certificate|handshake|verify", log), log[-3000:]

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import netns
 from app_custom.ckks_packing import decrypt_and_unpack, is_packed
 from app_custom.global_model import GlobalModel
 from app_custom.wire import SUM_WEIGHT
-from cxrfl.fl.provision import PROJECT_FILE
+from cxrfl.fl.provision import PROJECT_FILE, provision
 from lightning_modules.data.phantom import generate_dataset
 
 pytestmark = pytest.mark.e2e
@@ -86,11 +87,11 @@ class Deployment:
         # a kit of the same consortium (same root CA) provisioned for the server's old name, which the
         # hospital's DNS still resolves to the server
         stale = _project(base / "stale.yml", "cxr_fl", STALE_SERVER, ["stale-kit-hospital"])
-        _cxrfl("provision", "--project", str(stale), "--out", str(kits_dir), "--same-ca")
+        provision(stale, kits_dir, same_ca=True)
         self.stale_kit = kits_dir / "cxr_fl" / "prod_01" / "stale-kit-hospital"
         # a kit of another consortium (its own root CA) pointed at this server
         foreign = _project(base / "foreign.yml", "other_fl", SERVER, ["foreign-hospital"])
-        _cxrfl("provision", "--project", str(foreign), "--out", str(base / "foreign-kits"))
+        provision(foreign, base / "foreign-kits")
         self.foreign_kit = base / "foreign-kits" / "other_fl" / "prod_00" / "foreign-hospital"
         self.env = dict(os.environ, HOME=str(base / "home"), PYTHONWARNINGS="ignore",
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -344,9 +345,12 @@ def test_a_hospital_killed_mid_job(deployment, tmp_path):
     killed, flaky = dep.sites[2], dep.sites[1]
     hold = f"held_round({killed!r}, 1, {str(tmp_path / 'never')!r})"  # killed there, never released
     # a failed result counts as an answer to NVFlare: the round waits a while for the third site
-    tolerant = dep.submit_with_drill(f"both(failing_round({flaky!r}, 0), {hold})", "--rounds", "3",
-                                     "--min-clients", "2", "--wait-after-min-clients", "8", "--no-cross-site-eval")
-    strict = dep.submit_with_drill(hold, "--rounds", "3", "--min-clients", "3", "--no-cross-site-eval")
+    with ThreadPoolExecutor(2) as pool:
+        submitted = [pool.submit(dep.submit_with_drill, f"both(failing_round({flaky!r}, 0), {hold})", "--rounds", "3",
+                                 "--min-clients", "2", "--wait-after-min-clients", "8", "--no-cross-site-eval"),
+                     pool.submit(dep.submit_with_drill, hold, "--rounds", "3", "--min-clients", "3",
+                                 "--no-cross-site-eval")]
+        tolerant, strict = (job.result() for job in submitted)
     deadline = time.time() + 300
     while not (_held(dep, killed, tolerant) and _held(dep, killed, strict)):
         assert time.time() < deadline, "the killed site never reached round 1 of both jobs"
@@ -354,7 +358,10 @@ def test_a_hospital_killed_mid_job(deployment, tmp_path):
     for pid in netns.pids_in(dep.net.ns("h3")):  # the hospital's machine dies: client and job processes
         os.kill(pid, 9)
 
-    done = dep.admin("wait", tolerant, "--out", str(tmp_path / "tolerant"), "--data", str(dep.data), "--timeout", "600")
+    with ThreadPoolExecutor(2) as pool:  # both jobs end at their own pace
+        waits = [pool.submit(dep.admin, "wait", job, "--out", str(tmp_path / name), "--data", str(dep.data),
+                             "--timeout", "600") for job, name in ((tolerant, "tolerant"), (strict, "strict"))]
+        done, failed = (w.result() for w in waits)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "tolerant" / "models" / "rounds" / "round_log.jsonl")
            .read_text().splitlines()]
@@ -365,7 +372,6 @@ def test_a_hospital_killed_mid_job(deployment, tmp_path):
     assert metrics["sites_missing_rounds"] == {killed: [1, 2], flaky: [0]}, metrics
     assert f"{killed} missed round(s) 1-2" in done.stdout, done.stdout
 
-    failed = dep.admin("wait", strict, "--out", str(tmp_path / "strict"), "--data", str(dep.data), "--timeout", "600")
     assert failed.returncode == 2, failed.stdout + failed.stderr[-3000:]
     reason = failed.stderr.strip().splitlines()[-1]
     assert f"Client {killed} is deemed disconnected" in reason and "after 1 of 3 rounds" in reason, reason
