@@ -8,12 +8,17 @@ evaluated on the (site-transformed) grid, image, lung mask and opacity mask alig
 
 Sites differ the way hospitals do: exposure, contrast, gamma, noise, blur, patient
 positioning (shift/rotation), field of view, a burned-in side marker, and pneumonia prevalence,
-so federated splits are non-IID. Everything is deterministic for a seed.
+so federated splits are non-IID. Two dials set how much, separately: `site_shift` scales the
+acquisition differences (0: one shared scanner profile, IID acquisition; 1: the default) and
+`label_alpha` draws each site's prevalence from a Dirichlet (label skew). Everything is
+deterministic for a seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import numbers
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,31 +51,81 @@ class SiteProfile:
     marker_corner: int  # burned-in side marker position, 0..3
 
 
-def site_profiles(n_sites: int, seed: int = 0) -> list[SiteProfile]:
-    """Deterministic, clearly different acquisition profiles for n sites."""
+# Each acquisition parameter is drawn per site from its range (in this order: the seed's draws);
+# the shared reference profile of site_shift 0 is the ranges' midpoint.
+ACQUISITION_RANGES = {
+    "exposure": (-0.08, 0.08),
+    "contrast": (0.8, 1.2),
+    "gamma": (0.75, 1.35),
+    "noise": (0.01, 0.045),
+    "blur": (0.4, 1.6),
+    "max_shift": (0.02, 0.07),
+    "max_rotation": (2.0, 7.0),
+    "field_of_view": (0.95, 1.15),
+}
+REFERENCE_ACQUISITION = {name: (lo + hi) / 2 for name, (lo, hi) in ACQUISITION_RANGES.items()}
+REFERENCE_MARKER_CORNER = 0
+# Beyond 1 the spread is extrapolated; these parameters are floored at 0 there (a std, a sigma,
+# jitter bounds). At 2 the rest stay valid: contrast >= 0.6, gamma >= 0.45, field of view >= 0.85.
+NON_NEGATIVE = ("noise", "blur", "max_shift", "max_rotation")
+MAX_SITE_SHIFT = 2.0
+
+
+def site_profiles(n_sites: int, seed: int = 0, site_shift: float = 1.0,
+                  label_alpha: float | None = None) -> list[SiteProfile]:
+    """Deterministic acquisition profiles for n sites, clearly different at site_shift 1 (see
+    `shift_profile`); label_alpha None keeps the fixed prevalences (0.25..0.65, shuffled), a value
+    draws them with `dirichlet_prevalences`. The two dials draw from separate streams."""
     if n_sites < 1:
         raise ValueError("n_sites must be >= 1")
+    check_dials(site_shift, label_alpha)
     rng = np.random.default_rng([seed, 7919])
     prevalences = np.linspace(0.25, 0.65, n_sites) if n_sites > 1 else np.array([0.45])
     rng.shuffle(prevalences)
+    if label_alpha is not None:
+        prevalences = dirichlet_prevalences(n_sites, label_alpha, seed)
     profiles = []
     for i in range(n_sites):
-        profiles.append(
-            SiteProfile(
-                name=f"site-{i + 1}",
-                prevalence=float(prevalences[i]),
-                exposure=float(rng.uniform(-0.08, 0.08)),
-                contrast=float(rng.uniform(0.8, 1.2)),
-                gamma=float(rng.uniform(0.75, 1.35)),
-                noise=float(rng.uniform(0.01, 0.045)),
-                blur=float(rng.uniform(0.4, 1.6)),
-                max_shift=float(rng.uniform(0.02, 0.07)),
-                max_rotation=float(rng.uniform(2.0, 7.0)),
-                field_of_view=float(rng.uniform(0.95, 1.15)),
-                marker_corner=int(i % 4),
-            )
-        )
+        acquisition = {name: float(rng.uniform(lo, hi)) for name, (lo, hi) in ACQUISITION_RANGES.items()}
+        own = SiteProfile(name=f"site-{i + 1}", prevalence=float(prevalences[i]), marker_corner=int(i % 4),
+                          **acquisition)
+        profiles.append(shift_profile(own, site_shift))
     return profiles
+
+
+def check_dials(site_shift: float, label_alpha: float | None,
+                names: tuple[str, str] = ("site_shift", "label_alpha")) -> None:
+    """ValueError (one line, naming the option as `names` spell it) unless both heterogeneity
+    dials are usable."""
+    if not (isinstance(site_shift, numbers.Real) and 0.0 <= site_shift <= MAX_SITE_SHIFT):
+        raise ValueError(f"{names[0]} must be a number in [0, {MAX_SITE_SHIFT:g}], got {site_shift!r}")
+    if label_alpha is not None and not (isinstance(label_alpha, numbers.Real) and 0.0 < label_alpha < math.inf):
+        raise ValueError(f"{names[1]} must be a finite number > 0 (or left out for the fixed prevalences), "
+                         f"got {label_alpha!r}")
+
+
+def shift_profile(own: SiteProfile, site_shift: float) -> SiteProfile:
+    """`own` moved toward (site_shift < 1) or away from (> 1) the shared reference profile: each
+    acquisition parameter is reference + site_shift * (own - reference). The side-marker corner
+    cannot be interpolated: at 0 every site puts it in the reference corner; between 0 and 1 a
+    share site_shift of a site's images carries it in the site's own corner (see `_ImageSet`).
+    Prevalence is label skew, not acquisition: unchanged."""
+    if site_shift == 1.0:
+        return own  # exactly today's profile (no float round trip)
+    values = {}
+    for name, reference in REFERENCE_ACQUISITION.items():
+        value = reference + site_shift * (getattr(own, name) - reference)
+        values[name] = max(value, 0.0) if name in NON_NEGATIVE else value
+    corner = own.marker_corner if site_shift > 0 else REFERENCE_MARKER_CORNER
+    return replace(own, marker_corner=corner, **values)
+
+
+def dirichlet_prevalences(n_sites: int, label_alpha: float, seed: int = 0) -> np.ndarray:
+    """Each site's pneumonia share: its class distribution drawn from Dirichlet(label_alpha, ...)
+    over the classes (0.1: most sites nearly one class; large: all near 1 / n_classes)."""
+    rng = np.random.default_rng([seed, 8837])
+    shares = rng.dirichlet([label_alpha] * len(CLASSES), size=n_sites)
+    return shares[:, CLASSES.index("pneumonia")]
 
 
 @dataclass
@@ -266,43 +321,62 @@ def planted_signal_phantoms(count: int, size: int = 64, seed: int = 0, opacity_g
 
 def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, test_size: int | None = None,
                      size: int = 256, seed: int = 0, val_fraction: float = 0.2,
-                     follow_up_rate: float = 0.1, label_signal: str = "opacity+site") -> dict:
+                     follow_up_rate: float = 0.1, label_signal: str = "opacity+site",
+                     site_shift: float = 1.0, label_alpha: float | None = None) -> dict:
     """Write a multi-site data root (site-1..N + test) of phantoms; returns its dataset info.
 
     About follow_up_rate of patients get a second image (same anatomy and label, new
     positioning), so splitting has to respect patients. label_signal "opacity" removes the
     site cues from the label (every site at prevalence 0.5, no side marker): only the opacity
-    tells pneumonia, as an attribution check needs.
+    tells pneumonia, as an attribution check needs. site_shift scales how different the sites'
+    acquisition is (0 = one shared profile, 1 = default, up to MAX_SITE_SHIFT); label_alpha draws
+    each site's prevalence from a Dirichlet and writes exactly round(prevalence * per_site)
+    pneumonia images there, at least one image of each class. The test set keeps prevalence 0.5.
     """
     if sites < 1 or per_site < 2 or size < 32:
         raise ValueError("need sites >= 1, per_site >= 2 and size >= 32")
     if label_signal not in LABEL_SIGNALS:
         raise ValueError(f"label_signal must be one of {', '.join(LABEL_SIGNALS)}")
     opacity_only = label_signal == "opacity"
+    if opacity_only and label_alpha is not None:
+        raise ValueError("label_alpha cannot be combined with label_signal 'opacity' (every site at prevalence 0.5)")
     out = Path(out)
-    profiles = site_profiles(sites, seed)
+    profiles = site_profiles(sites, seed, site_shift, label_alpha)
     test_size = per_site if test_size is None else test_size
-    image_set = _ImageSet(out=out, seed=seed, size=size, follow_up_rate=follow_up_rate, marker=not opacity_only)
+    image_set = _ImageSet(out=out, seed=seed, size=size, follow_up_rate=follow_up_rate, marker=not opacity_only,
+                          own_marker_share=min(site_shift, 1.0))
 
     summary = {}
     for i, profile in enumerate(profiles):
+        plan = None if label_alpha is None else _label_plan(per_site, profile.prevalence, seed, stream=i + 1)
         records = image_set.write(profile.name, per_site, lambda rng, p=profile: p, 0.5 if opacity_only else None,
-                                  lambda rng: "val" if rng.random() < val_fraction else "train", stream=i + 1)
+                                  lambda rng: "val" if rng.random() < val_fraction else "train", stream=i + 1,
+                                  label_plan=plan)
         summary[profile.name] = _counts(records)
     test_records = image_set.write(TEST_SITE, test_size, lambda rng: profiles[rng.integers(len(profiles))], 0.5,
                                    lambda rng: "test", stream=10_000)
     summary[TEST_SITE] = _counts(test_records)
+    dials = {**({"site_shift": site_shift} if site_shift != 1.0 else {}),
+             **({"label_alpha": label_alpha} if label_alpha is not None else {})}
     info = {
         "classes": CLASSES,
         "source": "synthetic-phantom",
         "generator": {"sites": sites, "per_site": per_site, "test_size": test_size, "size": size, "seed": seed,
                       "val_fraction": val_fraction, "follow_up_rate": follow_up_rate,
-                      **({"label_signal": label_signal} if opacity_only else {})},
+                      **({"label_signal": label_signal} if opacity_only else {}), **dials},
         "site_profiles": [asdict(p) for p in profiles],
         "counts": summary,
     }
     write_json(out / DATASET_JSON, info)
     return info
+
+
+def _label_plan(count: int, prevalence: float, seed: int, stream: int) -> list[bool]:
+    """Pneumonia flag of each of a site's `count` images: round(prevalence * count) of them, at
+    least one of each class (count >= 2), in a seeded order."""
+    n_pneumonia = min(max(round(prevalence * count), 1), count - 1)
+    flags = np.array([True] * n_pneumonia + [False] * (count - n_pneumonia))
+    return [bool(f) for f in np.random.default_rng([seed, 8837, stream]).permutation(flags)]
 
 
 @dataclass(frozen=True)
@@ -314,12 +388,14 @@ class _ImageSet:
     size: int
     follow_up_rate: float
     marker: bool
+    own_marker_share: float = 1.0  # share of images with the side marker in their site's own corner
 
     def write(self, folder_name: str, count: int, pick_profile: Callable[[np.random.Generator], SiteProfile],
               prevalence: float | None, split_for_patient: Callable[[np.random.Generator], str],
-              stream: int) -> list[Record]:
+              stream: int, label_plan: list[bool] | None = None) -> list[Record]:
         """`count` images (patients with one or two images) in OUT/folder_name with their manifest;
-        prevalence None: the patient's profile's. Each folder draws from its own `stream`."""
+        prevalence None: the patient's profile's; label_plan: each image's label instead (a follow-up
+        image only where the plan's next label is the same). Each folder draws from its own `stream`."""
         folder = self.out / folder_name
         rng = np.random.default_rng([self.seed, stream])
         records = []
@@ -329,12 +405,16 @@ class _ImageSet:
             patient += 1
             pid = f"{folder_name}-p{patient:05d}"
             profile = pick_profile(rng)
-            pneumonia = bool(rng.random() < (profile.prevalence if prevalence is None else prevalence))
+            if label_plan is None:
+                pneumonia = bool(rng.random() < (profile.prevalence if prevalence is None else prevalence))
+            else:
+                pneumonia = label_plan[index]
             anatomy = sample_anatomy(rng)
-            n_images = 2 if (rng.random() < self.follow_up_rate and index + 1 < count) else 1
+            n_images = 2 if (rng.random() < self.follow_up_rate and index + 1 < count
+                             and (label_plan is None or label_plan[index + 1] == pneumonia)) else 1
             split = split_for_patient(rng)
             for k in range(n_images):
-                ph = render_phantom(rng, profile, self.size, pneumonia, anatomy, marker=self.marker)
+                ph = render_phantom(rng, self._marked(rng, profile), self.size, pneumonia, anatomy, marker=self.marker)
                 stem = f"{pid}-{k}"
                 write_png(folder / "images" / f"{stem}.png", ph.image)
                 write_png(folder / "masks" / f"{stem}.png", ph.lung_mask, mask=True)
@@ -347,6 +427,13 @@ class _ImageSet:
                 index += 1
         write_manifest(folder / MANIFEST_NAME, records)
         return records
+
+    def _marked(self, rng: np.random.Generator, profile: SiteProfile) -> SiteProfile:
+        """`profile`, or for a share 1 - own_marker_share of images (drawn only when that share is
+        strictly between 0 and 1) the same with its marker in the reference corner."""
+        if 0.0 < self.own_marker_share < 1.0 and self.marker and rng.random() >= self.own_marker_share:
+            return replace(profile, marker_corner=REFERENCE_MARKER_CORNER)
+        return profile
 
 
 def _counts(records: list[Record]) -> dict:
