@@ -6,13 +6,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from cxrfl.fl.admin import AdminError
+from cxrfl.commands.wait import print_waited
+from cxrfl.fl.admin import AdminError, wait_folder
 from cxrfl.fl.config import FLConfig
 from cxrfl.options import add_config_options, fl_config, positive_int, resolve_data_root
-from cxrfl.fl.poc import (PocError, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait,
-                       resumed_run)
-from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics, run_dir_ready
-from cxrfl.fl.outcome import run_notes
+from cxrfl.fl.poc import admin_kit, load_state, poc_down, poc_restart_site, poc_resume, poc_submit, poc_up, poc_wait
+from cxrfl.runs import RunDirError
 from cxrfl.fl.results import SimulationError
 from lightning_modules.data.manifest import ManifestError
 
@@ -132,17 +131,11 @@ def run_submit(args) -> int:
 def run_wait(args) -> int:
     try:
         state = load_state(args.workspace)
-        continues = resumed_run(state, args.job_id)  # a resumed job adds to its run's folder
-        if continues is not None and args.out is not None and args.out.absolute() != continues:
-            raise PocError(f"job {args.job_id} continues the run in {continues}; wait for it with --out {continues}")
-        run_dir = run_dir_ready(continues) if continues is not None else new_run_dir(args.out, "poc")
+        run_dir = wait_folder(admin_kit(state), args.job_id, args.out, "poc")
         summary = poc_wait(state, args.job_id, run_dir, timeout=args.timeout)
     except (AdminError, SimulationError, RunDirError) as exc:
         return _fail(exc)
-    print(f"job {args.job_id}: {summary['status']}; run folder: {run_dir}")
-    print_test_metrics(summary["test"], summary.get("undefined_reason", ""))
-    for note in run_notes(summary):  # sites that missed rounds, an early stop
-        print(note)
+    print_waited(args.job_id, run_dir, summary)
     return 0
 
 

@@ -10,7 +10,7 @@ from cxrfl.fl import admin
 from cxrfl.fl.admin import AdminError, AdminKit
 from cxrfl.fl.outcome import run_notes
 from cxrfl.fl.results import SimulationError
-from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics, run_dir_ready
+from cxrfl.runs import RunDirError, print_test_metrics
 
 
 def add_parser(subparsers) -> None:
@@ -36,17 +36,18 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     try:
         kit = AdminKit.open(args.admin_kit)
-        continues = admin.resumed_run(kit, args.job_id)  # a resumed job adds to its run's folder
-        if continues is not None and args.out is not None and args.out.absolute() != continues:
-            raise AdminError(f"job {args.job_id} continues the run in {continues}; wait for it with --out {continues}")
-        run_dir = run_dir_ready(continues) if continues is not None else new_run_dir(args.out, "deployment")
-        summary = admin.wait(kit, args.job_id, run_dir, args.data, timeout=args.timeout, he_key=args.he_key,
-                             continues=continues is not None)
+        run_dir = admin.wait_folder(kit, args.job_id, args.out, "deployment")
+        summary = admin.wait(kit, args.job_id, run_dir, args.data, timeout=args.timeout, he_key=args.he_key)
     except (AdminError, SimulationError, RunDirError) as exc:
         print(f"cxrfl wait: {exc}", file=sys.stderr)
         return 2
-    print(f"job {args.job_id}: {summary['status']}; run folder: {run_dir}")
+    print_waited(args.job_id, run_dir, summary)
+    return 0
+
+
+def print_waited(job_id: str, run_dir: Path, summary: dict) -> None:
+    """The terminal summary of a job waited for (also `cxrfl poc wait`'s)."""
+    print(f"job {job_id}: {summary['status']}; run folder: {run_dir}")
     print_test_metrics(summary["test"], summary.get("undefined_reason", ""))
     for note in run_notes(summary):  # sites that missed rounds, an early stop
         print(note)
-    return 0

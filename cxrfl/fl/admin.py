@@ -27,6 +27,7 @@ from cxrfl.fl.results import SimulationError, check_contributions, collect_serve
 from cxrfl.fl.resume import prepare_resume
 from cxrfl.fl.simulator import export_job
 from cxrfl.run_folder import RunFolder
+from cxrfl.runs import new_run_dir, run_dir_ready
 from lightning_modules.data.atomic import atomic_write_text, write_json
 
 ADMIN_CONFIG = Path("startup") / "fed_admin.json"
@@ -37,6 +38,9 @@ JOBS_FOLDER = "cxrfl_jobs"  # beside an admin kit's startup/: the jobs this admi
 # answer the end of the run (e.g. its machine died mid-job): its results are judged like any other
 # (every round written, --min-clients met), not by this status.
 ABNORMAL = "FINISHED_ABNORMAL"
+
+# The summary of a run waited for without the coordinator's data root
+UNTESTED = {"test": {}, "undefined_reason": "no test set here (give --data: the coordinator's data root)"}
 
 
 class AdminError(RuntimeError):
@@ -163,16 +167,20 @@ def server_job_folder(download: Path) -> Path:
 
 def wait(kit: AdminKit, job_id: str, run_dir: Path, data_root: Path | None, timeout: float = 3600,
          he_key: Path | None = None, site_logs: dict[str, list[Path]] | None = None,
-         continues: bool = False, kind: str = "deployment", resume_command: str | None = None) -> dict:
+         kind: str = "deployment", resume_command: str | None = None) -> dict:
     """Follow a job to its end, download its results and evaluate them like a simulator run.
     data_root: the coordinator's copy of the data (its test split; None: no test evaluation).
     he_key: a site's client context, to decrypt an HE job's models for the test set.
     site_logs: where each site's logs can be read (a POC: all on this machine), to name their errors.
-    continues: the job resumes an earlier one whose run folder this is (its configuration stays).
+    A job submitted by `submit_resumed` adds its rounds to the run it continues (run_dir must be that).
     resume_command: how the user continues a failed job (named in the error)."""
     cfg = submitted_config(kit, job_id)
     cfg = replace(cfg, data_root=str(Path(data_root).absolute()) if data_root else None)
     run_dir = Path(run_dir).absolute()
+    earlier = resumed_run(kit, job_id)
+    if earlier is not None and earlier != run_dir:
+        raise AdminError(f"job {job_id} continues the run in {earlier}; wait for it with --out {earlier}")
+    continues = earlier is not None
     start = time.time()
     meta = follow_job(kit, job_id, timeout)
     wall = time.time() - start
@@ -196,7 +204,7 @@ def wait(kit: AdminKit, job_id: str, run_dir: Path, data_root: Path | None, time
             raise
         raise AdminError(f"job {job_id} ended as {status}: {exc}; {resume_hint}") from None
     contributions = check_contributions(cfg, run_dir, site_logs or {})
-    summary = evaluate_run(cfg, run_dir, collected, he_key=he_key) if cfg.data_root else _untested(cfg)
+    summary = evaluate_run(cfg, run_dir, collected, he_key=he_key) if cfg.data_root else dict(UNTESTED)
     summary.update(contributions, job_id=job_id, status=status, wall_seconds=round(wall, 2), rounds=cfg.rounds, sites=cfg.sites)
     write_json(run_dir / "metrics.json", summary)
     return summary
@@ -228,8 +236,15 @@ def job_failed(cfg: FLConfig, what: str, download: Path, run_dir: Path, hint: st
     return AdminError(message)
 
 
-def _untested(cfg: FLConfig) -> dict:
-    return {"test": {}, "undefined_reason": "no test set here (give --data: the coordinator's data root)"}
+def wait_folder(kit: AdminKit, job_id: str, out: Path | None, kind: str) -> Path:
+    """Where `wait` puts a job's results: the run a resumed job continues (`out` must be it or
+    None), else a new run folder (`out`, or one under runs/)."""
+    continues = resumed_run(kit, job_id)
+    if continues is None:
+        return new_run_dir(out, kind)
+    if out is not None and Path(out).absolute() != continues:
+        raise AdminError(f"job {job_id} continues the run in {continues}; wait for it with --out {continues}")
+    return run_dir_ready(continues)
 
 
 def resumed_run(kit: AdminKit, job_id: str) -> Path | None:

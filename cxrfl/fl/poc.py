@@ -236,11 +236,6 @@ def poc_submit(state: dict, cfg: FLConfig) -> str:
     return admin.submit(admin_kit(state), cfg)
 
 
-def resumed_run(state: dict, job_id: str) -> Path | None:
-    """The run folder a job submitted by `poc_resume` continues, else None."""
-    return admin.resumed_run(admin_kit(state), job_id)
-
-
 def poc_resume(state: dict, run_dir: Path) -> str:
     """Submit the rest of a job that ended early as a new job (see admin.resume_config)."""
     cfg = admin.resume_config(run_dir, state["sites"], "this POC")
@@ -250,17 +245,11 @@ def poc_resume(state: dict, run_dir: Path) -> str:
 def poc_wait(state: dict, job_id: str, run_dir: Path, timeout: float = 3600) -> dict:
     """admin.wait with what only a POC has: the coordinator's data root (for the held-out test set),
     every site's logs (to name their errors) and, under HE, a site's key on this machine."""
-    kit = admin_kit(state)
-    run_dir = Path(run_dir).absolute()
-    continues = admin.resumed_run(kit, job_id)
-    if continues is not None and continues != run_dir:
-        raise PocError(f"job {job_id} continues the run in {continues}; wait for it with --out {continues}")
     kits = Path(state["kits"])
     site_logs = {site: [kits / site / job_id / "log.txt", kits / site / "log.txt"] for site in state["sites"]}
     he_key = kits / state["sites"][0] / "startup" / CLIENT_CONTEXT if state.get("he") else None
-    return admin.wait(kit, job_id, run_dir, state["data_root"], timeout=timeout, he_key=he_key,
-                      site_logs=site_logs, continues=continues is not None, kind="poc",
-                      resume_command="cxrfl poc submit --resume")
+    return admin.wait(admin_kit(state), job_id, run_dir, state["data_root"], timeout=timeout, he_key=he_key,
+                      site_logs=site_logs, kind="poc", resume_command="cxrfl poc submit --resume")
 
 
 def workspace_processes(workspace: Path) -> list[int]:

@@ -47,9 +47,9 @@ def collect_server_results(cfg: FLConfig, server: Path, run_dir: Path, append_lo
             shutil.copy2(f, models / "rounds" / f.name)
     done = len(list((models / "rounds").glob("global_round_*.pt")))
     stopped = early_stop(run_dir)
-    if done < rounds_run(cfg, stopped):
-        raise SimulationError(f"only {done} of {rounds_run(cfg, stopped)} rounds completed; a site probably crashed: "
-                              f"see {logs}")
+    expected = rounds_run(cfg, stopped)
+    if done < expected:
+        raise SimulationError(f"only {done} of {expected} rounds completed; a site probably crashed: see {logs}")
     if (server / "metrics").is_dir():
         for f in sorted((server / "metrics").glob("*.jsonl")) if append_logs else []:
             append_lines(f, run_dir / "metrics" / f.name)
