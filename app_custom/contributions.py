@@ -50,12 +50,14 @@ def read_contribution(shareable: Shareable, fl_ctx: FLContext, already_counted) 
     return Contribution(site, dxo, float(weight) if refusal is None else None, refusal)
 
 
-def update_problem(update: dict, model: dict) -> str | None:
+def update_problem(update: dict, model: dict, site_keys=()) -> str | None:
     """Why a site's plaintext weights (or weight differences) cannot be averaged into `model`:
-    other tensor names, other shapes, or NaN/Inf values; None when they can."""
+    other tensor names, other shapes, or NaN/Inf values; None when they can. site_keys: the model's
+    tensors that stay at the sites (FedBN's normalisation layers): an update must not hold them."""
     if not update:
         return "it holds no weights"
-    missing, unexpected = sorted(set(model) - set(update)), sorted(set(update) - set(model))
+    expected = set(model) - set(site_keys)
+    missing, unexpected = sorted(expected - set(update)), sorted(set(update) - expected)
     if missing or unexpected:
         return (f"its tensors are not the model's (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                 f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
@@ -80,7 +82,12 @@ class UpdateValidator(Filter):
     not the global model's (names, shapes) or hold NaN/Inf is refused with the reason logged, and
     ScatterAndGather (ignore_result_error) goes on with the other sites. Written here because no
     stock NVFlare filter checks a result against the model. HE updates are checked by their site
-    before encryption (the server cannot see inside them); absent-site markers pass."""
+    before encryption (the server cannot see inside them); absent-site markers pass. site_keys: the
+    model's tensors that stay at the sites (FedBN): an update holding one is refused."""
+
+    def __init__(self, site_keys: list[str] | None = None):
+        super().__init__()
+        self.site_keys = list(site_keys or [])
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
@@ -97,7 +104,7 @@ class UpdateValidator(Filter):
         model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         weights = model.get(ModelLearnableKey.WEIGHTS) if model else None
         if weights:
-            problem = update_problem(dxo.data, weights)
+            problem = update_problem(dxo.data, weights, self.site_keys)
             if problem:
                 return self._refuse(fl_ctx, site, problem)
         return shareable

@@ -10,9 +10,16 @@ Per task from the server:
 - train: validate the received global model on the local validation split (these `val_*` metrics
   drive the server's best-model selection), train, send the weights with the number of local training
   samples as the FedAvg weight and the site's time on the task (`wire.LOCAL_SECONDS`).
-- validate (cross-site evaluation): evaluate the received model on the local validation split; a
-  classifier also sends histograms of its positive-class score per true class (bin counts).
-- submit_model (cross-site evaluation): send this site's own last local model.
+- validate (cross-site evaluation): evaluate the received model on the local validation split and, when
+  the site has one, its own test split (`site_test_*` metrics); a classifier also sends histograms of
+  its positive-class score per true class (bin counts).
+- submit_model (cross-site evaluation): send this site's own model: its last local model, Ditto's
+  personal model.
+
+Algorithms (`TrainConfig.algorithm`, docs/algorithms.md): FedProx and SCAFFOLD are applied by the patched
+trainer from the server's metadata; FedBN keeps this site's normalisation tensors in every model it
+loads (the job's KeepAtSite filter keeps them from leaving); Ditto also trains a personal model,
+pulled toward each global model it receives.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ from nvflare.client import is_evaluate, is_submit_model, send
 
 from app_custom.site_files import SITE_CONFIG, local_settings, site_data_dir
 from app_custom.wire import ABSENT, LOCAL_SECONDS
-from lightning_modules.callbacks import RoundTimeBudget
+from lightning_modules.callbacks import ProximalPull, RoundTimeBudget
 from lightning_modules.config import TRAIN_CONFIG_FILE, TrainConfig
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.factory import build_module
+from lightning_modules.networks import normalisation_state_keys
 from lightning_modules.segmentation import LungSegmentation
 
 JOB_CUSTOM = Path(__file__).resolve().parents[1]  # the job's custom/ folder: files the job carries
@@ -69,6 +77,55 @@ class ReportLocalSeconds(pl.Callback):
         pl_module.__fl_meta__[LOCAL_SECONDS] = round(time.monotonic() - self._start, 3)
 
 
+def plain_trainer(cfg: TrainConfig, **kwargs) -> pl.Trainer:
+    """A trainer outside NVFlare's patch (evaluation, Ditto's personal model): it sends nothing."""
+    return pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      deterministic=cfg.deterministic, **kwargs)
+
+
+def evaluate_here(module: pl.LightningModule, dm: CXRDataModule, cfg: TrainConfig) -> dict:
+    """The loaded model on this site's validation split and, when it has one, its own test split
+    (`site_test_*`); a classifier adds its validation score histograms (counts only)."""
+    evaluator = plain_trainer(cfg)
+    module.report_score_histogram = hasattr(module, "report_score_histogram")
+    evaluator.validate(module, datamodule=dm, verbose=False)
+    module.report_score_histogram = False
+    metrics = {k: float(v) for k, v in evaluator.callback_metrics.items()}
+    site_test = dm.site_test_dataloader()
+    if site_test is not None:
+        evaluator.test(module, dataloaders=site_test, verbose=False)
+        metrics.update({f"site_{k}": float(v) for k, v in evaluator.callback_metrics.items() if k.startswith("test_")})
+    return metrics
+
+
+class PersonalModel:
+    """Ditto: this site's personal model, started from the first global model it receives, trained each
+    round for the same local epochs with a pull of strength lambda toward the global model received."""
+
+    def __init__(self, module: pl.LightningModule, cfg: TrainConfig):
+        self.module, self.cfg, self.started = module, cfg, False
+
+    def train(self, global_params: dict, dm: CXRDataModule) -> None:
+        if not self.started:
+            self.module.load_state_dict(global_params)
+            self.started = True
+        pull = ProximalPull({k: v for k, v in global_params.items()}, self.cfg.proximal_weight)
+        plain_trainer(self.cfg, max_epochs=self.cfg.epochs, callbacks=[pull],
+                      check_val_every_n_epoch=2**31 - 1).fit(self.module, datamodule=dm)
+
+    def state(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+def keep_site_tensors(input_model: FLModel, module: pl.LightningModule, keys: list[str]) -> None:
+    """FedBN: the received model takes this site's own tensors for `keys` (its normalisation layers), so
+    the patched trainer loads them with the shared weights (and the update's difference is taken from them)."""
+    if keys and input_model.params:
+        own = module.state_dict()
+        input_model.params.update({k: own[k].detach().cpu().clone() for k in keys})
+
+
 @dataclass(frozen=True)
 class SiteHooks:
     """What only simulated sites add around the loop (app_custom/simulated_site.py): a context each task
@@ -87,6 +144,10 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
     counts = dm.class_counts("train") if cfg.task == "classify" and cfg.class_weights == "balanced" else None
     module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes, class_counts=counts)
     module.__fl_meta__ = {MetaKey.NUM_STEPS_CURRENT_ROUND: dm.num_train_samples}  # FedAvg weight: samples
+    site_keys = normalisation_state_keys(module) if cfg.algorithm == "fedbn" else []
+    personal = None
+    if cfg.algorithm == "ditto":
+        personal = PersonalModel(build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes, class_counts=counts), cfg)
     local_seconds = ReportLocalSeconds()
     budget = [RoundTimeBudget(cfg.time_budget)] if cfg.time_budget > 0 else []
     # check_val_every_n_epoch: fit() runs no validation loop of its own; each round validates the
@@ -104,19 +165,21 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
             break
         with hooks.task_turn():
             local_seconds.task_received()
+            keep_site_tensors(input_model, module, site_keys)
             if is_submit_model():
                 local_params = local_params or {k: v.cpu().clone() for k, v in module.state_dict().items()}
-                send(FLModel(params=local_params, meta={"site": site}))
-            elif is_evaluate():  # a classifier adds its score histograms: the operating point, no score leaves
-                module.report_score_histogram = hasattr(module, "report_score_histogram")
-                trainer.validate(module, datamodule=dm)  # the patched trainer loads the model, sends metrics
-                module.report_score_histogram = False
+                send(FLModel(params=personal.state() if personal else local_params, meta={"site": site}))
+            elif is_evaluate():  # metrics and score histograms only: no image's score leaves
+                module.load_state_dict(input_model.params)
+                send(FLModel(metrics=evaluate_here(module, dm, cfg)))
             elif hooks.away(site, input_model):  # the server counts an empty update as a site that is away
                 send(FLModel(params={}, meta={ABSENT: True}))
             else:
                 trainer.validate(module, datamodule=dm)  # the received global model's metrics: model selection
                 trainer.fit(module, datamodule=dm)
                 local_params = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                if personal is not None:
+                    personal.train(input_model.params, dm)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,10 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
         if cfg.task != "classify":
             raise ModelLoadError(f"{run.path}: a {cfg.task!r} run, not a classification run")
         weights = path if path.is_file() else _weights_file(run)
+        if cfg.algorithm == "fedbn" and not weights.stem.startswith("local_"):
+            raise ModelLoadError(f"{weights}: a FedBN run's global model holds no site's normalisation statistics; "
+                                 "predict with a site's own model, RUN/models/local_<site>.pt (with --he none "
+                                 "reaches the server: predict at the site)")
         classes = list(cfg.classes)
         module = _load_into(_classifier_module(cfg.network, classes, weights), (given or _read(weights)).state, weights)
         clf = Classifier(module, classes, cfg.image_size, cfg.roi, cfg.roi_threshold, source=str(weights))

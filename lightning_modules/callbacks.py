@@ -30,3 +30,21 @@ class RoundTimeBudget(pl.Callback):
             trainer.should_stop = True
             self.stopped_early = True
 
+
+
+class ProximalPull(pl.Callback):
+    """Adds the gradient of weight/2 * |w - reference|^2 to every trainable parameter before each optimizer
+    step: Ditto's personal objective (Li et al. 2021), the personal model pulled toward the global one.
+    Written here because NVFlare's Ditto helper runs its own PyTorch loop, not Lightning's."""
+
+    def __init__(self, reference: dict, weight: float):
+        if not weight > 0:
+            raise ValueError("the proximal weight must be > 0")
+        self.reference = {k: v.detach().clone() for k, v in reference.items()}
+        self.weight = weight
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for name, parameter in pl_module.named_parameters():
+            if parameter.grad is not None and name in self.reference:
+                target = self.reference[name].to(parameter.device, parameter.dtype)
+                parameter.grad.add_(parameter.detach() - target, alpha=self.weight)

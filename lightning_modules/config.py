@@ -22,6 +22,10 @@ DEFAULT_MODEL = {"segment": "unet", "classify": "densenet121"}
 DEFAULT_IMAGE_SIZE = 128  # one default input side for both tasks, central and federated
 CLASS_WEIGHTS = ("none", "balanced")
 SEED_LIMIT = 2**32  # what numpy's and Lightning's seeding accept
+# Federated algorithms (docs/algorithms.md); each site needs to know which one runs.
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedbn", "ditto")
+FEDPROX_MU_DEFAULT = 0.01  # NVFlare's FedProx examples' mu
+DITTO_LAMBDA_DEFAULT = 0.1  # the Ditto paper's and NVFlare's Ditto example's lambda
 TRAIN_CONFIG_FILE = "cxrfl_train.json"  # the site settings a federated job carries in its custom/ folder
 
 
@@ -81,6 +85,16 @@ class TrainConfig:
     patience: int = field(default=0, metadata=option(
         "stop after this many epochs without improvement of the validation metric (0: off)", metavar="EPOCHS",
         parse="non_negative_int", scope="central"))  # federated runs: FLConfig.patience, in rounds
+    algorithm: str = field(default="fedavg", metadata=option(
+        "federated algorithm for sites that are not alike: fedavg; fedprox (a proximal term toward the global model, "
+        "--fedprox-mu); scaffold (control variates); fedbn (normalisation layers stay at each site); ditto (each "
+        "site also trains a personal model, --ditto-lambda). See docs/algorithms.md", choices=ALGORITHMS, scope="fl"))
+    fedprox_mu: float | None = field(default=None, metadata=option(
+        f"--algorithm fedprox: weight of the proximal term mu/2*|w - w_global|^2 (default {FEDPROX_MU_DEFAULT})",
+        metavar="MU", parse="positive_float", scope="fl"))
+    ditto_lambda: float | None = field(default=None, metadata=option(
+        f"--algorithm ditto: how strongly a personal model is pulled toward the global one (default "
+        f"{DITTO_LAMBDA_DEFAULT})", metavar="LAMBDA", parse="positive_float", scope="fl"))
     wandb: bool = field(default=False, metadata=option(
         "also log to Weights & Biases (offline unless WANDB_API_KEY is set)"))
     wandb_project: str = field(default="cxr-fl", metadata=option("W&B project for --wandb (default cxr-fl)"))
@@ -127,8 +141,30 @@ class TrainConfig:
             raise ConfigError("--batch-size, --epochs and --limit must be >= 1")
         if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
             raise ConfigError(f"--time-budget must be a finite number of seconds >= 0, got {self.time_budget}")
+        self._check_algorithm()
         if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {self.seed}")
+
+    def _check_algorithm(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        for name, flag, owner in (("fedprox_mu", "--fedprox-mu", "fedprox"), ("ditto_lambda", "--ditto-lambda", "ditto")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.algorithm != owner:
+                raise ConfigError(f"{flag} applies to --algorithm {owner} only (this run: {self.algorithm})")
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+
+    @property
+    def proximal_weight(self) -> float | None:
+        """FedProx's mu or Ditto's lambda with its default; None for the other algorithms."""
+        if self.algorithm == "fedprox":
+            return self.fedprox_mu if self.fedprox_mu is not None else FEDPROX_MU_DEFAULT
+        if self.algorithm == "ditto":
+            return self.ditto_lambda if self.ditto_lambda is not None else DITTO_LAMBDA_DEFAULT
+        return None
 
     @property
     def network(self) -> str:

@@ -66,3 +66,28 @@ def build_segmenter(name: str) -> nn.Module:
         return FlexibleUNet(in_channels=1, out_channels=1, backbone="efficientnet-b4", pretrained=False,
                             spatial_dims=2)
     raise ValueError(f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTERS)}")
+
+
+# Normalisation layers: what FedBN keeps at each site (their affine weights and running statistics).
+NORMALISATION_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def normalisation_state_keys(module: nn.Module) -> list[str]:
+    """The state_dict keys of every normalisation layer in `module`, in state_dict order."""
+    prefixes = [f"{name}." for name, m in module.named_modules() if isinstance(m, NORMALISATION_LAYERS)]
+    return [key for key in module.state_dict() if any(key.startswith(p) and "." not in key[len(p):] for p in prefixes)]
+
+
+@torch.no_grad()
+def adapt_normalisation(module: nn.Module, images) -> None:
+    """Batch-norm statistics re-estimated from `images` (an iterable of input batches; no label is used):
+    how a FedBN model, whose server copy holds no site's statistics, meets data of a new site (AdaBN,
+    Li et al. 2016). Affine weights are unchanged; the module is left in eval mode."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch
+    module.train()
+    for batch in images:
+        module(batch)
+    module.eval()

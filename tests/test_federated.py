@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from app_custom.global_model import GlobalModel
 from app_custom.yogi import Yogi
 from cxrfl.cli import main
 from lightning_modules.classification import CXRClassifier
 from lightning_modules.config import TRAIN_CONFIG_FILE, TrainConfig
 from lightning_modules.data.manifest import read_manifest, write_manifest
 from lightning_modules.data.phantom import generate_dataset
+from lightning_modules.networks import normalisation_state_keys
 from lightning_modules.segmentation import LungSegmentation
 
 COMMON = ["--sites", "2", "--image-size", "32", "--batch-size", "8"]
@@ -25,12 +27,13 @@ COMMON = ["--sites", "2", "--image-size", "32", "--batch-size", "8"]
 
 @pytest.fixture(scope="module")
 def fl_root(tmp_path_factory):
-    """Two sites of different sizes (so sample weighting matters) plus a test set."""
+    """Two sites of different sizes (so sample weighting matters), each with its own test split, plus
+    the shared test set."""
     root = tmp_path_factory.mktemp("fl-data")
-    generate_dataset(root, sites=2, per_site=30, test_size=16, size=48, seed=3)
+    generate_dataset(root, sites=2, per_site=30, test_size=16, size=48, seed=3, site_test=6)
     manifest = root / "site-2" / "manifest.csv"
     rows = read_manifest(manifest)
-    keep = [r for r in rows if r.split == "val"] + [r for r in rows if r.split == "train"][:10]
+    keep = [r for r in rows if r.split != "train"] + [r for r in rows if r.split == "train"][:10]
     write_manifest(manifest, keep)
     return root
 
@@ -65,6 +68,11 @@ def test_classification_job_writes_models_metrics_and_logs(classify_run):
     expected = "global_final" if site_mean["global_final"] > site_mean["global_best"] else "global_best"
     assert summary["selected_model"] == expected
     assert summary["test"] == summary["test_by_model"][expected]
+    # every model also on each site's own test split, reported by the site (its test images stay there)
+    for model in ("global_best", "global_final", "local_site-1", "local_site-2"):
+        for site in ("site-1", "site-2"):
+            assert 0 <= matrix[model][site]["site_test_auroc"] <= 1 and matrix[model][site]["site_test_loss"] > 0
+            assert summary["site_test"][model][site] == matrix[model][site]["site_test_auroc"]
     config = json.loads((run / "config.json").read_text())
     assert config["rounds"] == 2 and config["sites"] == ["site-1", "site-2"] and config["aggregation"] == "fedavg"
     rounds = [json.loads(line) for line in (run / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
@@ -203,9 +211,11 @@ def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
     assert not (run / "cross_site.csv").read_text().splitlines()[1].endswith(",,")  # test column filled
 
 
-def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_path):
+def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, classify_run, tmp_path):
     """Also a failure drill: site-2 sends NaN weights in round 1; the server refuses that update with
-    its reason logged and, with --min-clients 1, the round goes on with site-1 (FedOpt's weight differences, too)."""
+    its reason logged and, with --min-clients 1, the round goes on with site-1 (FedOpt's weight differences, too).
+    And FedProx on the sites (it combines with FedOpt): from the same start and data as the FedAvg run,
+    each site's round-0 update differs and stays closer to the global model it received."""
     from cxrfl.fl.config import FLConfig
     from cxrfl.options import ready
     from cxrfl.fl.simulator import run_simulation
@@ -215,7 +225,8 @@ def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_p
     run.mkdir()
     cfg = ready(FLConfig(task="classify", data_root=str(fl_root), sites=("site-1", "site-2"), rounds=2, model="cnn5",
                          min_clients=1, wait_after_min_clients=120, aggregation="fedyogi", server_lr=0.01,
-                         cross_site_eval=False, image_size=32, batch_size=8))
+                         cross_site_eval=False, image_size=32, batch_size=8, algorithm="fedprox", fedprox_mu=10.0,
+                         record_contributions=True))
     run_simulation(cfg, run, extend_job=nan_update("site-2", 1))  # the drill: only a test adds it to a job
     server = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_server.json").read_text()
     client = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
@@ -227,6 +238,26 @@ def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, tmp_p
     g0, g1 = (_load(run / "models" / "rounds" / f"global_round_00{i}.pt") for i in (0, 1))
     assert all(torch.isfinite(v.float()).all() for v in g1.values())
     assert any(not torch.equal(g0[k], g1[k]) for k in g0)
+    start = _initial_model()
+    for site in ("site-1",):  # site-2 takes one step per round: the proximal term is zero at the start
+        prox_step = _load(run / "models" / "rounds" / f"{site}_round_000.pt")  # a weight difference
+        fedavg_step = _step(_load(classify_run / "models" / "rounds" / f"{site}_round_000.pt"), start)
+        # pulled toward the start (Adam normalises the step, so by a few per cent): not FedAvg's step
+        assert _norm(prox_step) < _norm(fedavg_step), site
+        assert _norm({k: prox_step[k] - fedavg_step[k] for k in fedavg_step}) > 0.01 * _norm(fedavg_step), site
+
+
+def _initial_model(model="cnn5"):
+    """Every run's round-0 global model: the seed's (app_custom/global_model.py)."""
+    return GlobalModel(model=model, num_classes=2, seed=0).state_dict()
+
+
+def _step(weights, start):
+    return {k: weights[k].double() - start[k].double() for k in weights if weights[k].is_floating_point()}
+
+
+def _norm(step):
+    return float(sum((v.double() ** 2).sum() for k, v in step.items() if v.is_floating_point()) ** 0.5)
 
 
 def test_yogi_step_matches_hand_computation():
@@ -350,26 +381,108 @@ def test_he_job_wires_nvflare_he_components(fl_root, tmp_path, capsys):
 
 
 def test_he_job_runs_in_the_simulator_and_a_site_key_decrypts_the_result(fl_root, tmp_path):
-    """`cxrfl sim --he`: the simulator gets the project's HE contexts; the server keeps ciphertexts
-    only, and the model decrypted with a site's key is the one evaluated on the test set."""
+    """`cxrfl sim --he`, with FedBN: the simulator gets the project's HE contexts; the server keeps
+    ciphertexts only, of the shared tensors only (the normalisation layers never leave the sites, not
+    even encrypted), and the model decrypted with a site's key is the one evaluated on the test set.
+    (Plain FedAvg under HE runs in tests/test_rehearsal.py's production jobs.)"""
     from app_custom.ckks_packing import is_packed
 
     run = tmp_path / "he-run"
-    assert main(["sim", "--task", "classify", "--he", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
-                 "--out", str(run)] + COMMON) == 0
+    assert main(["sim", "--task", "classify", "--he", "--algorithm", "fedbn", "--data", str(fl_root), "--rounds",
+                 "2", "--model", "cnn5", "--out", str(run)] + COMMON) == 0
     final = torch.load(run / "models" / "global_final.pt", map_location="cpu", weights_only=False)
     assert any(is_packed(k) for k in final["model"])
     assert all(isinstance(v, bytes) for k, v in final["model"].items() if is_packed(k))
     decrypted = torch.load(run / "models" / "decrypted" / "global_final.pt", map_location="cpu", weights_only=False)
-    CXRClassifier(model="cnn5").net.load_state_dict({k.removeprefix("net."): v for k, v in decrypted["model"].items()})
+    net = CXRClassifier(model="cnn5").net
+    loaded = net.load_state_dict({k.removeprefix("net."): v for k, v in decrypted["model"].items()}, strict=False)
+    assert not loaded.unexpected_keys
+    norm_keys, start = set(normalisation_state_keys(GlobalModel(model="cnn5"))), _initial_model()
+    assert {f"net.{k}" for k in loaded.missing_keys} <= norm_keys and loaded.missing_keys
+    # what the server has of a normalisation layer is its own starting copy (HE keeps plaintext integers)
+    assert all(torch.equal(torch.as_tensor(v), start[k]) for k, v in decrypted["model"].items() if k in norm_keys)
     summary = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= summary["test"]["test_auroc"] <= 1.0
-    from cxrfl.models import load_classifier
+    assert 0.0 <= summary["test"]["test_auroc"] <= 1.0 and "FedBN" in summary["normalisation"]
+    from cxrfl.models import ModelLoadError, load_classifier
 
-    assert load_classifier(run).source.endswith("decrypted/global_best.pt")  # predict takes the decrypted model
+    with pytest.raises(ModelLoadError, match="global_best.pt: a FedBN run's global model holds no site's"):
+        load_classifier(run)  # predict takes the decrypted model, and says why it cannot use it
     from conftest import readable_private_keys
 
     assert readable_private_keys(run) == []  # the secret-key context, in every site's copy: 0600 in 0700
+
+
+def _sent(run, site, round_num):
+    return torch.load(run / "models" / "rounds" / f"{site}_round_{round_num:03d}.pt", map_location="cpu",
+                      weights_only=False)
+
+
+def _differ(a, b):
+    return any(not torch.allclose(a[k].double(), b[k].double(), atol=1e-7) for k in a if a[k].is_floating_point())
+
+
+def test_scaffold_control_variates_change_the_updates_from_the_second_round(classify_run, fl_root, tmp_path):
+    """From the same start and data as the FedAvg run: round 0 (controls all zero) gives FedAvg's
+    updates, byte for byte (also the proof that two simulations with the same seed write the same models
+    and validation metrics); from round 1 the controls, which change round to round, change every site's update."""
+    run = tmp_path / "scaffold"
+    assert main(["sim", "--task", "classify", "--algorithm", "scaffold", "--data", str(fl_root), "--rounds", "2",
+                 "--model", "cnn5", "--record-contributions", "--no-cross-site-eval", "--out", str(run)] + COMMON) == 0
+    fedavg = classify_run / "models" / "rounds"
+    for site in ("site-1", "site-2"):
+        first, second = _sent(run, site, 0), _sent(run, site, 1)
+        changes = [{k: torch.as_tensor(v) for k, v in sent["meta"]["scaffold_c_diff"].items()} for sent in (first, second)]
+        assert all(_norm(c) > 0 for c in changes) and _differ(changes[0], changes[1])
+        fedavg_first = _load(fedavg / f"{site}_round_000.pt")
+        assert first["model"].keys() == fedavg_first.keys()
+        assert all(torch.equal(torch.as_tensor(v), fedavg_first[k]) for k, v in first["model"].items())
+        assert _differ({k: torch.as_tensor(v) for k, v in second["model"].items()}, _load(fedavg / f"{site}_round_001.pt"))
+    start_of_round_1 = _load(fedavg / "global_round_000.pt")
+    assert all(torch.equal(v, start_of_round_1[k]) for k, v in _load(run / "models" / "rounds" / "global_round_000.pt").items())
+    validation = [{site["name"]: site["metrics"] for entry in map(json.loads, (r / "metrics" / "round_metrics.jsonl")
+                                                                  .read_text().splitlines())
+                   if entry["round"] == 0 for site in entry["sites"]} for r in (run, classify_run)]
+    assert set(validation[0]) == {"site-1", "site-2"} and validation[0] == validation[1]  # of the same initial model
+    assert json.loads((run / "metrics.json").read_text())["algorithm"] == "scaffold"
+
+
+def test_fedbn_keeps_normalisation_at_each_site(fl_root, tmp_path):
+    """The server never receives a normalisation tensor; each site ends with its own statistics; every
+    model is evaluated with them at each site, and on the shared test set."""
+    run = tmp_path / "fedbn"
+    assert main(["sim", "--task", "classify", "--algorithm", "fedbn", "--data", str(fl_root), "--rounds", "2",
+                 "--model", "cnn5", "--record-contributions", "--out", str(run)] + COMMON) == 0
+    norm_keys = set(normalisation_state_keys(GlobalModel(model="cnn5")))
+    shared = set(_initial_model()) - norm_keys
+    for site in ("site-1", "site-2"):
+        for round_num in (0, 1):
+            assert set(_sent(run, site, round_num)["model"]) == shared
+    server = _load(run / "models" / "global_final.pt")
+    start = _initial_model()
+    assert all(torch.equal(server[k], start[k]) for k in norm_keys)  # the server's copy never moved
+    local = {site: _load(run / "models" / f"local_{site}.pt") for site in ("site-1", "site-2")}
+    key = "net.features.2.running_mean"
+    assert not torch.allclose(local["site-1"][key], local["site-2"][key])
+    assert all(not torch.equal(local[s][key], start[key]) for s in local)
+    summary = json.loads((run / "metrics.json").read_text())
+    assert set(summary["site_test"]) == {"global_best", "global_final", "local_site-1", "local_site-2"}
+    assert all(0 <= summary["test_by_model"][m]["test_auroc"] <= 1 for m in summary["test_by_model"])
+
+
+def test_ditto_saves_and_evaluates_a_personal_model_per_site(fl_root, tmp_path):
+    run = tmp_path / "ditto"
+    assert main(["sim", "--task", "classify", "--algorithm", "ditto", "--ditto-lambda", "0.5", "--data", str(fl_root),
+                 "--rounds", "1", "--model", "cnn5", "--out", str(run)] + COMMON) == 0
+    server = _load(run / "models" / "global_final.pt")
+    matrix = json.loads((run / "cross_site.json").read_text())["matrix"]
+    summary = json.loads((run / "metrics.json").read_text())
+    for site in ("site-1", "site-2"):
+        personal = _load(run / "models" / f"local_{site}.pt")  # what the site submits: its personal model
+        assert set(personal) == set(server) and _differ(personal, server)
+        for data_site in ("site-1", "site-2"):  # on every site's validation and own test split
+            assert {"val_auroc", "site_test_auroc"} <= set(matrix[f"local_{site}"][data_site])
+        assert 0 <= summary["test_by_model"][f"local_{site}"]["test_auroc"] <= 1  # and the shared test set
+    assert _differ(_load(run / "models" / "local_site-1.pt"), _load(run / "models" / "local_site-2.pt"))
 
 
 def test_federated_runs_load_for_predict_like_central_ones(classify_run, fl_root, tmp_path):

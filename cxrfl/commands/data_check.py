@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Every image and mask is decoded. Prints one line per problem (ERROR: the set is unusable, "
             "e.g. leakage: one patient, or byte-identical image files, in two sites or splits or in a site "
             "and the test set; or a site without usable images; WARNING: a file the loader will skip) "
-            "and a summary of usable images per site and split. Exit status: 0 usable, 1 unusable "
+            "and a summary of usable images per site and split (a site's own test split, rows with "
+            "split=test in its manifest, is counted as its 'test'). Exit status: 0 usable, 1 unusable "
             "(or, with --strict, any warning)."
         ),
     )

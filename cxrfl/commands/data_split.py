@@ -1,4 +1,5 @@
-"""`cxrfl data split`: partition one manifest into site folders plus a held-out test set."""
+"""`cxrfl data split`: partition one manifest into site folders plus a held-out test set (and,
+optionally, a test split of each site's own)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Partition the images of one manifest into site folders (site-1..N, each with a train/val "
             "manifest.csv) and a held-out test/ folder, at patient level: all images of a patient end up "
             "in one site and one split. Records already marked split=test (e.g. an official test set) stay "
-            "test and no further test patients are drawn. Writes dataset.json and split_summary.csv/.md "
+            "test and no further test patients are drawn. --site-test-fraction also holds out part of each "
+            "site's patients as that site's own test split (split=test rows in its manifest). "
+            "Writes dataset.json and split_summary.csv/.md "
             "into --out and prints the summary table."
         ),
     )
@@ -46,6 +49,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.15, metavar="F",
                         help="fraction in [0, 1) of patients held out as the test set (stratified by label); "
                         "ignored when the manifest already has split=test rows (default: %(default)s)")
+    parser.add_argument("--site-test-fraction", type=float, default=0.0, metavar="F",
+                        help="fraction in [0, 1) of each site's patients held out as that site's own test split "
+                        "(rows with split=test in the site's manifest; stratified by label, at least one patient "
+                        "of each class the site has two or more of); never trained or validated on, and "
+                        "disjoint by patient from the shared test set (default: %(default)s, none)")
     parser.add_argument("--seed", type=int, default=0, metavar="K",
                         help="random seed; the same seed and inputs always give the same split (default: %(default)s)")
     parser.set_defaults(func=run)
@@ -70,6 +78,7 @@ def run(args) -> int:
             test_fraction=args.test_fraction,
             seed=args.seed,
             classes=classes or None,
+            site_test_fraction=args.site_test_fraction,
         )
         rows = write_data_root(result, args.out, classes, source_dir)
     except (ValueError, OSError) as exc:  # ManifestError is a ValueError

@@ -24,6 +24,25 @@ ABSENT_WEIGHTS = ("drop", "keep")
 LOCAL_PATHS = ("data_root", "segmenter", "initial_model")
 JOB_SEGMENTER = "segmenter.pt"  # a lung-ROI job's segmenter, in the job's custom/ folder
 FL_EPOCHS_DEFAULT = 1
+# Why an algorithm does not combine with a feature (FedAvg combines with all), one line each; the table is
+# docs/algorithms.md. A pair not listed combines.
+_DP_LATER = "NVFlare's privacy filters are tested on plain FedAvg updates only (formal DP-SGD is issue 19)"
+_FEDBN_PATH = ("FedBN averages weight differences without the normalisation tensors, a path the server optimizers "
+               "and the intermittent-site aggregator do not take")
+_SCAFFOLD_PLAIN = ("the server must read and average every site's control variates in plaintext, from the sites "
+                   "that trained, and steps the model by plain averaging")
+_DITTO_EVAL = "the personal models are judged by cross-site evaluation, which HE cannot run"
+_DITTO_PLAIN = "Ditto's global part is plain FedAvg over the sites of every round"
+ALGORITHM_REFUSALS = {
+    ("fedprox", "dp"): _DP_LATER,
+    ("fedbn", "fedopt"): _FEDBN_PATH, ("fedbn", "schedule"): _FEDBN_PATH, ("fedbn", "dp"): _DP_LATER,
+    ("scaffold", "fedopt"): _SCAFFOLD_PLAIN, ("scaffold", "he"): _SCAFFOLD_PLAIN,
+    ("scaffold", "schedule"): _SCAFFOLD_PLAIN, ("scaffold", "dp"): _DP_LATER,
+    ("ditto", "he"): _DITTO_EVAL, ("ditto", "fedopt"): _DITTO_PLAIN, ("ditto", "schedule"): _DITTO_PLAIN,
+    ("ditto", "dp"): _DP_LATER,
+}
+COMBINATION_FLAGS = {"fedopt": "--aggregation fedadam/fedyogi/fedadagrad", "he": "--he", "dp": "--dp",
+                     "schedule": "--schedule / --absent-weights keep"}
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,7 @@ class FLConfig(TrainConfig):
             raise ConfigError(f"start_round {self.start_round} is outside the job's rounds 0..{self.rounds - 1}")
         self._check_privacy()
         self._check_availability()
+        self._check_algorithm_combinations()
 
     def _check_privacy(self) -> None:
         if self.he and self.aggregation != "fedavg":
@@ -163,6 +183,16 @@ class FLConfig(TrainConfig):
             raise ConfigError("availability schedules and --absent-weights keep are not available with HE")
         if self.aggregation != "fedavg" and (self.schedule or self.absent_weights == "keep"):
             raise ConfigError("availability schedules and --absent-weights keep work with FedAvg only")
+
+    def _check_algorithm_combinations(self) -> None:
+        """What each algorithm runs with besides plain FedAvg aggregation; the table is docs/algorithms.md."""
+        wanted = {"fedopt": self.aggregation != "fedavg", "he": self.he, "dp": self.dp is not None,
+                  "schedule": bool(self.schedule) or self.absent_weights == "keep"}
+        for feature, used in wanted.items():
+            reason = ALGORITHM_REFUSALS.get((self.algorithm, feature))
+            if used and reason:
+                raise ConfigError(f"--algorithm {self.algorithm} does not combine with {COMBINATION_FLAGS[feature]}: "
+                                  f"{reason}")
 
     @property
     def job_name(self) -> str:

@@ -18,6 +18,7 @@ from cxrfl.fl.he_keys import decrypt_checkpoint
 from cxrfl.runs import finite_or_none, test_at_operating_point, undefined_reason, write_test_predictions
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.factory import build_module
+from lightning_modules.networks import adapt_normalisation
 from lightning_modules.operating_point import DEFAULT_THRESHOLD, histogram_counts, threshold_from_histograms
 from lightning_modules.segmentation import LungSegmentation
 
@@ -49,7 +50,8 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
                 state = decrypt_checkpoint(path, he_key)
                 atomic_torch_save({"model": state}, models / "decrypted" / f"{name}.pt")
                 test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None,
-                                                      point if name == main else None)
+                                                      point if name == main else None,
+                                                      adapt=cfg.algorithm == "fedbn" and name.startswith("global"))
     else:
         dm = test_data_module(cfg)
         test_metrics, tested = {}, []  # (state, metrics) already computed: the best model is often the final one
@@ -61,20 +63,37 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
                 test_metrics[name] = {k: v for k, v in same.items() if not k.endswith("_at_threshold")}
                 continue
             test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None,
-                                                  point if name == main else None)
+                                                  point if name == main else None,
+                                                  adapt=cfg.algorithm == "fedbn" and name.startswith("global"))
             tested.append((state, test_metrics[name]))
 
     for name, metrics in test_metrics.items():
         matrix.setdefault(name, {})["test"] = metrics
     write_json(run_dir / "cross_site.json", {"key_metric": cfg.key_metric, "matrix": matrix})
     _write_matrix_csv(run_dir / "cross_site.csv", matrix, cfg)
-    summary = {"task": cfg.task, "key_metric": cfg.key_metric, "selected_model": main,
+    summary = {"task": cfg.task, "key_metric": cfg.key_metric, "algorithm": cfg.algorithm, "selected_model": main,
                "test": test_metrics.get(main, {}), "test_by_model": test_metrics}
+    site_test = site_test_table(matrix, cfg)
+    if site_test:
+        summary["site_test"] = site_test
+    if cfg.algorithm == "fedbn":
+        summary["normalisation"] = ("FedBN: the global model's shared-test numbers use normalisation statistics "
+                                    "estimated on the test images (the server holds no site's); local_<site> models "
+                                    "are each site's own")
     if point:
         summary["operating_point"] = point
     if None in summary["test"].values():  # e.g. AUROC on a test set of one class
         summary["undefined_reason"] = undefined_reason(cfg.classes, dm.class_counts("test") if cfg.classes else None)
     return summary
+
+
+def site_test_table(matrix: dict, cfg: FLConfig) -> dict[str, dict[str, float | None]]:
+    """{model: {site: its key metric on that site's own test split}} from the cross-site matrix (sites
+    report `site_test_*` when they hold a test split of their own); empty when no site has one."""
+    metric = "site_test_" + cfg.key_metric.removeprefix("val_")
+    table = {model: {site: row[site].get(metric) for site in cfg.sites if metric in row.get(site, {})}
+             for model, row in matrix.items()}
+    return {model: by_site for model, by_site in table.items() if by_site}
 
 
 def select_global_model(cfg: FLConfig, candidates: dict, matrix: dict) -> str:
@@ -140,12 +159,15 @@ def federated_operating_point(cfg: FLConfig, by_site: dict) -> dict | None:
 
 
 def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_dir: Path | None = None,
-                     point: dict | None = None) -> dict:
+                     point: dict | None = None, adapt: bool = False) -> dict:
     """Load a state_dict into the task's module and run it on the held-out test set (a classifier
     writes test_predictions.csv into predictions_dir when given); with an operating `point`, also
-    the test metrics at its threshold and the test ECE."""
+    the test metrics at its threshold and the test ECE. adapt: a FedBN global model, whose
+    normalisation statistics no site sent, takes them from the test images first (no label used)."""
     module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=cfg.classes)
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=not adapt)  # FedBN under HE: the server never held normalisation tensors
+    if adapt:
+        adapt_normalisation(module, (batch["image"] for batch in dm.test_dataloader()))
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
     results = {k: finite_or_none(v) for k, v in trainer.test(module, datamodule=dm, verbose=False)[0].items()}

@@ -20,6 +20,7 @@ from typing import Callable
 
 from nvflare.apis.dxo import DataKind
 from nvflare.app_common.aggregators import InTimeAccumulateWeightedAggregator
+from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
@@ -43,6 +44,8 @@ from cxrfl.options import add_config_options, fl_config
 from cxrfl.runs import WANDB_PRIVATE_SETTINGS
 from lightning_modules.config import TRAIN_CONFIG_FILE, ConfigError
 from lightning_modules.data.atomic import write_json
+from lightning_modules.networks import normalisation_state_keys
+from app_custom.algorithms import KeepAtSite, ScaffoldControls, ScaffoldFedAvg, TrainTaskMeta
 from app_custom.contributions import UpdateValidator
 from app_custom.early_stopping import EarlyStopping
 from app_custom.global_model import GlobalModel
@@ -116,7 +119,11 @@ def build_job(cfg: FLConfig, staging: Path, simulated: bool = False) -> BaseFedJ
     aggregator_id = job.to_server(aggregator, id="aggregator")
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
     if not cfg.he:  # a malformed update is refused with its reason before it reaches the aggregator
-        job.to_server(UpdateValidator(), id="update_validator", filter_type=FilterType.TASK_RESULT, tasks=["train"])
+        job.to_server(UpdateValidator(site_keys=site_kept_keys(cfg)), id="update_validator",
+                      filter_type=FilterType.TASK_RESULT, tasks=["train"])
+    if cfg.algorithm == "fedprox":  # the sites' patched trainer adds the proximal term when it reads mu
+        job.to_server(TrainTaskMeta({AlgorithmConstants.FEDPROX_MU: cfg.proximal_weight}), id="fedprox_mu",
+                      filter_type=FilterType.TASK_DATA, tasks=["train"])
     job.to_server(settings.server_params())  # named, with their reasons, in cxrfl/fl/settings.py
     # ignore_result_error: a refused update or a crashed site never stops the other sites' round
     job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.rounds - cfg.start_round,
@@ -138,13 +145,19 @@ def _aggregation_components(cfg: FLConfig, model_id: str, initial_model: str | N
     FedAvg/FedOpt."""
     if cfg.he:
         return _he_server_components(model_id, initial_model)
+    persistor = PTFileModelPersistor(model=model_id, allow_numpy_conversion=False,  # tensors end to end
+                                     source_ckpt_file_full_name=initial_model)
+    if cfg.algorithm == "scaffold":  # FedAvg of weights and of control changes; the controls live in the generator
+        return persistor, ScaffoldControls(), ScaffoldFedAvg(), ExchangeFormat.PYTORCH, TransferType.FULL
+    if cfg.algorithm == "fedbn":  # differences of the shared tensors: the server's normalisation tensors stay as they are
+        return (persistor, FullModelShareableGenerator(),
+                InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF),
+                ExchangeFormat.PYTORCH, TransferType.DIFF)
     if cfg.dp:  # NVFlare's privacy filters work on numpy weight differences, so the sites send those
         return (PTFileModelPersistor(model=model_id, source_ckpt_file_full_name=initial_model),
                 FullModelShareableGenerator(),
                 InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF),
                 ExchangeFormat.NUMPY, TransferType.DIFF)
-    persistor = PTFileModelPersistor(model=model_id, allow_numpy_conversion=False,  # tensors end to end
-                                     source_ckpt_file_full_name=initial_model)
     optimizer = AGGREGATIONS[cfg.aggregation]
     if optimizer is None:  # FedAvg sums the sites' weights in site order, not arrival order: reproducible
         return (persistor, FullModelShareableGenerator(), SiteAwareFedAvg(keep_absent=cfg.absent_weights == "keep"),
@@ -187,10 +200,19 @@ def _add_site_side(job: BaseFedJob, cfg: FLConfig, staging: Path, script: str, e
         export_segmenter_file(cfg.segmenter, staging / JOB_SEGMENTER)
         job.add_file_to_clients(str(staging / JOB_SEGMENTER))
     _add_package_files(job, script)
+    if cfg.algorithm == "fedbn":  # before encryption: the normalisation tensors never leave the site
+        job.to_clients(KeepAtSite(site_kept_keys(cfg)), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     if cfg.he:
         _add_he_client_filters(job, cfg.he_encrypt_layers)
     if cfg.dp:  # applied at the site, to what leaves it
         job.to_clients(DP_FILTERS[cfg.dp](**(cfg.dp_args or {})), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+
+
+def site_kept_keys(cfg: FLConfig) -> list[str]:
+    """The model's tensors that stay at the sites: FedBN's normalisation layers; none otherwise."""
+    if cfg.algorithm != "fedbn":
+        return []
+    return normalisation_state_keys(GlobalModel(task=cfg.task, model=cfg.network, num_classes=len(cfg.classes)))
 
 
 def _add_package_files(job: BaseFedJob, script: str) -> None:

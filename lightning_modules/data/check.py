@@ -48,7 +48,8 @@ from lightning_modules.data.row_checks import (
     split_usable,
 )
 
-SITE_SPLITS = ("train", "val")
+# A site manifest's rows: train, val, and test (the site's own test split, evaluated, never trained on).
+SITE_SPLITS = ("train", "val", "test")
 _SITE_NAME = re.compile(r"^site[-_]?\d+$")
 # (location name, manifest path, splits the loader uses from it; None: a lone manifest, all rows)
 Located = tuple[str, Path, tuple[str, ...] | None]
@@ -196,7 +197,7 @@ def _check_manifest(
     rows = []
     for r in records:
         if splits is not None and r.split not in splits:
-            expected = "train or val" if splits == SITE_SPLITS else "test or empty"
+            expected = "train, val or test" if splits == SITE_SPLITS else "test or empty"
             problems.append(Problem(
                 shown_path(resolve(folder, r.image)),
                 f"split {r.split!r} in {name}/{MANIFEST_NAME} is ignored by the loader (expected {expected})",
@@ -287,7 +288,8 @@ def format_report(report: CheckReport) -> str:
 def leakage_problems(rows: Sequence[tuple[str, Path, Record]], digests: dict[str, str]) -> list[Problem]:
     """ERRORs for data that would leak between sites, splits or into the test set.
 
-    rows: (location: site name or "test", manifest folder, record) of every row the loader reads;
+    rows: (location: site name or "test", manifest folder, record) of every row the loader reads
+    (a site's own test rows too: a patient in its train and its test split is leakage as well);
     digests: absolute image path -> sha256 of the file. Reported: one patient in two places, and
     byte-identical image files (whatever their names) in two places under different patients (the
     same patient is already reported as patient leakage).

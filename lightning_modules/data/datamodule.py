@@ -15,7 +15,7 @@ from monai.transforms import CastToTyped, Compose, EnsureTyped
 from torch.utils.data import DataLoader
 
 from lightning_modules.data.row_checks import inspect_record
-from lightning_modules.data.manifest import ManifestError, Record, class_names, load_split, resolve
+from lightning_modules.data.manifest import SITE_TEST, TEST_SITE, ManifestError, Record, class_names, load_split, resolve
 from lightning_modules.config import DEFAULT_IMAGE_SIZE, TASKS
 from lightning_modules.data.transforms import deterministic_transforms, lung_roi, normalize, train_augmentation
 
@@ -46,7 +46,9 @@ def load_item(folder: Path, record: Record, *, classes: Sequence[str] | None, ne
 
 class CXRDataModule(pl.LightningDataModule):
     """Reads the site manifests of a data root, decodes/resizes every image once (cached in
-    memory), and serves train (augmented), val and held-out test loaders.
+    memory), and serves train (augmented), val and held-out test loaders: the shared test set
+    (stage "test") and, where the sites have one, their own test splits (stage "site_test",
+    never loaded by "fit": those rows are neither trained nor validated on).
 
     Bad files are skipped with one logged line each; the reasons are kept in `self.skipped`.
     MONAI's CacheDataset is not used because it aborts on the first unreadable file.
@@ -76,7 +78,7 @@ class CXRDataModule(pl.LightningDataModule):
         return self.task == "segment" or (self.roi is not None and self.mask_predictor is None)
 
     def _load_split(self, split: str) -> list[dict]:
-        rows = load_split(self.data_root, split, None if split == "test" else self.sites)
+        rows = load_split(self.data_root, split, None if split == TEST_SITE else self.sites)
         if self.limit:
             rows = rows[: self.limit]
         classes = self.classes if self.task == "classify" else None
@@ -116,12 +118,13 @@ class CXRDataModule(pl.LightningDataModule):
             self.classes = class_names(self.data_root, (r for _, r in load_split(self.data_root, "train", self.sites)))
             if len(self.classes) < 2:
                 raise ManifestError(f"{self.data_root}: need at least 2 classes for classification, found {self.classes}")
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
+                  SITE_TEST: (SITE_TEST,)}
         splits = wanted.get(stage, ("train", "val", "test"))
         for split in splits:
             if split not in self.items:
                 self.items[split] = self._load_split(split)
-                if not self.items[split]:
+                if not self.items[split] and split != SITE_TEST:  # a site's own test split is optional
                     where = self.data_root / "test" if split == "test" else self.data_root
                     raise ManifestError(f"{where}: no usable {split} images"
                                         + (f" for site(s) {', '.join(self.sites)}" if self.sites else ""))
@@ -166,10 +169,21 @@ class CXRDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test", False)
 
+    def site_test_dataloader(self) -> DataLoader | None:
+        """The sites' own test splits (same transforms as the shared test set), or None when they have none."""
+        if SITE_TEST not in self.items:
+            self.setup(SITE_TEST)
+        return self._loader(SITE_TEST, False) if self.items[SITE_TEST] else None
+
     # ---- facts the trainers need -------------------------------------------------------------
     @property
     def num_train_samples(self) -> int:
         return len(self.items.get("train", []))
+
+    @property
+    def num_site_test_samples(self) -> int:
+        """Usable rows of the sites' own test splits (0 until setup("site_test") or when there are none)."""
+        return len(self.items.get(SITE_TEST, []))
 
     def class_counts(self, split: str = "train") -> list[int]:
         counts = Counter(it["label"] for it in self.items.get(split, []))

@@ -5,9 +5,9 @@ A *data root* holds one folder per site plus a held-out ``test`` folder, and a
 
     DATA/
       dataset.json            {"classes": ["normal", "pneumonia"], ...}
-      site-1/manifest.csv     rows with split = train | val
+      site-1/manifest.csv     rows with split = train | val | test (test: the site's own test split)
       site-2/manifest.csv
-      test/manifest.csv       rows with split = test
+      test/manifest.csv       rows with split = test (the shared test set)
 
 A manifest is a CSV with the columns in ``COLUMNS`` (``image`` required, the rest may be
 empty). Paths are relative to the manifest's folder or absolute. Manifests and
@@ -29,6 +29,8 @@ from lightning_modules.data.atomic import atomic_write_text, read_json_object
 MANIFEST_NAME = "manifest.csv"
 DATASET_JSON = "dataset.json"
 TEST_SITE = "test"
+# load_split's name for the test rows inside the site manifests (each site's own held-out test split)
+SITE_TEST = "site_test"
 # image: image file; mask: binary lung mask; label: class name; patient_id: groups images of one
 # patient (splits never separate them); split: train|val|test or empty (not yet assigned);
 # site: where it came from; opacity: ground-truth lesion mask when known (synthetic data).
@@ -162,12 +164,15 @@ def natural_key(name: str):
 def load_split(root: str | os.PathLike, split: str, sites: Iterable[str] | None = None) -> list[tuple[Path, Record]]:
     """(manifest folder, record) pairs of one split across the chosen sites (all when None).
 
-    split='test' reads ``root/test/manifest.csv``.
+    split='test' reads the shared test set ``root/test/manifest.csv`` (`sites` is ignored);
+    split='site_test' the rows with split test in the chosen sites' own manifests.
     """
     root = Path(root)
     if split == TEST_SITE:
         folder = root / TEST_SITE
         return [(folder, r) for r in read_manifest(folder / MANIFEST_NAME) if r.split in ("", TEST_SITE)]
+    if split == SITE_TEST:
+        split = TEST_SITE
     folders = site_dirs(root)
     if sites is not None:
         wanted = list(sites)

@@ -69,6 +69,9 @@ REFERENCE_MARKER_CORNER = 0
 # jitter bounds). At 2 the rest stay valid: contrast >= 0.6, gamma >= 0.45, field of view >= 0.85.
 NON_NEGATIVE = ("noise", "blur", "max_shift", "max_rotation")
 MAX_SITE_SHIFT = 2.0
+# The rng streams of the sites' own test images: SITE_TEST_STREAM + site number (the sites draw
+# from 1..N, the shared test set from 10_000).
+SITE_TEST_STREAM = 20_000
 
 
 def site_profiles(n_sites: int, seed: int = 0, site_shift: float = 1.0,
@@ -322,7 +325,7 @@ def planted_signal_phantoms(count: int, size: int = 64, seed: int = 0, opacity_g
 def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, test_size: int | None = None,
                      size: int = 256, seed: int = 0, val_fraction: float = 0.2,
                      follow_up_rate: float = 0.1, label_signal: str = "opacity+site",
-                     site_shift: float = 1.0, label_alpha: float | None = None) -> dict:
+                     site_shift: float = 1.0, label_alpha: float | None = None, site_test: int = 0) -> dict:
     """Write a multi-site data root (site-1..N + test) of phantoms; returns its dataset info.
 
     About follow_up_rate of patients get a second image (same anatomy and label, new
@@ -332,9 +335,12 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
     acquisition is (0 = one shared profile, 1 = default, up to MAX_SITE_SHIFT); label_alpha draws
     each site's prevalence from a Dirichlet and writes exactly round(prevalence * per_site)
     pneumonia images there, at least one image of each class. The test set keeps prevalence 0.5.
+    site_test adds that many images per site (the site's acquisition profile and prevalence, new
+    patients) as the site's own test split: rows with split test in its manifest.
     """
     if sites < 1 or per_site < 2 or size < 32:
         raise ValueError("need sites >= 1, per_site >= 2 and size >= 32")
+    check_site_test(site_test)
     if label_signal not in LABEL_SIGNALS:
         raise ValueError(f"label_signal must be one of {', '.join(LABEL_SIGNALS)}")
     opacity_only = label_signal == "opacity"
@@ -348,16 +354,19 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
 
     summary = {}
     for i, profile in enumerate(profiles):
-        plan = None if label_alpha is None else _label_plan(per_site, profile.prevalence, seed, stream=i + 1)
-        records = image_set.write(profile.name, per_site, lambda rng, p=profile: p, 0.5 if opacity_only else None,
-                                  lambda rng: "val" if rng.random() < val_fraction else "train", stream=i + 1,
-                                  label_plan=plan)
+        records = _site_images(image_set, profile, per_site, i + 1, opacity_only, label_alpha is not None,
+                               lambda rng: "val" if rng.random() < val_fraction else "train")
+        if site_test:  # own streams: the train/val images stay what they are without a site test split
+            records += _site_images(image_set, profile, site_test, SITE_TEST_STREAM + i + 1, opacity_only,
+                                    label_alpha is not None, lambda rng: TEST_SITE, id_prefix="t")
+        write_manifest(out / profile.name / MANIFEST_NAME, records)
         summary[profile.name] = _counts(records)
     test_records = image_set.write(TEST_SITE, test_size, lambda rng: profiles[rng.integers(len(profiles))], 0.5,
                                    lambda rng: "test", stream=10_000)
     summary[TEST_SITE] = _counts(test_records)
     dials = {**({"site_shift": site_shift} if site_shift != 1.0 else {}),
-             **({"label_alpha": label_alpha} if label_alpha is not None else {})}
+             **({"label_alpha": label_alpha} if label_alpha is not None else {}),
+             **({"site_test": site_test} if site_test else {})}
     info = {
         "classes": CLASSES,
         "source": "synthetic-phantom",
@@ -369,6 +378,22 @@ def generate_dataset(out: str | Path, *, sites: int = 3, per_site: int = 100, te
     }
     write_json(out / DATASET_JSON, info)
     return info
+
+
+def check_site_test(site_test, name: str = "site_test") -> None:
+    """ValueError (one line, naming the option as `name` spells it) unless site_test is a whole number >= 0."""
+    if not (isinstance(site_test, numbers.Integral) and not isinstance(site_test, bool) and site_test >= 0):
+        raise ValueError(f"{name} must be a whole number >= 0 (images per site held out as its own test split), "
+                         f"got {site_test!r}")
+
+
+def _site_images(image_set: "_ImageSet", profile: SiteProfile, count: int, stream: int, opacity_only: bool,
+                 planned: bool, split_for_patient: Callable[[np.random.Generator], str],
+                 id_prefix: str = "p") -> list[Record]:
+    """`count` images of one site (its profile; its prevalence, exactly as planned when `planned`)."""
+    plan = _label_plan(count, profile.prevalence, image_set.seed, stream=stream) if planned else None
+    return image_set.render(profile.name, count, lambda rng: profile, 0.5 if opacity_only else None,
+                            split_for_patient, stream=stream, label_plan=plan, id_prefix=id_prefix)
 
 
 def _label_plan(count: int, prevalence: float, seed: int, stream: int) -> list[bool]:
@@ -393,9 +418,18 @@ class _ImageSet:
     def write(self, folder_name: str, count: int, pick_profile: Callable[[np.random.Generator], SiteProfile],
               prevalence: float | None, split_for_patient: Callable[[np.random.Generator], str],
               stream: int, label_plan: list[bool] | None = None) -> list[Record]:
-        """`count` images (patients with one or two images) in OUT/folder_name with their manifest;
-        prevalence None: the patient's profile's; label_plan: each image's label instead (a follow-up
-        image only where the plan's next label is the same). Each folder draws from its own `stream`."""
+        """`render` the images and write their manifest, OUT/folder_name/manifest.csv."""
+        records = self.render(folder_name, count, pick_profile, prevalence, split_for_patient, stream, label_plan)
+        write_manifest(self.out / folder_name / MANIFEST_NAME, records)
+        return records
+
+    def render(self, folder_name: str, count: int, pick_profile: Callable[[np.random.Generator], SiteProfile],
+               prevalence: float | None, split_for_patient: Callable[[np.random.Generator], str],
+               stream: int, label_plan: list[bool] | None = None, id_prefix: str = "p") -> list[Record]:
+        """`count` images (patients with one or two images) in OUT/folder_name, their rows (no
+        manifest written); prevalence None: the patient's profile's; label_plan: each image's label
+        instead (a follow-up image only where the plan's next label is the same). Each call draws
+        from its own `stream`; patients are named FOLDER-<id_prefix>00001.. (files likewise)."""
         folder = self.out / folder_name
         rng = np.random.default_rng([self.seed, stream])
         records = []
@@ -403,7 +437,7 @@ class _ImageSet:
         patient = 0
         while index < count:
             patient += 1
-            pid = f"{folder_name}-p{patient:05d}"
+            pid = f"{folder_name}-{id_prefix}{patient:05d}"
             profile = pick_profile(rng)
             if label_plan is None:
                 pneumonia = bool(rng.random() < (profile.prevalence if prevalence is None else prevalence))
@@ -425,7 +459,6 @@ class _ImageSet:
                 records.append(Record(image=f"images/{stem}.png", mask=f"masks/{stem}.png", label=ph.label,
                                       patient_id=pid, split=split, site=profile.name, opacity=opacity))
                 index += 1
-        write_manifest(folder / MANIFEST_NAME, records)
         return records
 
     def _marked(self, rng: np.random.Generator, profile: SiteProfile) -> SiteProfile:

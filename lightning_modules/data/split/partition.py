@@ -18,8 +18,10 @@ Steps:
    - ``source``: one site per distinct value of ``source_column`` (a manifest column such as
      ``site`` or any extra column).
 
-3. Within each site ``val_fraction`` of the patients (stratified by label) become val, the rest
-   train; every site keeps at least one train patient.
+3. Within each site ``site_test_fraction`` of the patients (default 0: none; stratified by label,
+   at least one of each class the site has two or more patients of) become the site's own test
+   split; of the rest ``val_fraction`` (stratified by label) become val, the others train; every
+   site keeps at least one train patient.
 
 The same inputs and seed always give the same split. This module only decides which record goes
 where (no files); `write` writes the result as a data root, `summary` describes it.
@@ -44,7 +46,8 @@ class SplitResult:
     """The outcome of `split_into_sites`.
 
     ``sites`` maps site name (``site-1`` .. ``site-N``, in order) to its records (split set to
-    train or val); ``test`` holds the held-out records (split test). Records are copies of the
+    train or val, or test for the site's own test split); ``test`` holds the shared held-out
+    records (split test). Records are copies of the
     inputs; their path cells are unchanged (still relative to the source manifest's folder).
     """
 
@@ -195,6 +198,7 @@ def split_into_sites(
     test_fraction: float = 0.15,
     seed: int = 0,
     classes: Sequence[str] | None = None,
+    site_test_fraction: float = 0.0,
 ) -> SplitResult:
     """Partition `records` into `n_sites` sites (train/val) and a held-out test set.
 
@@ -203,6 +207,7 @@ def split_into_sites(
     outside [0, 1), an unknown mode, labels not in `classes`, or more sites than patients.
     """
     records = list(records)
+    _check_fraction("site_test_fraction", site_test_fraction, "--site-test-fraction")
     _check_arguments(records, n_sites, mode, alpha, quantity_sigma, val_fraction, test_fraction, classes)
     rng = np.random.default_rng(seed)
     by_patient, labels = _patients(records)
@@ -226,9 +231,11 @@ def split_into_sites(
 
     # 2. Partition; 3. train / val within each site.
     site_keys = _partition(mode, pool, labels, n_sites, alpha, quantity_sigma, groups, rng)
-    sites = _split_train_val(records, site_keys, by_patient, labels, val_fraction, rng)
+    sites = _split_train_val(records, site_keys, by_patient, labels, val_fraction, rng, site_test_fraction)
     test_idx = sorted(i for key in test_keys for i in by_patient[key])
     params = {"n_sites": n_sites, "val_fraction": val_fraction, "test_fraction": test_fraction}
+    if site_test_fraction > 0:  # only then: a default split's dataset.json stays as it was
+        params["site_test_fraction"] = site_test_fraction
     if mode == "dirichlet":
         params["alpha"] = alpha
     elif mode == "quantity":
@@ -364,16 +371,37 @@ def _partition(mode: str, pool: list[str], labels: dict[str, str], n_sites: int,
 
 
 def _split_train_val(records: list[Record], site_keys: list[list[str]], by_patient: dict[str, list[int]],
-                     labels: dict[str, str], val_fraction: float, rng: np.random.Generator) -> dict[str, list[Record]]:
-    """site name -> copies of its records in their original order, split set to train or val
-    (val_fraction of the patients, stratified by label; at least one train patient)."""
+                     labels: dict[str, str], val_fraction: float, rng: np.random.Generator,
+                     site_test_fraction: float = 0.0) -> dict[str, list[Record]]:
+    """site name -> copies of its records in their original order, split set to test (the site's
+    own test split, see `_draw_site_test`), val (val_fraction of the other patients, stratified by
+    label) or train (at least one patient)."""
     sites: dict[str, list[Record]] = {}
-    for s, keys in enumerate(site_keys):
+    for s, all_keys in enumerate(site_keys):
+        site_test = set(_draw_site_test(all_keys, labels, site_test_fraction, rng))
+        keys = [k for k in all_keys if k not in site_test]
         n = len(keys)
         k_val = 0
         if val_fraction > 0 and n >= 2:
             k_val = min(max(1, _round_half_up(val_fraction * n)), n - 1)
         val = set(_stratified_pick(keys, labels, k_val, rng))
-        idx = sorted((i, "val" if key in val else "train") for key in keys for i in by_patient[key])
+        assigned = {**{k: "val" for k in val}, **{k: TEST_SITE for k in site_test}}
+        idx = sorted((i, assigned.get(key, "train")) for key in all_keys for i in by_patient[key])
         sites[f"site-{s + 1}"] = [replace(records[i], split=split, extra=dict(records[i].extra)) for i, split in idx]
     return sites
+
+
+def _draw_site_test(keys: list[str], labels: dict[str, str], fraction: float, rng: np.random.Generator) -> list[str]:
+    """A site's own test patients: about `fraction` of them, stratified by label; each class with
+    >= 2 patients gives at least one and keeps at least one (so the site keeps a train patient of
+    every class it had twice or more). fraction 0 draws nothing (the rng is untouched)."""
+    if fraction <= 0:
+        return []
+    groups = _group_by_label(keys, labels)
+    counts = _apportion(_round_half_up(fraction * len(keys)), [len(g) for g in groups.values()])
+    picked: list[str] = []
+    for members, c in zip(groups.values(), counts):
+        c = min(max(c, 1), len(members) - 1)
+        idx = rng.permutation(len(members))[:c]
+        picked.extend(members[i] for i in sorted(idx))
+    return picked

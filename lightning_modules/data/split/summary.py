@@ -1,4 +1,7 @@
-"""The summary of a site split: per site (then test and all) images per split, patients, labels."""
+"""The summary of a site split: per site (then test and all) images per split, patients, labels.
+
+``n_test`` counts the shared test set; a split with per-site test splits gets an ``n_site_test``
+column (the sites' own test rows), a split without keeps the columns it always had."""
 
 from __future__ import annotations
 
@@ -24,18 +27,20 @@ def summarize(result: SplitResult, classes: Sequence[str] | None = None) -> list
     classes = list(classes)
     groups = [(name, recs) for name, recs in result.sites.items()] + [(TEST_SITE, result.test)]
     groups.append(("all", result.all_records()))
+    shared_test = {id(r) for r in result.test}
+    with_site_test = any(r.split == TEST_SITE for recs in result.sites.values() for r in recs)
     rows = []
     for name, recs in groups:
         labels = Counter(r.label for r in recs if r.label)
         row = {"site": name}
         if result.source_values:
             row["source"] = result.source_values.get(name, "")
-        row.update(
-            n_train=sum(r.split == "train" for r in recs),
-            n_val=sum(r.split == "val" for r in recs),
-            n_test=sum(r.split == TEST_SITE for r in recs),
-            patients=len({patient_key(r) for r in recs}),
-        )
+        tested = [id(r) in shared_test for r in recs if r.split == TEST_SITE]
+        row.update(n_train=sum(r.split == "train" for r in recs), n_val=sum(r.split == "val" for r in recs),
+                   n_test=sum(tested))
+        if with_site_test:
+            row["n_site_test"] = len(tested) - sum(tested)
+        row["patients"] = len({patient_key(r) for r in recs})
         for c in classes:
             row[f"n_{c}"] = labels.get(c, 0)
         rate = _positive_rate(labels, classes)

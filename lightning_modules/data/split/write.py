@@ -40,7 +40,8 @@ def write_data_root(
 ) -> list[dict]:
     """Write `result` as a data root; returns the summary rows.
 
-    Writes ``out_dir/site-1..N/manifest.csv``, ``out_dir/test/manifest.csv``,
+    Writes ``out_dir/site-1..N/manifest.csv`` (train and val rows, plus test rows: the site's own
+    test split, when the split has one), ``out_dir/test/manifest.csv`` (the shared test set),
     ``out_dir/dataset.json`` (classes + how it was split; other keys of a dataset.json next to the
     source manifest are kept) and ``split_summary.csv`` / ``split_summary.md``. Relative image/mask
     paths (relative to `source_manifest_dir`) are rewritten relative to each new manifest's folder.
