@@ -5,6 +5,7 @@ The simulator exits 0 even when a client crashes, so every test checks the files
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -82,6 +83,33 @@ def test_classification_job_writes_models_metrics_and_logs(classify_run):
     assert list((run / "tb" / "site-1").glob("events.out.tfevents*"))
     assert (run / "job" / "cxrfl_classify" / "meta.json").is_file()
     assert (run / "simulator.log").stat().st_size > 0
+
+
+def test_federated_threshold_comes_from_the_sites_validation_histograms(classify_run, fl_root):
+    """The selected model's threshold is the one the sites' validation scores give when pooled
+    (recomputed here from each site's own validation split), and `predict` uses it."""
+    from cxrfl.models import load_classifier
+    from lightning_modules.data.datamodule import CXRDataModule
+    from lightning_modules.operating_point import histogram_counts, score_histogram, threshold_from_histograms
+
+    summary = json.loads((classify_run / "metrics.json").read_text())
+    point = summary["operating_point"]
+    assert point["rule"] == "youden" and point["sites"] == 2
+    clf = load_classifier(classify_run)
+    histograms = []
+    for site in ("site-1", "site-2"):
+        dm = CXRDataModule(fl_root, task="classify", image_size=32, batch_size=8, sites=[site], seed=0)
+        dm.classes = clf.classes
+        dm.setup("validate")
+        logits, labels = clf.module.logits_and_labels(dm.val_dataloader())
+        histograms.append(histogram_counts(score_histogram(torch.softmax(logits, 1)[:, 1], labels)))
+    assert point["threshold"] == pytest.approx(threshold_from_histograms(histograms)["threshold"])
+    assert clf.threshold == pytest.approx(point["threshold"])
+    assert {"test_acc_at_threshold", "test_sensitivity_at_threshold", "test_ece"} <= set(summary["test"])
+    with open(classify_run / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["predicted"] == ("pneumonia" if float(r["p_pneumonia"]) >= point["threshold"] else "normal")
+                        for r in rows)
 
 
 def test_global_model_is_the_sample_weighted_mean_of_the_sites(classify_run, fl_root):

@@ -211,39 +211,7 @@ def test_predict_uses_the_stored_threshold_and_old_runs_fall_back_to_one_half(ce
         assert label == ("pneumonia" if p >= 0.5 else "normal")
 
 
-# ---- a federated run -----------------------------------------------------------------------
-@pytest.mark.e2e
-def test_federated_threshold_comes_from_the_sites_validation_histograms(tmp_path):
-    """The selected model's threshold is the one the sites' validation scores give when pooled
-    (recomputed here from each site's own validation split), and `predict` uses it."""
-    from cxrfl.models import load_classifier
-    from lightning_modules.data.datamodule import CXRDataModule
-    from lightning_modules.data.phantom import generate_dataset
-
-    root = tmp_path / "data"
-    generate_dataset(root, sites=2, per_site=24, test_size=12, size=40, seed=5)
-    run = tmp_path / "fl"
-    assert main(["sim", "--task", "classify", "--data", str(root), "--rounds", "1", "--model", "cnn5", "--sites", "2",
-                 "--image-size", "32", "--batch-size", "8", "--out", str(run)]) == 0
-    summary = json.loads((run / "metrics.json").read_text())
-    point = summary["operating_point"]
-    assert point["rule"] == "youden" and point["sites"] == 2
-    clf = load_classifier(run)
-    histograms = []
-    for site in ("site-1", "site-2"):
-        dm = CXRDataModule(root, task="classify", image_size=32, batch_size=8, sites=[site], seed=0)
-        dm.classes = clf.classes
-        dm.setup("validate")
-        logits, labels = clf.module.logits_and_labels(dm.val_dataloader())
-        histograms.append(histogram_counts(score_histogram(torch.softmax(logits, 1)[:, 1], labels)))
-    assert point["threshold"] == pytest.approx(threshold_from_histograms(histograms)["threshold"])
-    assert clf.threshold == pytest.approx(point["threshold"])
-    assert {"test_acc_at_threshold", "test_sensitivity_at_threshold", "test_ece"} <= set(summary["test"])
-    rows = _predictions(run)
-    assert all(r["predicted"] == ("pneumonia" if float(r["p_pneumonia"]) >= point["threshold"] else "normal")
-               for r in rows)
-
-
+# ---- a federated run (the simulator run itself: tests/test_federated.py) ----------------------
 def test_federated_target_sensitivity_moves_the_threshold_down_to_reach_it(synthetic_root):
     """`sim --target-sensitivity S`: the pooled site histograms give the highest threshold whose
     validation sensitivity reaches S (below Youden's where Youden's misses positives)."""
