@@ -1,12 +1,12 @@
 """The run-folder contract: every run writes `config.json` as
 
-    {"kind": "central" | "sim" | "poc" | "deployment" | "demo" | "study", "version": 1, <the run's config fields>,
+    {"kind": "central" | "sim" | "poc" | "deployment" | "demo" | "study" | "stats", "version": 1, <the run's config fields>,
      "facts": {what the run found out before training: sample counts, skipped files, torch version}}
 
 and `RunFolder` is the one reader of it (report, model loading, predict, study, interpretability and
 resume). A central run's config is a `TrainConfig`, a federated run's an `FLConfig`; a demo or a study
-holds sub-runs and records its own settings. Folders of the first release (no "kind") still load: their
-two schemas are converted here, and only here.
+holds sub-runs and records its own settings, as does a federated statistics run (`cxrfl stats`, no model).
+Folders of the first release (no "kind") still load: their two schemas are converted here, and only here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ METRICS_FILE = "metrics.json"
 VERSION = 1
 TRAINING_KINDS = ("central", "sim", "poc", "deployment")  # deployment: a job on provisioned hosts
 CONTAINER_KINDS = ("demo", "study")  # folders of sub-runs
-KINDS = TRAINING_KINDS + CONTAINER_KINDS
+SETTINGS_KINDS = CONTAINER_KINDS + ("stats",)  # no training config: their own settings (stats: cxrfl/fl/stats.py)
+KINDS = TRAINING_KINDS + SETTINGS_KINDS
 
 
 class RunFolderError(ValueError):
@@ -34,8 +35,8 @@ class RunFolderError(ValueError):
 class RunFolder:
     path: Path
     kind: str
-    config: TrainConfig | None  # FLConfig for sim/poc; None for a demo or a study
-    settings: dict = field(default_factory=dict)  # a demo's or study's own settings
+    config: TrainConfig | None  # FLConfig for sim/poc; None for a demo, a study or a stats run
+    settings: dict = field(default_factory=dict)  # a demo's, study's or stats run's own settings
     facts: dict = field(default_factory=dict)
 
     @property
@@ -89,7 +90,7 @@ class RunFolder:
         kind = data.pop("kind")
         data.pop("version")
         facts = data.pop("facts", {}) or {}
-        if kind in CONTAINER_KINDS:
+        if kind in SETTINGS_KINDS:
             return cls(path, kind, None, data, facts)
         if kind not in TRAINING_KINDS:
             raise RunFolderError(f"{config_file}: unknown run kind {kind!r} (expected one of {', '.join(KINDS)})")

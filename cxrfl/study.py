@@ -124,9 +124,9 @@ def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log)
     base = config.get("train", {})
     rows = []
     central_dir = folder / "central"
-    if not _finished(central_dir):
+    if not finished_run(central_dir):
         log(f"[study] central baseline -> {central_dir}")
-        _set_aside_unfinished(central_dir, log)
+        set_aside_unfinished(central_dir, log)
         _central(config, pool, central_dir, seed)  # the union of the same training data
     else:
         log(f"[study] {central_dir.relative_to(out)}: done, skipped")
@@ -134,9 +134,9 @@ def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log)
     rows.append(_row("central", central, central["train_seconds"], central["train_seconds"], {}, central))
     for spec in grid_runs(config):
         run_dir = folder / spec["id"]
-        if not _finished(run_dir):
+        if not finished_run(run_dir):
             log(f"[study] {run_dir.relative_to(out)}")
-            _set_aside_unfinished(run_dir, log)
+            set_aside_unfinished(run_dir, log)
             data = split_for(pool, spec["sites"], out, base.get("seed", 0))
             cfg = FLConfig(task=config.get("task", "classify"), data_root=str(data.absolute()),
                            sites=[f"site-{i + 1}" for i in range(spec["sites"])], rounds=spec["rounds"],
@@ -154,11 +154,11 @@ def _run_grid(config: dict, pool: Path, out: Path, folder: Path, seed: int, log)
     return rows
 
 
-def _finished(run_dir: Path) -> bool:
+def finished_run(run_dir: Path) -> bool:
     return RunFolder.is_run(run_dir) and RunFolder.read(run_dir).finished
 
 
-def _set_aside_unfinished(run_dir: Path, log) -> None:
+def set_aside_unfinished(run_dir: Path, log) -> None:
     """An interrupted run is redone in a fresh folder; what it wrote is kept beside it."""
     if run_dir.is_dir() and any(run_dir.iterdir()):
         n = 1

@@ -138,3 +138,24 @@ def test_a_member_admin_may_look_but_not_submit_or_abort(poc):
     finally:
         auditor.close()
         admin.close()
+
+
+@pytest.mark.e2e
+def test_federated_statistics_on_the_running_poc(poc, capsys):
+    """`cxrfl stats --poc`: NVFlare's statistics job submitted through the admin API to the POC's hospitals,
+    each reading its own data from its kit's local configuration; counts as their manifests hold them."""
+    from collections import Counter
+
+    from cxrfl.run_folder import RunFolder
+    from lightning_modules.data.manifest import read_manifest
+
+    state, run = poc["state"], poc["base"] / "stats-run"
+    assert main(["stats", "--poc", str(poc["workspace"]), "--out", str(run), "--min-count", "5", "--bins", "4",
+                 "--max-bins-percent", "50"]) == 0
+    summary = json.loads((run / "stats.json").read_text())
+    assert summary["sites"] == state["sites"]
+    for i, site in enumerate(state["sites"]):
+        labels = Counter(r.label for r in read_manifest(poc["data"] / f"site-{i + 1}" / "manifest.csv"))
+        assert summary["features"]["label=pneumonia"]["sites"][site]["sum"] == labels["pneumonia"]
+        assert len(summary["features"]["image:intensity"]["sites"][site]["histogram"]) == 4
+    assert RunFolder.read(run).settings["mode"] == "poc" and (run / "report" / "report.html").is_file()

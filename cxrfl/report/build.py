@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxrfl.report import reading, sections
+from cxrfl.report import heterogeneity, reading, sections
 from cxrfl.report.sections import Report
 from lightning_modules.data.atomic import atomic_write_text
 
@@ -19,7 +19,7 @@ def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report/report.html (and the figures as PNGs beside it); returns the HTML path.
 
     Raises ReportError when RUN_DIR is missing or holds no run (config.json + metrics.json in it or in a
-    sub-folder) and no demo summary.json.
+    sub-folder), no demo summary.json and no federated statistics (stats.json).
     """
     run_dir = Path(run_dir).absolute()
     if not run_dir.is_dir():
@@ -27,9 +27,15 @@ def write_report(run_dir: Path) -> Path:
     report = Report(run_dir, reading.Notes(run_dir))
     runs = reading.discover_runs(run_dir, report.notes)
     summary = reading.read_summary(run_dir, report.notes)
-    if not runs and summary is None:
+    stats = reading.read_stats(run_dir, report.notes)
+    study = heterogeneity.read_study(run_dir, report.notes)  # a heterogeneity study: its runs lie deeper
+    if not runs and summary is None and stats is None and study is None:
         raise ReportError(f"{run_dir}: not a run folder (no config.json + metrics.json in it or in a sub-folder, "
-                          "and no summary.json)")
+                          "no summary.json, no stats.json and no heterogeneity study.json)")
+    if study is not None:
+        report.sections.append(heterogeneity.study_section(study, run_dir, report.notes, report.figures))
+    if stats is not None:
+        report.sections.append(sections.stats_section(stats, report))
     _assemble(report, runs, summary)
     return _save(report)
 

@@ -94,3 +94,44 @@ def cross_site_figure(values: np.ndarray, models: list[str], columns: list[str],
     ax.set_facecolor("lightgrey")
     fig.colorbar(image, ax=ax, fraction=0.05)
     return fig
+
+
+def site_histograms_figure(title: str, xlabel: str, per_site: dict[str, list], overall: list | None) -> Figure:
+    """Histograms ([[low, high, count], ...] per site, on the same bins) as the share of each site's count
+    per bin, the sites' bars side by side in each bin; `overall` (all sites pooled) as a black step line."""
+    fig = Figure(figsize=(7.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 1.0 / (len(per_site) + 1)
+    for i, (site, bins) in enumerate(per_site.items()):
+        counts = np.array([b[2] for b in bins], dtype=float)
+        share = counts / counts.sum() if counts.sum() else counts
+        ax.bar(np.arange(len(bins)) + (i - (len(per_site) - 1) / 2) * width, share, width=width, label=site)
+    if overall:
+        counts = np.array([b[2] for b in overall], dtype=float)
+        share = counts / counts.sum() if counts.sum() else counts
+        ax.step(np.arange(len(overall) + 1) - 0.5, np.append(share, share[-1]), where="post", color="black",
+                label="all sites")
+    edges = overall or next(iter(per_site.values()))
+    ax.set_xticks(np.arange(len(edges)))
+    ax.set_xticklabels([f"{b[0]:.3g}–{b[1]:.3g}" for b in edges], rotation=45, ha="right", fontsize=7)
+    ax.set(xlabel=xlabel, ylabel="share of the site's total", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def site_shares_figure(title: str, values: list[str], per_site: dict[str, list[float | None]]) -> Figure:
+    """Each value's share of a site's rows (a category: split, class, column value), sites side by side;
+    a site that returned no share for a value (withheld) has no bar there."""
+    fig = Figure(figsize=(max(5.0, 1.2 + 0.5 * len(values) * max(1, len(per_site)) / 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(per_site))
+    for i, (site, shares) in enumerate(per_site.items()):
+        x = [j for j, s in enumerate(shares) if s is not None]
+        ax.bar(np.array(x) - 0.4 + (i + 0.5) * width, [shares[j] for j in x], width=width, label=site)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(values, rotation=30 if len(values) > 4 else 0, ha="right" if len(values) > 4 else "center")
+    ax.set(ylabel="share of the site's rows", ylim=(0, 1.05), title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return fig

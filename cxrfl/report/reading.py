@@ -24,6 +24,7 @@ REPORT_DIR = "report"  # inside RUN_DIR; never searched for runs
 MAX_DEPTH = 2
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WEIGHTED_MEAN = "weighted mean"  # the pseudo-site of read_round_metrics: all sites, sample-weighted
+STATS_FILE = "stats.json"  # a `cxrfl stats` run (cxrfl/fl/stats.py writes it)
 
 
 @dataclass
@@ -366,3 +367,31 @@ def read_figure_pngs(run_dir: Path, notes: Notes) -> list[tuple[str, bytes]]:
             continue
         found.append((png.stem, data))
     return found
+
+
+# ---------------------------------------------------------------------------------------------- federated statistics
+
+
+def read_stats(run_dir: Path, notes: Notes) -> dict | None:
+    """A `cxrfl stats` run's stats.json ({"sites", "settings", "features"}); None when there is none (with a
+    note when it is malformed)."""
+    path = run_dir / STATS_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path, notes, dict)
+    if data is None:
+        return None
+    if not isinstance(data.get("sites"), list) or not isinstance(data.get("features"), dict):
+        notes.add(path, "needs \"sites\" (a list) and \"features\" (an object); skipped")
+        return None
+    usable = {name: f for name, f in data["features"].items() if _stats_feature_ok(f, data["sites"])}
+    if len(usable) < len(data["features"]):
+        notes.add(path, f"features without group, kind, value, global and an entry per site were skipped: "
+                        f"{', '.join(sorted(set(data['features']) - set(usable)))}")
+    return {**data, "features": usable}
+
+
+def _stats_feature_ok(feature, sites: list) -> bool:
+    return (isinstance(feature, dict) and all(isinstance(feature.get(k), str) for k in ("group", "kind", "value"))
+            and isinstance(feature.get("global"), dict) and isinstance(feature.get("sites"), dict)
+            and all(isinstance(feature["sites"].get(s), dict) for s in sites))

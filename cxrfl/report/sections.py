@@ -189,3 +189,71 @@ def parameters_section(runs: list[Run]) -> str:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+
+
+# ---- a `cxrfl stats` run: stats.json -------------------------------------------------------------
+FEATURE_TITLES = {"image:width": "image width (pixels)", "image:height": "image height (pixels)",
+                  "image:intensity": "pixel intensity, whole image",
+                  "image:lung_intensity": "pixel intensity inside the lung mask"}
+
+
+def stats_section(stats: dict, report: Report) -> str:
+    """Federated statistics: what each site returned through its privacy cleansers, per feature; a
+    figure per category (shares of rows) and per numeric feature (histogram), sites side by side."""
+    sites, settings = stats["sites"], stats.get("settings", {})
+    order = [n for n in stats.get("feature_order", []) if n in stats["features"]]
+    features = {name: stats["features"][name] for name in order + sorted(set(stats["features"]) - set(order))}
+    facts = html.facts({"sites": ", ".join(sites), "minimum count (MinCountCleanser)": settings.get("min_count"),
+                        "noise on min/max (AddNoiseToMinMax)":
+                            f"{settings.get('min_noise')}–{settings.get('max_noise')}",
+                        "histogram bins": settings.get("bins"),
+                        "bins below % of the count (HistogramBinsCleanser)": settings.get("max_bins_percent")})
+    text = ("<p>Each site computed its statistics and NVFlare's cleansers ran at the site before anything left it: "
+            "a feature counted on fewer rows than the minimum count returns only its count (\"withheld\"), and a "
+            "histogram with too many bins for its count is dropped. \"all sites\" pools the sites that returned "
+            "statistics. Intensity histograms count pixels (over [0, 1], as the models see them); their mean "
+            "and standard deviation are over the images' mean intensities.</p>")
+    categories: dict[str, list[dict]] = {}
+    for feature in features.values():
+        if feature["kind"] == "indicator":
+            categories.setdefault(feature["group"], []).append(feature)
+    rows = [[f"{f['group']}={f['value']}"] + [_count_cell(f["sites"][s]) for s in sites] + [_count_cell(f["global"])]
+            for members in categories.values() for f in members]
+    parts = [facts, text, html.table(["count (share)"] + sites + ["all sites"], rows)]
+    for group, members in categories.items():
+        shares = {s: [m["sites"][s].get("mean") for m in members] for s in sites}
+        fig = figures.site_shares_figure(f"{group}: share of each site's rows", [m["value"] for m in members], shares)
+        parts.append(html.figure(report.add_figure(fig, f"stats-{_slug(group)}.png"), f"{group} per site"))
+    numeric = {name: f for name, f in features.items() if f["kind"] != "indicator"}
+    parts.append(html.table(["feature (mean ± sd, n)"] + sites + ["all sites"],
+                            [[FEATURE_TITLES.get(name, name)] + [_mean_cell(f["sites"][s]) for s in sites]
+                             + [_mean_cell(f["global"])] for name, f in numeric.items()]))
+    for name, f in numeric.items():
+        histograms = {s: e["histogram"] for s, e in f["sites"].items() if e.get("histogram")}
+        if histograms:
+            title = FEATURE_TITLES.get(name, name)
+            fig = figures.site_histograms_figure(title, title, histograms, f["global"].get("histogram"))
+            parts.append(html.figure(report.add_figure(fig, f"stats-{_slug(name)}.png"),
+                                     f"{title}: sites side by side" + _missing(f["sites"], histograms)))
+    return html.section("statistics", "Federated statistics of the sites' data", "".join(parts))
+
+
+def _count_cell(entry: dict) -> str:
+    if "sum" in entry:
+        return f"{entry['sum']:.0f} of {entry['count']} ({entry['mean']:.1%})"
+    if entry.get("count_with_statistics"):  # the pooled global of a category
+        n = entry["count_with_statistics"]
+        return f"{entry['mean'] * n:.0f} of {n} ({entry['mean']:.1%})"
+    return f"withheld (n={entry.get('count', 0)})"
+
+
+def _mean_cell(entry: dict) -> str:
+    if "mean" not in entry:
+        return f"withheld (n={entry.get('count', 0)})"
+    n = entry.get("count_with_statistics", entry.get("count"))
+    return f"{entry['mean']:.4g} ± {entry.get('stddev', 0.0):.3g} (n={n})"
+
+
+def _missing(per_site: dict, shown: dict) -> str:
+    absent = [s for s in per_site if s not in shown]
+    return f"; no histogram from {', '.join(absent)} (withheld or no data)" if absent else ""
