@@ -123,7 +123,7 @@ def test_the_shipped_heterogeneity_configs_load_and_the_default_study_is_unchang
 
 
 TINY = {
-    "study": "heterogeneity", "name": "tiny", "task": "classify", "seeds": 2,
+    "study": "heterogeneity", "name": "tiny", "task": "classify", "seeds": 1,
     "data": {"sites": 2, "per_site": [20, 12], "site_test": 8, "test_size": 12, "size": 32, "seed": 3,
              "val_fraction": 0.4},
     "settings": {"feature-shift": {"site_shift": 2, "label_signal": "opacity"}},
@@ -142,8 +142,8 @@ def test_tiny_study_table_holds_the_run_folders_numbers_and_resumes(tmp_path, ca
     with open(out / "study.csv") as f:
         rows = {(r["method"], r["seed"], r["site"]): r for r in csv.DictReader(f)}
     methods = {"fedavg", "ditto", "local", "central", "ensemble", "fedavg-finetune"}
-    assert set(rows) == {(m, seed, s) for m in methods for seed in ("0", "1") for s in ("site-1", "site-2")}
-    for seed in ("0", "1"):
+    assert set(rows) == {(m, "0", s) for m in methods for s in ("site-1", "site-2")}
+    for seed in ("0",):  # the intervals over several seeds: the arithmetic tests above
         folder = out / "feature-shift" / f"seed-{seed}"
         fedavg = json.loads((folder / "fedavg" / "metrics.json").read_text())
         assert float(rows["fedavg", seed, "site-2"]["shared_test"]) == pytest.approx(fedavg["test"]["test_auroc"],
@@ -165,13 +165,12 @@ def test_tiny_study_table_holds_the_run_folders_numbers_and_resumes(tmp_path, ca
     assert int(rows["local", "0", "site-1"]["train_images"]) > int(rows["local", "0", "site-2"]["train_images"])
     study = json.loads((out / "study.json").read_text())
     cell = next(c for c in study["cells"] if c["method"] == "ditto")
-    mean = (float(rows["ditto", "0", "site-1"]["own_test"]) + float(rows["ditto", "1", "site-1"]["own_test"])) / 2
-    assert cell["own_test"]["by_site"]["site-1"]["mean"] == pytest.approx(mean)
+    assert cell["own_test"]["by_site"]["site-1"]["mean"] == pytest.approx(float(rows["ditto", "0", "site-1"]["own_test"]))
     assert "which sites gain" in (out / "study.md").read_text()
     figures = out / "heterogeneity_study" / "figures"
     assert (figures / "shared_test.png").is_file() and (figures / "site_gain.png").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("feature-shift/seed-*/*/metrics.json")}
-    assert len(stamps) == 2 * (2 + 1 + 2 + 2)  # fedavg, ditto, central, local and fine-tuned per site
+    assert len(stamps) == 2 + 1 + 2 + 2  # fedavg, ditto, central, local and fine-tuned per site
     capsys.readouterr()
     assert main(["study", "--config", str(config), "--out", str(out)]) == 0  # resumed: nothing to train
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[study]")]
