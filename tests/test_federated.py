@@ -220,10 +220,11 @@ def test_segmentation_job_end_to_end(segment_run):
 
 
 def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
+    """Also Ditto (one simulator run for both): each site's personal model is saved and evaluated."""
     run = tmp_path / "roi"
     segmenter = segment_run / "models" / "global_best.pt"
     assert main(["sim", "--task", "roi", "--data", str(fl_root), "--rounds", "1", "--model", "cnn5",
-                 "--segmenter", str(segmenter), "--roi-mode", "crop", "--no-cross-site-eval",
+                 "--segmenter", str(segmenter), "--roi-mode", "crop", "--algorithm", "ditto", "--ditto-lambda", "0.5",
                  "--out", str(run)] + COMMON) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["segmenter"] == str(segmenter) and config["roi"] == "crop"
@@ -237,6 +238,7 @@ def test_roi_job_uses_the_federated_segmenter(segment_run, fl_root, tmp_path):
     assert summary["selected_model"] == "global_final"  # one round: NVFlare selects no best model
     assert 0 <= summary["test"]["test_auroc"] <= 1
     assert not (run / "cross_site.csv").read_text().splitlines()[1].endswith(",,")  # test column filled
+    _check_ditto_personal_models(run)
 
 
 def test_fedyogi_updates_the_global_model_with_a_server_optimizer(fl_root, classify_run, tmp_path):
@@ -417,7 +419,7 @@ def test_he_job_runs_in_the_simulator_and_a_site_key_decrypts_the_result(fl_root
 
     run = tmp_path / "he-run"
     assert main(["sim", "--task", "classify", "--he", "--algorithm", "fedbn", "--data", str(fl_root), "--rounds",
-                 "2", "--model", "cnn5", "--out", str(run)] + COMMON) == 0
+                 "1", "--model", "cnn5", "--out", str(run)] + COMMON) == 0
     final = torch.load(run / "models" / "global_final.pt", map_location="cpu", weights_only=False)
     assert any(is_packed(k) for k in final["model"])
     assert all(isinstance(v, bytes) for k, v in final["model"].items() if is_packed(k))
@@ -433,7 +435,7 @@ def test_he_job_runs_in_the_simulator_and_a_site_key_decrypts_the_result(fl_root
     assert 0.0 <= summary["test"]["test_auroc"] <= 1.0 and "FedBN" in summary["normalisation"]
     from cxrfl.models import ModelLoadError, load_classifier
 
-    with pytest.raises(ModelLoadError, match="global_best.pt: a FedBN run's global model holds no site's"):
+    with pytest.raises(ModelLoadError, match="global_final.pt: a FedBN run's global model holds no site's"):
         load_classifier(run)  # predict takes the decrypted model, and says why it cannot use it
     from conftest import readable_private_keys
 
@@ -497,10 +499,9 @@ def test_fedbn_keeps_normalisation_at_each_site(fl_root, tmp_path):
     assert all(0 <= summary["test_by_model"][m]["test_auroc"] <= 1 for m in summary["test_by_model"])
 
 
-def test_ditto_saves_and_evaluates_a_personal_model_per_site(fl_root, tmp_path):
-    run = tmp_path / "ditto"
-    assert main(["sim", "--task", "classify", "--algorithm", "ditto", "--ditto-lambda", "0.5", "--data", str(fl_root),
-                 "--rounds", "1", "--model", "cnn5", "--out", str(run)] + COMMON) == 0
+def _check_ditto_personal_models(run):
+    """Ditto: every site's personal model (what it submits) differs from the global model and from the
+    other site's, and is evaluated on every site's validation and own test split and on the shared test set."""
     server = _load(run / "models" / "global_final.pt")
     matrix = json.loads((run / "cross_site.json").read_text())["matrix"]
     summary = json.loads((run / "metrics.json").read_text())
@@ -511,6 +512,7 @@ def test_ditto_saves_and_evaluates_a_personal_model_per_site(fl_root, tmp_path):
             assert {"val_auroc", "site_test_auroc"} <= set(matrix[f"local_{site}"][data_site])
         assert 0 <= summary["test_by_model"][f"local_{site}"]["test_auroc"] <= 1  # and the shared test set
     assert _differ(_load(run / "models" / "local_site-1.pt"), _load(run / "models" / "local_site-2.pt"))
+    assert json.loads((run / "config.json").read_text())["algorithm"] == "ditto"
 
 
 def test_federated_runs_load_for_predict_like_central_ones(classify_run, fl_root, tmp_path):
