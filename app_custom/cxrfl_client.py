@@ -45,6 +45,14 @@ from lightning_modules.networks import normalisation_state_keys
 from lightning_modules.segmentation import LungSegmentation
 
 JOB_CUSTOM = Path(__file__).resolve().parents[1]  # the job's custom/ folder: files the job carries
+# fit() runs no validation loop of its own: each round validates the received global model first (what
+# NVFlare selects the best model by), a second pass would feed nothing.
+NO_VALIDATION_IN_FIT = 2**31 - 1
+
+
+def cpu_state(module: pl.LightningModule) -> dict:
+    """A copy of the module's weights on the CPU, detached from training."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def site_data_module(cfg: TrainConfig, site: str, config_path: Path | None, config: dict) -> CXRDataModule:
@@ -110,12 +118,9 @@ class PersonalModel:
         if not self.started:
             self.module.load_state_dict(global_params)
             self.started = True
-        pull = ProximalPull({k: v for k, v in global_params.items()}, self.cfg.proximal_weight)
+        pull = ProximalPull(global_params, self.cfg.proximal_weight)
         plain_trainer(self.cfg, max_epochs=self.cfg.epochs, callbacks=[pull],
-                      check_val_every_n_epoch=2**31 - 1).fit(self.module, datamodule=dm)
-
-    def state(self) -> dict:
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+                      check_val_every_n_epoch=NO_VALIDATION_IN_FIT).fit(self.module, datamodule=dm)
 
 
 def keep_site_tensors(input_model: FLModel, module: pl.LightningModule, keys: list[str]) -> None:
@@ -150,11 +155,9 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
         personal = PersonalModel(build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes, class_counts=counts), cfg)
     local_seconds = ReportLocalSeconds()
     budget = [RoundTimeBudget(cfg.time_budget)] if cfg.time_budget > 0 else []
-    # check_val_every_n_epoch: fit() runs no validation loop of its own; each round validates the
-    # received global model first (what NVFlare selects the best model by), a second pass feeds nothing.
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=flare.logger(),
                          callbacks=[local_seconds, *budget], enable_checkpointing=False, log_every_n_steps=5,
-                         enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=2**31 - 1,
+                         enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=NO_VALIDATION_IN_FIT,
                          deterministic=cfg.deterministic)
     flare.patch(trainer)
 
@@ -167,8 +170,8 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
             local_seconds.task_received()
             keep_site_tensors(input_model, module, site_keys)
             if is_submit_model():
-                local_params = local_params or {k: v.cpu().clone() for k, v in module.state_dict().items()}
-                send(FLModel(params=personal.state() if personal else local_params, meta={"site": site}))
+                local_params = local_params or cpu_state(module)
+                send(FLModel(params=cpu_state(personal.module) if personal else local_params, meta={"site": site}))
             elif is_evaluate():  # metrics and score histograms only: no image's score leaves
                 module.load_state_dict(input_model.params)
                 send(FLModel(metrics=evaluate_here(module, dm, cfg)))
@@ -177,7 +180,7 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
             else:
                 trainer.validate(module, datamodule=dm)  # the received global model's metrics: model selection
                 trainer.fit(module, datamodule=dm)
-                local_params = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                local_params = cpu_state(module)
                 if personal is not None:
                     personal.train(input_model.params, dm)
 

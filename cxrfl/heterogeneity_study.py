@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import yaml
 from monai.metrics import DiceMetric
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
@@ -38,7 +37,7 @@ from cxrfl.fl.simulator import run_simulation
 from cxrfl.heterogeneity_summary import LOCAL, site_rows, write_outputs
 from cxrfl.run_folder import RunFolder
 from cxrfl.runs import AtomicCheckpointIO, new_run_dir
-from cxrfl.study import StudyError, finished_run, set_aside_unfinished
+from cxrfl.study import StudyError, finished_run, read_config, set_aside_unfinished
 from lightning_modules.config import ALGORITHMS, TrainConfig
 from lightning_modules.data.atomic import atomic_torch_save, read_json_object, write_json
 from lightning_modules.data.datamodule import CXRDataModule
@@ -60,21 +59,15 @@ EVAL_CACHE = "study_eval.json"  # a unit's models' test scores, kept with the un
 def is_heterogeneity_config(path: Path) -> bool:
     """Whether the file is a heterogeneity study's configuration (unreadable: no; load_config says why)."""
     try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        return read_config(path).get("study") == STUDY_KIND
+    except StudyError:
         return False
-    return isinstance(config, dict) and config.get("study") == STUDY_KIND
 
 
 def load_config(path: Path) -> dict:
     """The configuration with its defaults (seeds 3, every baseline); StudyError (one line, naming the file)
     for anything that would fail later."""
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise StudyError(f"{path}: cannot read the study configuration ({' '.join(str(exc).split())})") from None
-    if not isinstance(config, dict):
-        raise StudyError(f"{path}: expected a mapping of settings")
+    config = read_config(path)
     try:
         _check(config)
     except (ValueError, TypeError) as exc:

@@ -42,13 +42,21 @@ class StudyError(ValueError):
     """The study's configuration or data is unusable; the message says why."""
 
 
-def load_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A study configuration file's mapping (any study); StudyError in one line naming the file."""
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise StudyError(f"{path}: cannot read the study configuration ({exc})") from None
+        raise StudyError(f"{path}: cannot read the study configuration ({' '.join(str(exc).split())})") from None
+    if not isinstance(config, dict):
+        raise StudyError(f"{path}: expected a mapping of settings")
+    return config
+
+
+def load_config(path: Path) -> dict:
+    config = read_config(path)
     for key in ("name", "data", "grid"):
-        if key not in (config or {}):
+        if key not in config:
             raise StudyError(f"{path}: missing '{key}'")
     return config
 

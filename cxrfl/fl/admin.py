@@ -128,11 +128,26 @@ def expected_sites(kit: AdminKit, named: list[str] | None, allow_missing: bool) 
     return list(named)
 
 
+def new_job_folder(kit: AdminKit, name: str) -> Path:
+    """Where a job to submit is exported: beside the admin kit's other jobs, under a fresh name."""
+    return kit.jobs_dir / f"{name}-{int(time.time() * 1000)}"
+
+
+def submit_folder(kit: AdminKit, job_dir: Path) -> str:
+    """Submit an exported job folder; returns the job id."""
+    return with_admin(kit, lambda sess: sess.submit_job(str(job_dir)), deadline=time.time() + 60)
+
+
+def download_result(kit: AdminKit, job_id: str, download: Path) -> None:
+    """The ended job's result (server and sites' workspaces), copied into `download`."""
+    result = with_admin(kit, lambda sess: Path(sess.download_job_result(job_id)), deadline=time.time() + 600)
+    shutil.copytree(result, download, dirs_exist_ok=True)
+
+
 def submit(kit: AdminKit, cfg: FLConfig, extend=None) -> str:
     """Export the job for cfg (no local paths travel; extend: see `built_job`) and submit it; keep
     its configuration."""
-    job_dir = export_job(cfg, kit.jobs_dir / f"{cfg.job_name}-{int(time.time() * 1000)}", extend=extend)
-    job_id = with_admin(kit, lambda sess: sess.submit_job(str(job_dir)), deadline=time.time() + 60)
+    job_id = submit_folder(kit, export_job(cfg, new_job_folder(kit, cfg.job_name), extend=extend))
     cfg.write_json(kit.jobs_dir / f"{job_id}.json")
     return job_id
 
@@ -185,10 +200,8 @@ def wait(kit: AdminKit, job_id: str, run_dir: Path, data_root: Path | None, time
     meta = follow_job(kit, job_id, timeout)
     wall = time.time() - start
     download = run_dir / "download"
-    download.mkdir(parents=True, exist_ok=True)
-    result = with_admin(kit, lambda sess: Path(sess.download_job_result(job_id)), deadline=time.time() + 600)
+    download_result(kit, job_id, download)
     status = str(meta.get("status", ""))
-    shutil.copytree(result, download, dirs_exist_ok=True)
     if not continues:
         RunFolder.create(run_dir, kind, cfg)
     write_json(run_dir / "job_meta.json", meta)

@@ -50,8 +50,7 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
                 state = decrypt_checkpoint(path, he_key)
                 atomic_torch_save({"model": state}, models / "decrypted" / f"{name}.pt")
                 test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None,
-                                                      point if name == main else None,
-                                                      adapt=cfg.algorithm == "fedbn" and name.startswith("global"))
+                                                      point if name == main else None, adapt=_without_site_norm(cfg, name))
     else:
         dm = test_data_module(cfg)
         test_metrics, tested = {}, []  # (state, metrics) already computed: the best model is often the final one
@@ -63,8 +62,7 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
                 test_metrics[name] = {k: v for k, v in same.items() if not k.endswith("_at_threshold")}
                 continue
             test_metrics[name] = evaluate_on_test(cfg, dm, state, run_dir if name == main else None,
-                                                  point if name == main else None,
-                                                  adapt=cfg.algorithm == "fedbn" and name.startswith("global"))
+                                                  point if name == main else None, adapt=_without_site_norm(cfg, name))
             tested.append((state, test_metrics[name]))
 
     for name, metrics in test_metrics.items():
@@ -85,6 +83,11 @@ def evaluate_run(cfg: FLConfig, run_dir: Path, collected: dict, he_key: Path | N
     if None in summary["test"].values():  # e.g. AUROC on a test set of one class
         summary["undefined_reason"] = undefined_reason(cfg.classes, dm.class_counts("test") if cfg.classes else None)
     return summary
+
+
+def _without_site_norm(cfg: FLConfig, model_name: str) -> bool:
+    """A FedBN global model: the server holds no site's normalisation statistics."""
+    return cfg.algorithm == "fedbn" and model_name.startswith("global")
 
 
 def site_test_table(matrix: dict, cfg: FLConfig) -> dict[str, dict[str, float | None]]:

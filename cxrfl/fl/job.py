@@ -114,12 +114,13 @@ def build_job(cfg: FLConfig, staging: Path, simulated: bool = False) -> BaseFedJ
         job.add_file_to_server(cfg.initial_model)
         initial_model = Path(cfg.initial_model).name
     persistor, generator, aggregator, exchange, transfer = _aggregation_components(cfg, model_id, initial_model)
+    site_keys = site_kept_keys(cfg)  # FedBN: checked by the server, dropped by the sites
     persistor_id = job.to_server(persistor, id="persistor")
     generator_id = job.to_server(generator, id="shareable_generator")
     aggregator_id = job.to_server(aggregator, id="aggregator")
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
     if not cfg.he:  # a malformed update is refused with its reason before it reaches the aggregator
-        job.to_server(UpdateValidator(site_keys=site_kept_keys(cfg)), id="update_validator",
+        job.to_server(UpdateValidator(site_keys=site_keys), id="update_validator",
                       filter_type=FilterType.TASK_RESULT, tasks=["train"])
     if cfg.algorithm == "fedprox":  # the sites' patched trainer adds the proximal term when it reads mu
         job.to_server(TrainTaskMeta({AlgorithmConstants.FEDPROX_MU: cfg.proximal_weight}), id="fedprox_mu",
@@ -136,7 +137,8 @@ def build_job(cfg: FLConfig, staging: Path, simulated: bool = False) -> BaseFedJ
         job.to_server(EarlyStopping(patience=cfg.patience, controller_id=CONTROLLER_ID, key_metric=cfg.key_metric),
                       id="early_stopping")
     _add_evaluation(job, cfg, persistor_id)
-    _add_site_side(job, cfg, staging, SIMULATED_SITE_SCRIPT if simulated else CLIENT_SCRIPT, exchange, transfer)
+    _add_site_side(job, cfg, staging, SIMULATED_SITE_SCRIPT if simulated else CLIENT_SCRIPT, exchange, transfer,
+                   site_keys)
     return job
 
 
@@ -184,7 +186,8 @@ def _add_evaluation(job: BaseFedJob, cfg: FLConfig, persistor_id: str) -> None:
         job.to_server(GlobalModelEval(model_locator_id=locator_id, validation_timeout=settings.VALIDATION_TIMEOUT))
 
 
-def _add_site_side(job: BaseFedJob, cfg: FLConfig, staging: Path, script: str, exchange, transfer) -> None:
+def _add_site_side(job: BaseFedJob, cfg: FLConfig, staging: Path, script: str, exchange, transfer,
+                   site_keys: list[str]) -> None:
     """What every site gets: its training settings as data (custom/cxrfl_train.json), a lung-ROI job's
     segmenter, the site script with the package modules it imports, and the filters on what it sends."""
     # What NVFlare's ScriptRunner builds (in process), with the script's path inside custom/: ScriptRunner
@@ -201,7 +204,7 @@ def _add_site_side(job: BaseFedJob, cfg: FLConfig, staging: Path, script: str, e
         job.add_file_to_clients(str(staging / JOB_SEGMENTER))
     _add_package_files(job, script)
     if cfg.algorithm == "fedbn":  # before encryption: the normalisation tensors never leave the site
-        job.to_clients(KeepAtSite(site_kept_keys(cfg)), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+        job.to_clients(KeepAtSite(site_keys), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     if cfg.he:
         _add_he_client_filters(job, cfg.he_encrypt_layers)
     if cfg.dp:  # applied at the site, to what leaves it

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -239,8 +238,7 @@ def _reasons(site_logs: list[Path], server_logs: list[Path]) -> str:
 # ---- on a running deployment ----------------------------------------------------------------------
 def submit(kit: AdminKit, plan: StatsPlan, sites: list[str]) -> str:
     """Export the job for `sites` beside the admin kit's other jobs and submit it; returns the job id."""
-    job_dir = export_job(plan, sites, kit.jobs_dir / f"{JOB_NAME}-{int(time.time() * 1000)}")
-    return admin.with_admin(kit, lambda sess: sess.submit_job(str(job_dir)), deadline=time.time() + 60)
+    return admin.submit_folder(kit, export_job(plan, sites, admin.new_job_folder(kit, JOB_NAME)))
 
 
 def wait(kit: AdminKit, job_id: str, plan: StatsPlan, sites: list[str], run_dir: Path, where: dict,
@@ -249,9 +247,8 @@ def wait(kit: AdminKit, job_id: str, plan: StatsPlan, sites: list[str], run_dir:
     run_dir = Path(run_dir).absolute()
     start = time.time()
     meta = admin.follow_job(kit, job_id, timeout)
-    result = admin.with_admin(kit, lambda sess: Path(sess.download_job_result(job_id)), deadline=time.time() + 600)
     download = run_dir / "download"
-    shutil.copytree(result, download, dirs_exist_ok=True)
+    admin.download_result(kit, job_id, download)
     found = sorted(download.rglob(Path(RESULT_PATH).name))
     if not found:
         server_logs = sorted(download.rglob("log.txt"))
