@@ -19,7 +19,8 @@ Per task from the server:
 Algorithms (`TrainConfig.algorithm`, docs/algorithms.md): FedProx and SCAFFOLD are applied by the patched
 trainer from the server's metadata; FedBN keeps this site's normalisation tensors in every model it
 loads (the job's KeepAtSite filter keeps them from leaving); Ditto also trains a personal model,
-pulled toward each global model it receives.
+pulled toward each global model it receives. With DP-SGD (`--dp dpsgd`) every local step is clipped and
+noised and accounted (lightning_modules/privacy.py); each update carries the epsilon spent so far.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.client import is_evaluate, is_submit_model, send
 
 from app_custom.site_files import SITE_CONFIG, local_settings, site_data_dir
-from app_custom.wire import ABSENT, LOCAL_SECONDS
+from app_custom.wire import ABSENT, DP_DELTA, DP_EPSILON, LOCAL_SECONDS
 from lightning_modules.callbacks import ProximalPull, RoundTimeBudget
 from lightning_modules.config import TRAIN_CONFIG_FILE, TrainConfig
 from lightning_modules.data.datamodule import CXRDataModule
@@ -83,6 +84,29 @@ class ReportLocalSeconds(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         pl_module.__fl_meta__[LOCAL_SECONDS] = round(time.monotonic() - self._start, 3)
+
+
+class ReportPrivacySpent(pl.Callback):
+    """DP-SGD: the epsilon this site has spent so far, in the update's meta (before FLCallback sends it)."""
+
+    def __init__(self, privacy):
+        self.privacy = privacy
+
+    def on_train_end(self, trainer, pl_module):
+        pl_module.__fl_meta__[DP_EPSILON] = round(self.privacy.epsilon, 6)
+        pl_module.__fl_meta__[DP_DELTA] = self.privacy.plan.delta
+
+
+def site_privacy(cfg: TrainConfig, dm: CXRDataModule, site: str):
+    """DP-SGD's callback with this site's plan (its own sample rate, over the job's rounds), or None. A plan
+    above --target-epsilon is refused here, before the site trains."""
+    if not cfg.dp_sgd:
+        return None
+    from lightning_modules.privacy import DPSGD, plan_privacy  # lazy: Opacus only for DP-SGD jobs
+
+    plan = plan_privacy(dm.num_train_samples, cfg.batch_size, cfg.epochs, cfg.rounds, cfg.dp_delta,
+                        cfg.dp_noise_multiplier, cfg.dp_target_epsilon, who=f"site {site}")
+    return DPSGD(plan, cfg.dp_max_grad_norm)
 
 
 def plain_trainer(cfg: TrainConfig, **kwargs) -> pl.Trainer:
@@ -147,7 +171,8 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
     pl.seed_everything(cfg.seed, workers=True)
     dm = site_data_module(cfg, site, *local_settings(SITE_CONFIG, JOB_CUSTOM))
     counts = dm.class_counts("train") if cfg.task == "classify" and cfg.class_weights == "balanced" else None
-    module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes, class_counts=counts)
+    module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes, class_counts=counts,
+                          dp_compatible=cfg.dp_sgd)
     module.__fl_meta__ = {MetaKey.NUM_STEPS_CURRENT_ROUND: dm.num_train_samples}  # FedAvg weight: samples
     site_keys = normalisation_state_keys(module) if cfg.algorithm == "fedbn" else []
     personal = None
@@ -155,8 +180,10 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
         personal = PersonalModel(build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes, class_counts=counts), cfg)
     local_seconds = ReportLocalSeconds()
     budget = [RoundTimeBudget(cfg.time_budget)] if cfg.time_budget > 0 else []
+    privacy = site_privacy(cfg, dm, site)
+    dp_callbacks = [privacy, ReportPrivacySpent(privacy)] if privacy else []
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=flare.logger(),
-                         callbacks=[local_seconds, *budget], enable_checkpointing=False, log_every_n_steps=5,
+                         callbacks=[local_seconds, *budget, *dp_callbacks], enable_checkpointing=False, log_every_n_steps=5,
                          enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=NO_VALIDATION_IN_FIT,
                          deterministic=cfg.deterministic)
     flare.patch(trainer)
@@ -179,7 +206,9 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
                 send(FLModel(params={}, meta={ABSENT: True}))
             else:
                 trainer.validate(module, datamodule=dm)  # the received global model's metrics: model selection
-                trainer.fit(module, datamodule=dm)
+                if privacy is not None:  # a resumed job: its earlier rounds count as spent
+                    privacy.account_earlier_rounds(input_model.current_round or 0)
+                trainer.fit(module, datamodule=privacy.datamodule(dm) if privacy else dm)
                 local_params = cpu_state(module)
                 if personal is not None:
                     personal.train(input_model.params, dm)

@@ -3,7 +3,8 @@
 Written here because NVFlare's persistor keeps only the last and the best global model, and no
 stock widget logs per-round contributors. Files go to `<server app dir>/rounds/`:
 - `global_round_NNN.pt`: `{"model": state_dict, "round": N}`, written atomically;
-- `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted, absent, local_seconds) and,
+- `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted, absent, local_seconds,
+  with DP-SGD the epsilon the site has spent so far) and,
   with the site-aware aggregator, one per global model (round, fresh: sites whose update of this
   round counted, kept: sites counted with an earlier update); the sites' metrics per round are in
   NVFlare's own `metrics/round_metrics.jsonl`;
@@ -30,7 +31,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.abstract.fl_model import MetaKey
 
-from app_custom.wire import ABSENT, FRESH, KEPT, LOCAL_SECONDS
+from app_custom.wire import ABSENT, DP_DELTA, DP_EPSILON, FRESH, KEPT, LOCAL_SECONDS
 from lightning_modules.data.atomic import atomic_torch_save
 
 ROUNDS_DIR = "rounds"
@@ -83,6 +84,8 @@ class RoundRecorder(FLComponent):
             entry["weight"] = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
             entry["absent"] = bool(dxo.get_meta_prop(ABSENT))
             entry["local_seconds"] = dxo.get_meta_prop(LOCAL_SECONDS)  # the site's own validation + training time
+            if dxo.get_meta_prop(DP_EPSILON) is not None:  # DP-SGD: what the site has spent up to this update
+                entry["dp_epsilon"], entry["dp_delta"] = dxo.get_meta_prop(DP_EPSILON), dxo.get_meta_prop(DP_DELTA)
             entry["data_kind"] = dxo.data_kind
             if self.save_contributions and isinstance(dxo.data, dict):
                 atomic_torch_save({"model": _to_tensors(dxo.data), "round": round_num, "site": site,

@@ -5,3 +5,5 @@ ABSENT = "cxrfl_absent"  # meta flag of an update from a site that is away this 
 FRESH, KEPT = "cxrfl_fresh_sites", "cxrfl_kept_sites"  # meta of the global model: who counted
 LOCAL_SECONDS = "cxrfl_local_seconds"  # meta of an update: the site's time on the round's task
 SUM_WEIGHT = "cxrfl_he_sum_of_weights"  # meta of an HE-summed model: what the sites divide the sum by
+DP_EPSILON = "cxrfl_dp_epsilon"  # meta of a DP-SGD update: epsilon the site has spent so far (at DP_DELTA)
+DP_DELTA = "cxrfl_dp_delta"

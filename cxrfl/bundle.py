@@ -82,6 +82,7 @@ def _segmenter_description(seg: Segmenter) -> dict:
 
 def _classifier_description(clf: Classifier) -> dict:
     return {"task": "classify", "model": clf.module.hparams.model, "classes": list(clf.classes),
+            "dp_compatible": bool(clf.module.hparams.get("dp_compatible", False)),  # DP-SGD's group-norm layers
             "image_size": clf.image_size, "normalisation": NORMALISATION, "roi": clf.roi,
             "roi_threshold": clf.roi_threshold, "decision_threshold": clf.threshold,
             "temperature": clf.temperature}

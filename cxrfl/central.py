@@ -37,12 +37,19 @@ def train_central(cfg: TrainConfig, run_dir: Path) -> dict:
     that checkpoint once on the held-out test set; writes the run folder and returns metrics.json."""
     pl.seed_everything(cfg.seed, workers=True)
     dm, module = _data_and_module(cfg)
+    privacy = None  # refused before the run folder is made when the plan exceeds --target-epsilon
+    if cfg.dp_sgd:  # the whole run is one data holder's: one plan over its epochs
+        from lightning_modules.privacy import DPSGD, plan_privacy  # lazy: Opacus only for DP-SGD runs
+
+        privacy = DPSGD(plan_privacy(dm.num_train_samples, cfg.batch_size, cfg.epochs, 1, cfg.dp_delta,
+                                     cfg.dp_noise_multiplier, cfg.dp_target_epsilon, who=str(cfg.data_root)),
+                        cfg.dp_max_grad_norm)
     RunFolder.create(run_dir, "central", replace(cfg, classes=dm.classes),
                      facts={"num_train": dm.num_train_samples, "num_val": len(dm.items["val"]), "skipped": dm.skipped,
                             "torch": torch.__version__})
-    checkpoint, trainer = _trainer(cfg, run_dir)
+    checkpoint, trainer = _trainer(cfg, run_dir, [privacy] if privacy else [])
     start = time.time()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=privacy.datamodule(dm) if privacy else dm)
     train_seconds = time.time() - start
     best = checkpoint.best_model_path or checkpoint.last_model_path
     test_results = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
@@ -66,6 +73,8 @@ def train_central(cfg: TrainConfig, run_dir: Path) -> dict:
         metrics["test"].update({k: finite_or_none(v) for k, v in test_at_operating_point(module, point).items()})
     if None in metrics["test"].values():  # e.g. AUROC on a test set of one class
         metrics["undefined_reason"] = undefined_reason(dm.classes, dm.class_counts("test") if dm.classes else None)
+    if privacy is not None:  # what every step taken spent (the best epoch's model included)
+        metrics["privacy"] = {**privacy.plan.as_dict(), "steps": privacy.steps_taken, "epsilon": privacy.epsilon}
     write_json(run_dir / "metrics.json", metrics)
     if cfg.task == "classify":
         write_test_predictions(run_dir / "test_predictions.csv", module, dm.classes,
@@ -83,15 +92,15 @@ def _data_and_module(cfg: TrainConfig):
     dm.setup("fit")
     balanced = cfg.task == "classify" and cfg.class_weights == "balanced"
     module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes,
-                          class_counts=dm.class_counts("train") if balanced else None)
+                          class_counts=dm.class_counts("train") if balanced else None, dp_compatible=cfg.dp_sgd)
     return dm, module
 
 
-def _trainer(cfg: TrainConfig, run_dir: Path):
+def _trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: list):
     """Best checkpoint by the validation metric (never the test set), optional early stopping."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.key_metric,
                                  mode="max", save_last=True, auto_insert_metric_name=False)
-    callbacks = [checkpoint]
+    callbacks = [checkpoint, *extra_callbacks]
     if cfg.patience:
         callbacks.append(EarlyStopping(monitor=cfg.key_metric, mode="max", patience=cfg.patience))
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=_loggers(cfg, run_dir),

@@ -143,7 +143,7 @@ def load_classifier(path: str | Path, segmenter: str | Path | None = None) -> Cl
                                  "predict with a site's own model, RUN/models/local_<site>.pt (with --he none "
                                  "reaches the server: predict at the site)")
         classes = list(cfg.classes)
-        module = _load_into(_classifier_module(cfg.network, classes, weights), (given or _read(weights)).state, weights)
+        module = _load_into(_classifier_module(cfg.network, classes, weights, cfg.dp_sgd), (given or _read(weights)).state, weights)
         clf = Classifier(module, classes, cfg.image_size, cfg.roi, cfg.roi_threshold, source=str(weights))
         clf.threshold, clf.temperature = _stored_operating_point(run, weights)
         if cfg.roi and cfg.segmenter and segmenter is None:
@@ -185,9 +185,9 @@ def _valid_temperature(value) -> float:
 EXPORTED = ("bundle", "export")  # ModelFile kinds that describe their own preprocessing
 
 
-def _classifier_module(model, classes: list, source: Path) -> CXRClassifier:
+def _classifier_module(model, classes: list, source: Path, dp_compatible: bool = False) -> CXRClassifier:
     try:
-        return CXRClassifier(model=model, num_classes=len(classes), class_names=classes)
+        return CXRClassifier(model=model, num_classes=len(classes), class_names=classes, dp_compatible=dp_compatible)
     except ValueError as exc:  # an unknown network name
         raise ModelLoadError(f"{source}: {exc}") from None
 
@@ -262,7 +262,8 @@ def _segmenter_from_bundle(bundle: dict, path: Path, where: str = "") -> Segment
 def _classifier_from_bundle(bundle: dict, path: Path) -> Classifier:
     bundle = _check_bundle(bundle, path, "classify")
     classes = list(bundle["classes"])
-    module = _load_into(_classifier_module(bundle["model"], classes, path), bundle["state_dict"], path)
+    module = _load_into(_classifier_module(bundle["model"], classes, path,
+                                                   bundle.get("dp_compatible") is True), bundle["state_dict"], path)
     seg = _segmenter_from_bundle(bundle["segmenter"], path, "segmenter's ") if bundle.get("segmenter") else None
     return Classifier(module, classes, bundle["image_size"], bundle.get("roi"),
                       float(bundle.get("roi_threshold", 0.5)), seg, str(path),

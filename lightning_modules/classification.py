@@ -90,10 +90,10 @@ class CXRClassifier(pl.LightningModule):
 
     def __init__(self, model: str = "densenet121", num_classes: int = 2, class_names: Sequence[str] | None = None,
                  lr: float = 1e-3, weight_decay: float = 1e-4, class_weights: Sequence[float] | None = None,
-                 bootstrap: int = 1000):
+                 bootstrap: int = 1000, dp_compatible: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.net = build_classifier(model, num_classes)
+        self.net = build_classifier(model, num_classes, dp_compatible)  # dp_compatible: DP-SGD's layers
         # Not persistent: class weights are a site's own (its label counts); they must not enter
         # the state_dict that federated averaging combines.
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None

@@ -26,6 +26,12 @@ SEED_LIMIT = 2**32  # what numpy's and Lightning's seeding accept
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedbn", "ditto")
 FEDPROX_MU_DEFAULT = 0.01  # NVFlare's FedProx examples' mu
 DITTO_LAMBDA_DEFAULT = 0.1  # the Ditto paper's and NVFlare's Ditto example's lambda
+# Privacy (docs/privacy.md): DP-SGD has a formal (epsilon, delta) guarantee; percentile and svt are NVFlare's
+# filters on a federated site's update (truncation/sparsification; SVT with its per-round epsilon).
+DP_MODES = ("dpsgd", "percentile", "svt")
+UPDATE_FILTERS = ("percentile", "svt")
+DP_DELTA_DEFAULT = 1e-5
+DP_MAX_GRAD_NORM_DEFAULT = 1.0
 TRAIN_CONFIG_FILE = "cxrfl_train.json"  # the site settings a federated job carries in its custom/ folder
 
 
@@ -95,6 +101,30 @@ class TrainConfig:
     ditto_lambda: float | None = field(default=None, metadata=option(
         f"--algorithm ditto: how strongly a personal model is pulled toward the global one (default "
         f"{DITTO_LAMBDA_DEFAULT})", metavar="LAMBDA", parse="positive_float", scope="fl"))
+    dp: str | None = field(default=None, metadata=option(
+        "privacy of what training releases. dpsgd: differential privacy with a stated (epsilon, delta) per data "
+        "holder: DP-SGD (Opacus) clips each image's gradient and adds Gaussian noise, with an RDP accountant "
+        "(--target-epsilon or --noise-multiplier, --delta, --max-grad-norm; classification; trains without class "
+        "weights). Federated runs only, and with NO formal guarantee: percentile (NVFlare's PercentilePrivacy: "
+        "shares only the largest weight changes, clipped: truncation, not differential privacy); svt (NVFlare's "
+        "SVTPrivacy: sparse vector technique, its per-round epsilon adds up over rounds). See docs/privacy.md",
+        choices=DP_MODES))
+    dp_target_epsilon: float | None = field(default=None, metadata=option(
+        "--dp dpsgd: the epsilon each data holder may spend over the whole run; the noise is calibrated to it from "
+        "the planned rounds x local epochs x sampling rate, and a plan that would exceed it is refused",
+        flag="--target-epsilon", metavar="EPSILON", parse="positive_float"))
+    dp_delta: float = field(default=DP_DELTA_DEFAULT, metadata=option(
+        f"--dp dpsgd: delta of the guarantee (default {DP_DELTA_DEFAULT:g}; must be below 1/number of training "
+        "images)", flag="--delta", metavar="DELTA", parse="probability"))
+    dp_max_grad_norm: float = field(default=DP_MAX_GRAD_NORM_DEFAULT, metadata=option(
+        f"--dp dpsgd: each image's gradient is clipped to this L2 norm (default {DP_MAX_GRAD_NORM_DEFAULT:g})",
+        flag="--max-grad-norm", metavar="C", parse="positive_float"))
+    dp_noise_multiplier: float | None = field(default=None, metadata=option(
+        "--dp dpsgd: Gaussian noise std as a multiple of --max-grad-norm (default: calibrated to "
+        "--target-epsilon); with --target-epsilon too, a plan that would exceed it is refused",
+        flag="--noise-multiplier", metavar="SIGMA", parse="positive_float"))
+    rounds: int = field(default=1, metadata=option(
+        "rounds of training (central: 1); a DP-SGD site plans its privacy budget over them", cli=False))
     wandb: bool = field(default=False, metadata=option(
         "also log to Weights & Biases (offline unless WANDB_API_KEY is set)"))
     wandb_project: str = field(default="cxr-fl", metadata=option("W&B project for --wandb (default cxr-fl)"))
@@ -106,6 +136,10 @@ class TrainConfig:
             object.__setattr__(self, "task", "classify")
             object.__setattr__(self, "roi", self.roi or "mask")
         object.__setattr__(self, "classes", tuple(self.classes))
+        if self.dp == "dpsgd" and self.class_weights == "balanced":
+            # balanced weights come from the label counts, which DP-SGD does not protect, and tie each image's
+            # loss to the others' labels (a per-sample gradient must not)
+            object.__setattr__(self, "class_weights", "none")
         for name in ("data_root", "segmenter"):  # paths arrive as Path from the command line
             value = getattr(self, name)
             if value is not None:
@@ -142,6 +176,7 @@ class TrainConfig:
         if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
             raise ConfigError(f"--time-budget must be a finite number of seconds >= 0, got {self.time_budget}")
         self._check_algorithm()
+        self._check_dp()
         if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {self.seed}")
 
@@ -156,6 +191,40 @@ class TrainConfig:
                 raise ConfigError(f"{flag} applies to --algorithm {owner} only (this run: {self.algorithm})")
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+
+    UPDATE_FILTERS_ALLOWED = False  # percentile/svt filter a federated site's update: FLConfig allows them
+
+    def _check_dp(self) -> None:
+        if self.dp is not None and self.dp not in DP_MODES:
+            raise ConfigError(f"--dp must be one of {', '.join(DP_MODES)}, got {self.dp!r}")
+        if self.dp in UPDATE_FILTERS and not self.UPDATE_FILTERS_ALLOWED:
+            raise ConfigError(f"--dp {self.dp} filters what a federated site sends; a central run sends nothing "
+                              "(use --dp dpsgd)")
+        dpsgd_options = {"--target-epsilon": self.dp_target_epsilon, "--noise-multiplier": self.dp_noise_multiplier,
+                         "--delta": self.dp_delta != DP_DELTA_DEFAULT or None,
+                         "--max-grad-norm": self.dp_max_grad_norm != DP_MAX_GRAD_NORM_DEFAULT or None}
+        if self.dp != "dpsgd":
+            given = [flag for flag, value in dpsgd_options.items() if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --dp dpsgd only")
+            return
+        if self.task != "classify":
+            raise ConfigError("--dp dpsgd trains classifiers only (segmentation under DP-SGD is not measured)")
+        if self.dp_target_epsilon is None and self.dp_noise_multiplier is None:
+            raise ConfigError("--dp dpsgd needs --target-epsilon (the noise is calibrated to it) or --noise-multiplier")
+        for flag, value in (("--target-epsilon", self.dp_target_epsilon), ("--noise-multiplier", self.dp_noise_multiplier),
+                            ("--max-grad-norm", self.dp_max_grad_norm)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"--delta must be between 0 and 1 (exclusive), got {self.dp_delta}")
+        if self.rounds < 1:
+            raise ConfigError("rounds must be >= 1")
+
+    @property
+    def dp_sgd(self) -> bool:
+        """Training with DP-SGD: the network has DP-compatible layers (lightning_modules/privacy.py)."""
+        return self.dp == "dpsgd"
 
     @property
     def proximal_weight(self) -> float | None:

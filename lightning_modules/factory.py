@@ -20,8 +20,9 @@ def balanced_class_weights(counts: Sequence[int]) -> list[float]:
 
 
 def build_module(task: str, model: str | None = None, *, lr: float, classes: Sequence[str] = (),
-                 class_counts: Sequence[int] | None = None) -> pl.LightningModule:
-    """The module for a task; classification weights its loss by `class_counts` when given."""
+                 class_counts: Sequence[int] | None = None, dp_compatible: bool = False) -> pl.LightningModule:
+    """The module for a task; classification weights its loss by `class_counts` when given, and with
+    `dp_compatible` has the layers DP-SGD can train (lightning_modules/privacy.py)."""
     model = model or DEFAULT_MODEL[task]
     if task == "segment":
         return LungSegmentation(arch=model, lr=lr)
@@ -29,4 +30,4 @@ def build_module(task: str, model: str | None = None, *, lr: float, classes: Seq
         raise ValueError(f"unknown task {task!r}")
     weights = balanced_class_weights(class_counts) if class_counts is not None else None
     return CXRClassifier(model=model, num_classes=len(classes), class_names=list(classes), lr=lr,
-                         class_weights=weights)
+                         class_weights=weights, dp_compatible=dp_compatible)

@@ -49,12 +49,31 @@ class CNN5(nn.Module):
         return self.head(self.features(x))
 
 
-def build_classifier(name: str, num_classes: int) -> nn.Module:
+def build_classifier(name: str, num_classes: int, dp_compatible: bool = False) -> nn.Module:
+    """dp_compatible: group norm in place of batch norm, for DP-SGD (lightning_modules/privacy.py)."""
     if name == "densenet121":
-        return DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_classes)
-    if name == "cnn5":
-        return CNN5(in_channels=1, num_classes=num_classes)
-    raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(CLASSIFIERS)}")
+        net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_classes)
+    elif name == "cnn5":
+        net = CNN5(in_channels=1, num_classes=num_classes)
+    else:
+        raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(CLASSIFIERS)}")
+    return make_dp_compatible(net) if dp_compatible else net
+
+
+def make_dp_compatible(net: nn.Module) -> nn.Module:
+    """`net` with its batch-norm layers replaced by group norm (Opacus's own fix) and no in-place activation:
+    a per-sample gradient needs layers that do not mix the samples of a batch. Deterministic, so every site
+    and the server build the same layers."""
+    from opacus.validators import ModuleValidator  # lazy: Opacus only for DP-SGD runs
+
+    fixed = ModuleValidator.fix(net)
+    for module in fixed.modules():  # Opacus's backward hooks forbid in-place activations after a hooked layer
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    problems = ModuleValidator.validate(fixed, strict=False)
+    if problems:
+        raise ValueError(f"network cannot be trained with DP-SGD: {problems}")
+    return fixed
 
 
 def build_segmenter(name: str) -> nn.Module:

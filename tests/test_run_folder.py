@@ -109,4 +109,4 @@ def test_configs_are_frozen_and_validated_once():
         cfg.rounds = 9
     with pytest.raises(ValueError, match="--min-clients 3 is more than the 2 sites"):
         FLConfig(sites=["a", "b"], min_clients=3)
-    assert FLConfig(task="roi").site_config() == TrainConfig(task="classify", roi="mask", epochs=1)
+    assert FLConfig(task="roi").site_config() == TrainConfig(task="classify", roi="mask", epochs=1, rounds=5)

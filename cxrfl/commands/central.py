@@ -6,7 +6,7 @@ import sys
 
 from cxrfl.central import train_central
 from cxrfl.options import add_config_options, central_config
-from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics
+from cxrfl.runs import RunDirError, new_run_dir, print_privacy, print_test_metrics
 from lightning_modules.config import ConfigError, TrainConfig
 from lightning_modules.data.manifest import ManifestError
 
@@ -33,6 +33,7 @@ def run(args) -> int:
         print(f"cxrfl central: {exc}", file=sys.stderr)
         return 2
     print(f"\nrun folder: {run_dir}")
+    print_privacy(metrics.get("privacy"))
     print_test_metrics(metrics["test"], metrics.get("undefined_reason", ""))
     if metrics.get("operating_point"):
         print_operating_point(metrics["operating_point"])

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from app_custom.availability import check_schedule
-from lightning_modules.config import ConfigError, TrainConfig, option
+from lightning_modules.config import UPDATE_FILTERS, ConfigError, TrainConfig, option
 
 # Server-side aggregation: FedAvg, or FedOpt with a server optimizer (Reddi et al. 2021).
 AGGREGATIONS = {
@@ -18,7 +18,6 @@ AGGREGATIONS = {
     "fedadagrad": "torch.optim.Adagrad",
     "fedyogi": "app_custom.yogi.Yogi",
 }
-DP_MODES = ("percentile", "svt")
 ABSENT_WEIGHTS = ("drop", "keep")
 # FLConfig fields that name files on this machine: they never travel in a job or to tracking.
 LOCAL_PATHS = ("data_root", "segmenter", "initial_model")
@@ -26,7 +25,8 @@ JOB_SEGMENTER = "segmenter.pt"  # a lung-ROI job's segmenter, in the job's custo
 FL_EPOCHS_DEFAULT = 1
 # Why an algorithm does not combine with a feature (FedAvg combines with all), one line each; the table is
 # docs/algorithms.md. A pair not listed combines.
-_DP_LATER = "NVFlare's privacy filters are tested on plain FedAvg updates only (formal DP-SGD is issue 19)"
+_DP_LATER = ("DP-SGD clips and noises the gradient of the loss only and NVFlare's privacy filters were measured on "
+             "FedAvg updates only, while this algorithm changes the update outside both")
 _FEDBN_PATH = ("FedBN averages weight differences without the normalisation tensors, a path the server optimizers "
                "and the intermittent-site aggregator do not take")
 _SCAFFOLD_PLAIN = ("the server must read and average every site's control variates in plaintext, from the sites "
@@ -89,10 +89,6 @@ class FLConfig(TrainConfig):
     absent_weights: str = field(default="drop", metadata=option(
         "a site that is away: drop its weights (approach 1, default) or keep averaging its last update with its "
         "sample weight (approach 2)", choices=ABSENT_WEIGHTS))
-    dp: str | None = field(default=None, metadata=option(
-        "differential privacy on each site's update (NVFlare privacy filters, applied at the site): percentile: "
-        "share only the largest weight changes, clipped (Shokri & Shmatikov); svt: sparse vector technique with "
-        "Laplace noise", choices=DP_MODES))
     dp_percentile: float = field(default=10.0, metadata=option(
         "--dp percentile: changes smaller than this percentile are not shared (default 10)",
         parse="non_negative_float"))
@@ -162,12 +158,10 @@ class FLConfig(TrainConfig):
         if self.he and self.cross_site_eval:
             raise ConfigError("cross-site evaluation is not available with HE (NVFlare cannot broadcast "
                               "ciphertext models); pass --no-cross-site-eval")
-        if self.dp is not None:
-            if self.dp not in DP_MODES:
-                raise ConfigError(f"--dp must be one of {', '.join(DP_MODES)}")
+        if self.dp in UPDATE_FILTERS:  # DP-SGD's noise is in every update: HE, FedOpt and schedules only post-process it
             if self.he or self.aggregation != "fedavg" or self.schedule or self.absent_weights == "keep":
-                raise ConfigError("--dp works with plain FedAvg (no --he, --aggregation fedopt, schedules or "
-                                  "--absent-weights keep)")
+                raise ConfigError(f"--dp {self.dp} works with plain FedAvg (no --he, --aggregation fedopt, schedules "
+                                  "or --absent-weights keep)")
             if not 0 <= self.dp_percentile <= 100:
                 raise ConfigError("--dp-percentile must be between 0 and 100")
 
@@ -193,6 +187,8 @@ class FLConfig(TrainConfig):
             if used and reason:
                 raise ConfigError(f"--algorithm {self.algorithm} does not combine with {COMBINATION_FLAGS[feature]}: "
                                   f"{reason}")
+
+    UPDATE_FILTERS_ALLOWED = True
 
     @property
     def job_name(self) -> str:
@@ -220,4 +216,6 @@ class FLConfig(TrainConfig):
         carries its segmenter as a file in custom/; early stopping is the server's, in rounds)."""
         values = {name: getattr(self, name) for name in TrainConfig.__dataclass_fields__}
         values.update(data_root=None, segmenter=JOB_SEGMENTER if self.segmenter else None, patience=0)
+        if self.dp in UPDATE_FILTERS:  # the job's filters, not the sites' training
+            values["dp"] = None
         return TrainConfig(**values)

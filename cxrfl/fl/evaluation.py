@@ -167,7 +167,7 @@ def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_
     writes test_predictions.csv into predictions_dir when given); with an operating `point`, also
     the test metrics at its threshold and the test ECE. adapt: a FedBN global model, whose
     normalisation statistics no site sent, takes them from the test images first (no label used)."""
-    module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=cfg.classes)
+    module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=cfg.classes, dp_compatible=cfg.dp_sgd)
     module.load_state_dict(state, strict=not adapt)  # FedBN under HE: the server never held normalisation tensors
     if adapt:
         adapt_normalisation(module, (batch["image"] for batch in dm.test_dataloader()))

@@ -42,7 +42,7 @@ from cxrfl.fl import settings
 from cxrfl.fl.config import AGGREGATIONS, JOB_SEGMENTER, FLConfig
 from cxrfl.options import add_config_options, fl_config
 from cxrfl.runs import WANDB_PRIVATE_SETTINGS
-from lightning_modules.config import TRAIN_CONFIG_FILE, ConfigError
+from lightning_modules.config import TRAIN_CONFIG_FILE, UPDATE_FILTERS, ConfigError
 from lightning_modules.data.atomic import write_json
 from lightning_modules.networks import normalisation_state_keys
 from app_custom.algorithms import KeepAtSite, ScaffoldControls, ScaffoldFedAvg, TrainTaskMeta
@@ -108,7 +108,8 @@ def build_job(cfg: FLConfig, staging: Path, simulated: bool = False) -> BaseFedJ
                                     mode=mode), id="wandb_receiver")
     # One model component shared by the persistor and the FedOpt optimizer, so the server
     # optimizer steps from the current global weights.
-    model_id = job.to_server(GlobalModel(task=cfg.task, model=cfg.network, num_classes=len(cfg.classes), seed=cfg.seed), id="model")
+    model_id = job.to_server(GlobalModel(task=cfg.task, model=cfg.network, num_classes=len(cfg.classes), seed=cfg.seed,
+                                            dp_compatible=cfg.dp_sgd), id="model")
     initial_model = None
     if cfg.initial_model:  # a resumed job carries its starting model; the persistor reads it from custom/
         job.add_file_to_server(cfg.initial_model)
@@ -155,7 +156,7 @@ def _aggregation_components(cfg: FLConfig, model_id: str, initial_model: str | N
         return (persistor, FullModelShareableGenerator(),
                 InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF),
                 ExchangeFormat.PYTORCH, TransferType.DIFF)
-    if cfg.dp:  # NVFlare's privacy filters work on numpy weight differences, so the sites send those
+    if cfg.dp in UPDATE_FILTERS:  # NVFlare's privacy filters work on numpy weight differences, so the sites send those
         return (PTFileModelPersistor(model=model_id, source_ckpt_file_full_name=initial_model),
                 FullModelShareableGenerator(),
                 InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF),
@@ -207,7 +208,7 @@ def _add_site_side(job: BaseFedJob, cfg: FLConfig, staging: Path, script: str, e
         job.to_clients(KeepAtSite(site_keys), tasks=["train"], filter_type=FilterType.TASK_RESULT)
     if cfg.he:
         _add_he_client_filters(job, cfg.he_encrypt_layers)
-    if cfg.dp:  # applied at the site, to what leaves it
+    if cfg.dp in UPDATE_FILTERS:  # applied at the site, to what leaves it
         job.to_clients(DP_FILTERS[cfg.dp](**(cfg.dp_args or {})), tasks=["train"], filter_type=FilterType.TASK_RESULT)
 
 
@@ -215,7 +216,8 @@ def site_kept_keys(cfg: FLConfig) -> list[str]:
     """The model's tensors that stay at the sites: FedBN's normalisation layers; none otherwise."""
     if cfg.algorithm != "fedbn":
         return []
-    return normalisation_state_keys(GlobalModel(task=cfg.task, model=cfg.network, num_classes=len(cfg.classes)))
+    return normalisation_state_keys(GlobalModel(task=cfg.task, model=cfg.network, num_classes=len(cfg.classes),
+                                                dp_compatible=cfg.dp_sgd))
 
 
 def _add_package_files(job: BaseFedJob, script: str) -> None:

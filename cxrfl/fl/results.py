@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -97,6 +97,16 @@ class Contributions:
     accepted: dict[int, set[str]]  # round -> sites whose update was accepted
     expected: dict[str, list[int]]  # site -> the rounds it was expected in (not scheduled away)
     stopped: dict | None  # the server's early-stopping record
+    epsilon: dict[str, dict[int, float]] = field(default_factory=dict)  # DP-SGD: site -> round -> epsilon spent
+    delta: float | None = None
+    target_epsilon: float | None = None
+
+    def privacy(self) -> dict:
+        """metrics.json's DP-SGD record: each site's epsilon after each round it trained and at the end."""
+        return {"mechanism": "dpsgd", "accountant": "rdp", "delta": self.delta, "target_epsilon": self.target_epsilon,
+                "epsilon_by_round": {s: {str(r): e for r, e in sorted(by_round.items())}
+                                     for s, by_round in self.epsilon.items()},
+                "epsilon": {s: by_round[max(by_round)] for s, by_round in self.epsilon.items()}}
 
     def missing_rounds(self, site: str) -> list[int]:
         return [r for r in self.expected[site] if site not in self.accepted[r]]
@@ -113,7 +123,8 @@ class Contributions:
         return {"rounds_run": self.rounds,
                 "rounds_contributed": {s: len(self.expected[s]) - len(missing[s]) for s in self.expected},
                 "sites_missing_rounds": {s: rounds for s, rounds in missing.items() if rounds},
-                "missing_sites": self.never()} | ({"stopped_early": self.stopped} if self.stopped else {})
+                "missing_sites": self.never()} | ({"stopped_early": self.stopped} if self.stopped else {}) \
+            | ({"privacy": self.privacy()} if self.epsilon else {})
 
 
 def round_contributions(cfg: FLConfig, run_dir: Path) -> Contributions:
@@ -121,6 +132,8 @@ def round_contributions(cfg: FLConfig, run_dir: Path) -> Contributions:
     stopped = early_stop(run_dir)
     rounds = rounds_run(cfg, stopped)
     accepted: dict[int, set[str]] = {r: set() for r in range(rounds)}
+    epsilon: dict[str, dict[int, float]] = {}
+    delta = None
     log = run_dir / "models" / "rounds" / "round_log.jsonl"
     for line in log.read_text().splitlines() if log.is_file() else []:
         try:
@@ -129,8 +142,12 @@ def round_contributions(cfg: FLConfig, run_dir: Path) -> Contributions:
             continue  # a line cut by a kill
         if entry.get("accepted") and entry.get("round") in accepted:
             accepted[entry["round"]].add(entry.get("site"))
+        if isinstance(entry.get("dp_epsilon"), (int, float)) and isinstance(entry.get("round"), int):
+            epsilon.setdefault(entry.get("site"), {})[entry["round"]] = float(entry["dp_epsilon"])
+            delta = entry.get("dp_delta")
     plan = check_schedule(cfg.schedule or {}, cfg.sites, cfg.rounds)
-    return Contributions(rounds, accepted, {s: sorted(r for r in plan[s] if r < rounds) for s in cfg.sites}, stopped)
+    return Contributions(rounds, accepted, {s: sorted(r for r in plan[s] if r < rounds) for s in cfg.sites}, stopped,
+                         epsilon, delta, cfg.dp_target_epsilon)
 
 
 def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[Path]]) -> dict:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.evaluation import evaluate_run
+from cxrfl.fl.privacy_plan import site_privacy_plans
 from cxrfl.fl.outcome import run_notes
 from cxrfl.fl.results import SimulationError, check_contributions, collect_server_results
 from cxrfl.fl.job import built_job, write_simulator_site_config
@@ -67,8 +68,9 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, tak
     # sites sharing the cores split them; a site whose turn it is has them all
     turn_lock = run_dir / "site_turns.lock" if take_turns else None
     torch_threads = (os.cpu_count() or 1) if take_turns else max(1, (os.cpu_count() or 1) // threads)
+    plans = site_privacy_plans(cfg)  # a DP-SGD plan above its target is refused before anything is written
     if not resuming:
-        RunFolder.create(run_dir, "sim", cfg)  # a resumed run keeps the original
+        RunFolder.create(run_dir, "sim", cfg, facts={"privacy_plan": plans} if plans else None)  # a resumed run keeps the original
     job_dir = export_job(cfg, run_dir / "job", simulated=True, extend=extend_job)
     workspace = run_dir / "workspace"
     if workspace.exists():

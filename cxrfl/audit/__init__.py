@@ -1,0 +1,1 @@
+"""The privacy audit: attacks on this project's own updates and models."""
