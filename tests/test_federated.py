@@ -566,3 +566,27 @@ def test_differential_privacy_filters_what_leaves_each_site(fl_root, tmp_path):
     assert 0 <= summary["test"]["test_auroc"] <= 1
     assert main(["sim", "--task", "classify", "--data", str(fl_root), "--dp", "svt", "--he",
                  "--out", str(tmp_path / "bad")] + COMMON) == 2  # DP with HE: refused up front
+
+
+def test_dp_sgd_job_under_he_accounts_every_site_round_by_round(fl_root, tmp_path, capsys):
+    """DP-SGD at the sites under the patched trainer, with HE on the wire: each site's update carries the
+    epsilon it has spent, which grows round by round up to its plan and stays within the target; the
+    model has DP-SGD's group-norm layers everywhere, and predict loads the decrypted result."""
+    run = tmp_path / "dp-he"
+    assert main(["sim", "--task", "classify", "--he", "--no-cross-site-eval", "--dp", "dpsgd", "--target-epsilon",
+                 "10", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5", "--out", str(run)] + COMMON) == 0
+    printed = capsys.readouterr().out
+    privacy = json.loads((run / "metrics.json").read_text())["privacy"]
+    plans = json.loads((run / "config.json").read_text())["facts"]["privacy_plan"]
+    assert set(privacy["epsilon"]) == {"site-1", "site-2"}
+    for site, by_round in privacy["epsilon_by_round"].items():
+        assert list(by_round) == ["0", "1"] and 0 < by_round["0"] < by_round["1"] <= 10
+        assert by_round["1"] == pytest.approx(plans[site]["planned_epsilon"], rel=1e-4)  # every planned step
+        assert f"{site}: epsilon {by_round['1']:.3f}" in printed
+    # the two sites differ in size, so in sample rate and in the noise that meets the same target
+    assert plans["site-1"]["noise_multiplier"] != plans["site-2"]["noise_multiplier"]
+    decrypted = torch.load(run / "models" / "decrypted" / "global_final.pt", map_location="cpu", weights_only=False)
+    assert not [k for k in decrypted["model"] if "running_mean" in k]
+    from cxrfl.models import load_classifier
+
+    assert load_classifier(run).module.hparams.dp_compatible
