@@ -4,7 +4,7 @@ Written here because NVFlare's persistor keeps only the last and the best global
 stock widget logs per-round contributors. Files go to `<server app dir>/rounds/`:
 - `global_round_NNN.pt`: `{"model": state_dict, "round": N}`, written atomically;
 - `round_log.jsonl`: one JSON line per contribution (round, site, weight, accepted, absent, local_seconds,
-  with DP-SGD the epsilon the site has spent so far) and,
+  with DP-SGD or NVFlare's SVT filter the epsilon the site has spent so far) and,
   with the site-aware aggregator, one per global model (round, fresh: sites whose update of this
   round counted, kept: sites counted with an earlier update); the sites' metrics per round are in
   NVFlare's own `metrics/round_metrics.jsonl`;
@@ -31,7 +31,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.abstract.fl_model import MetaKey
 
-from app_custom.wire import ABSENT, DP_DELTA, DP_EPSILON, FRESH, KEPT, LOCAL_SECONDS
+from app_custom.wire import (ABSENT, DP_DELTA, DP_EPSILON, FRESH, KEPT, LOCAL_SECONDS, SVT_ACCOUNTANT,
+                             SVT_ROUND_BUDGET)
 from lightning_modules.data.atomic import atomic_torch_save
 
 ROUNDS_DIR = "rounds"
@@ -86,6 +87,10 @@ class RoundRecorder(FLComponent):
             entry["local_seconds"] = dxo.get_meta_prop(LOCAL_SECONDS)  # the site's own validation + training time
             if dxo.get_meta_prop(DP_EPSILON) is not None:  # DP-SGD: what the site has spent up to this update
                 entry["dp_epsilon"], entry["dp_delta"] = dxo.get_meta_prop(DP_EPSILON), dxo.get_meta_prop(DP_DELTA)
+            svt = dxo.get_meta_prop(SVT_ACCOUNTANT)
+            if isinstance(svt, dict):  # NVFlare's SVT filter: its running pure-DP sum at this site, and this round's
+                entry["dp_epsilon"], entry["dp_delta"] = svt.get("epsilon_total"), 0.0
+                entry["svt_round_epsilon"] = (dxo.get_meta_prop(SVT_ROUND_BUDGET) or {}).get("epsilon_total")
             entry["data_kind"] = dxo.data_kind
             if self.save_contributions and isinstance(dxo.data, dict):
                 atomic_torch_save({"model": _to_tensors(dxo.data), "round": round_num, "site": site,

@@ -7,3 +7,5 @@ LOCAL_SECONDS = "cxrfl_local_seconds"  # meta of an update: the site's time on t
 SUM_WEIGHT = "cxrfl_he_sum_of_weights"  # meta of an HE-summed model: what the sites divide the sum by
 DP_EPSILON = "cxrfl_dp_epsilon"  # meta of a DP-SGD update: epsilon the site has spent so far (at DP_DELTA)
 DP_DELTA = "cxrfl_dp_delta"
+# NVFlare's SVTPrivacy filter (2.9) writes its own accounting into the update's meta under these names
+SVT_ROUND_BUDGET, SVT_ACCOUNTANT = "svt_privacy_budget", "svt_privacy_accountant"

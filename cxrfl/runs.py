@@ -95,11 +95,16 @@ def print_test_metrics(test: dict, why_undefined: str, indent: str = "  ") -> No
 
 
 def print_privacy(privacy: dict | None) -> None:
-    """DP-SGD's spent epsilon: per site after each round (federated) or for the run (central)."""
+    """The privacy record of a run: DP-SGD's (or NVFlare's SVT filter's) spent epsilon per site after each
+    round (federated) or for the run (central); a filter without one says so."""
     if not privacy:
         return
+    if "epsilon" not in privacy:  # a filter with no epsilon
+        print(f"privacy ({privacy.get('mechanism')}): {privacy.get('guarantee')}")
+        return
     target = f", target {privacy['target_epsilon']:g}" if privacy.get("target_epsilon") else ""
-    print(f"privacy (DP-SGD, {privacy.get('accountant', 'rdp')} accountant, delta {privacy.get('delta')}{target}):")
+    name = {"dpsgd": "DP-SGD", "svt": "SVT filter"}.get(privacy.get("mechanism"), "DP-SGD")
+    print(f"privacy ({name}, {privacy.get('accountant', 'rdp')} accountant, delta {privacy.get('delta')}{target}):")
     if isinstance(privacy.get("epsilon"), (int, float)):
         print(f"  epsilon spent: {privacy['epsilon']:.3f} over {privacy.get('steps')} steps")
         return

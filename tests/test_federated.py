@@ -564,8 +564,27 @@ def test_differential_privacy_filters_what_leaves_each_site(fl_root, tmp_path):
         assert values.abs().max() <= 0.001 * update["weight"] * (1 + 1e-6)  # clipped per training sample
     summary = json.loads((run / "metrics.json").read_text())
     assert 0 <= summary["test"]["test_auroc"] <= 1
+    assert summary["privacy"]["mechanism"] == "percentile" and "epsilon" not in summary["privacy"]
+    assert summary["privacy"]["guarantee"].startswith("none: truncation")  # never called differential privacy
     assert main(["sim", "--task", "classify", "--data", str(fl_root), "--dp", "svt", "--he",
                  "--out", str(tmp_path / "bad")] + COMMON) == 2  # DP with HE: refused up front
+
+
+def test_svt_filter_shows_its_epsilon_per_round_and_the_total(fl_root, tmp_path, capsys):
+    """NVFlare's SVT filter at its defaults: the epsilon it spends on each site's update every round, summed
+    over rounds (pure composition), reaches metrics.json and the terminal; it is enormous at these defaults."""
+    run = tmp_path / "svt"
+    assert main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5", "--dp",
+                 "svt", "--no-cross-site-eval", "--out", str(run)] + COMMON) == 0
+    privacy = json.loads((run / "metrics.json").read_text())["privacy"]
+    assert privacy["mechanism"] == "svt" and privacy["delta"] == 0.0 and "not a bound" in privacy["guarantee"]
+    log = [json.loads(line) for line in (run / "models" / "rounds" / "round_log.jsonl").read_text().splitlines()]
+    for site in ("site-1", "site-2"):
+        per_round = [e["svt_round_epsilon"] for e in log if e.get("site") == site]
+        assert len(per_round) == 2 and per_round[0] > 0
+        assert privacy["epsilon"][site] == pytest.approx(sum(per_round))  # the rounds add up
+        assert privacy["epsilon"][site] > 100  # n_upload x noise_var: thousands for CNN5's 10 % of weights
+    assert "SVT filter" in capsys.readouterr().out
 
 
 def test_dp_sgd_job_under_he_accounts_every_site_round_by_round(fl_root, tmp_path, capsys):

@@ -85,6 +85,15 @@ def rounds_run(cfg: FLConfig, stopped: dict | None) -> int:
     return min(cfg.rounds, stopped["round"] + 1) if stopped else cfg.rounds
 
 
+# What each --dp mode guarantees, in the words metrics.json, the terminal and the report use (docs/privacy.md).
+PRIVACY_GUARANTEES = {
+    "dpsgd": "(epsilon, delta)-differential privacy of each site's training images (record level, RDP accountant)",
+    "svt": "NVFlare's filter-level epsilon on the released update values (pure DP sum over rounds); not a bound on "
+           "one patient's influence",
+    "percentile": "none: truncation/sparsification of the update, not differential privacy",
+}
+
+
 class RunFailed(SimulationError):
     """Rounds ran without the contributions they need; metrics.json says which and why."""
 
@@ -100,10 +109,16 @@ class Contributions:
     epsilon: dict[str, dict[int, float]] = field(default_factory=dict)  # DP-SGD: site -> round -> epsilon spent
     delta: float | None = None
     target_epsilon: float | None = None
+    mechanism: str | None = None  # the run's --dp
 
     def privacy(self) -> dict:
-        """metrics.json's DP-SGD record: each site's epsilon after each round it trained and at the end."""
-        return {"mechanism": "dpsgd", "accountant": "rdp", "delta": self.delta, "target_epsilon": self.target_epsilon,
+        """metrics.json's privacy record: the mechanism, what it guarantees, and for DP-SGD and SVT each site's
+        epsilon after each round it trained and at the end (docs/privacy.md)."""
+        record = {"mechanism": self.mechanism, "guarantee": PRIVACY_GUARANTEES[self.mechanism]}
+        if self.mechanism == "percentile":
+            return record
+        return {**record, "accountant": "rdp" if self.mechanism == "dpsgd" else "pure_dp_sum (NVFlare's SVTPrivacy)",
+                "delta": self.delta, "target_epsilon": self.target_epsilon,
                 "epsilon_by_round": {s: {str(r): e for r, e in sorted(by_round.items())}
                                      for s, by_round in self.epsilon.items()},
                 "epsilon": {s: by_round[max(by_round)] for s, by_round in self.epsilon.items()}}
@@ -124,7 +139,7 @@ class Contributions:
                 "rounds_contributed": {s: len(self.expected[s]) - len(missing[s]) for s in self.expected},
                 "sites_missing_rounds": {s: rounds for s, rounds in missing.items() if rounds},
                 "missing_sites": self.never()} | ({"stopped_early": self.stopped} if self.stopped else {}) \
-            | ({"privacy": self.privacy()} if self.epsilon else {})
+            | ({"privacy": self.privacy()} if self.mechanism else {})
 
 
 def round_contributions(cfg: FLConfig, run_dir: Path) -> Contributions:
@@ -147,7 +162,7 @@ def round_contributions(cfg: FLConfig, run_dir: Path) -> Contributions:
             delta = entry.get("dp_delta")
     plan = check_schedule(cfg.schedule or {}, cfg.sites, cfg.rounds)
     return Contributions(rounds, accepted, {s: sorted(r for r in plan[s] if r < rounds) for s in cfg.sites}, stopped,
-                         epsilon, delta, cfg.dp_target_epsilon)
+                         epsilon, delta, cfg.dp_target_epsilon, cfg.dp)
 
 
 def check_contributions(cfg: FLConfig, run_dir: Path, site_logs: dict[str, list[Path]]) -> dict:
