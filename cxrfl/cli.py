@@ -10,7 +10,7 @@ import sys
 
 from cxrfl import __version__
 
-COMMANDS = ("data", "central", "sim", "export", "poc", "submit", "wait", "provision", "site", "demo", "predict", "report", "study", "stats", "bench")
+COMMANDS = ("data", "central", "sim", "export", "poc", "submit", "wait", "provision", "site", "demo", "predict", "report", "study", "stats", "audit", "bench")
 
 
 def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:

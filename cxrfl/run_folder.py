@@ -23,7 +23,8 @@ METRICS_FILE = "metrics.json"
 VERSION = 1
 TRAINING_KINDS = ("central", "sim", "poc", "deployment")  # deployment: a job on provisioned hosts
 CONTAINER_KINDS = ("demo", "study")  # folders of sub-runs
-SETTINGS_KINDS = CONTAINER_KINDS + ("stats",)  # no training config: their own settings (stats: cxrfl/fl/stats.py)
+# no training config: their own settings (stats: cxrfl/fl/stats.py; audit: cxrfl/audit/run.py, its sub-runs in runs/)
+SETTINGS_KINDS = CONTAINER_KINDS + ("stats", "audit")
 KINDS = TRAINING_KINDS + SETTINGS_KINDS
 
 

@@ -19,6 +19,10 @@ def reconstruction_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor, list[f
     an affine map). Written atomically."""
     if not rows:
         raise ValueError("reconstruction_grid needs at least one row")
+    for label, truth, recon, ssim in rows:
+        if len(truth) != len(recon) or len(ssim) < min(len(truth), MAX_SHOWN):
+            raise ValueError(f"row {label!r}: {len(truth)} true images, {len(recon)} reconstructions, "
+                             f"{len(ssim)} SSIMs; need one reconstruction and one SSIM per true image")
     columns = max(min(len(truth), MAX_SHOWN) for _, truth, _, _ in rows)
     fig = Figure(figsize=(1.3 * columns + 1.2, 2.8 * len(rows)), layout="constrained")
     panels = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]

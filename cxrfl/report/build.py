@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxrfl.report import heterogeneity, reading, sections
+from cxrfl.report import heterogeneity, privacy, reading, sections
 from cxrfl.report.sections import Report
 from lightning_modules.data.atomic import atomic_write_text
 
@@ -29,9 +29,12 @@ def write_report(run_dir: Path) -> Path:
     summary = reading.read_summary(run_dir, report.notes)
     stats = reading.read_stats(run_dir, report.notes)
     study = heterogeneity.read_study(run_dir, report.notes)  # a heterogeneity study: its runs lie deeper
-    if not runs and summary is None and stats is None and study is None:
+    audit = privacy.read_audit(run_dir, report.notes)  # a privacy audit: its federated runs lie in runs/
+    if not runs and summary is None and stats is None and study is None and audit is None:
         raise ReportError(f"{run_dir}: not a run folder (no config.json + metrics.json in it or in a sub-folder, "
-                          "no summary.json, no stats.json and no heterogeneity study.json)")
+                          "no summary.json, no stats.json, no heterogeneity study.json and no audit.json)")
+    if audit is not None:
+        report.sections.append(privacy.audit_section(audit, run_dir, report.notes, report.figures))
     if study is not None:
         report.sections.append(heterogeneity.study_section(study, run_dir, report.notes, report.figures))
     if stats is not None:

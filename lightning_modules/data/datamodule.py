@@ -169,6 +169,11 @@ class CXRDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test", False)
 
+    def evaluation_loader(self, split: str) -> DataLoader:
+        """A split set up earlier ("train", "val", ...) with the evaluation transforms: no augmentation, fixed
+        order (what a privacy audit scores a model on)."""
+        return self._loader(split, False)
+
     def site_test_dataloader(self) -> DataLoader | None:
         """The sites' own test splits (same transforms as the shared test set), or None when they have none."""
         if SITE_TEST not in self.items:
