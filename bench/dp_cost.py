@@ -1,7 +1,7 @@
-"""What differential privacy costs in test metrics: the same federated job on the demo data
-(the synthetic default, 3 sites) without `--dp`, with `--dp percentile` and with `--dp svt`
-(NVFlare's filters at their default parameters), one after another; prints a Markdown table and
-writes bench/results/dp_cost-<date>.json.
+"""What privacy costs in test metrics: the same federated job on the demo data (the synthetic
+default, 3 sites) without `--dp`, with `--dp percentile` and `--dp svt` (NVFlare's filters at their
+default parameters) and with DP-SGD at epsilon 8 per site, one after another; prints a Markdown table
+and writes bench/results/dp_cost-<date>.json. Leakage under each: `cxrfl audit` (docs/privacy.md).
 
     python -m bench.dp_cost [--rounds 8] [--model densenet121] [--image-size 64]
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 from cxrfl.cli import main as cxrfl
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"none": [], "percentile": ["--dp", "percentile"], "svt": ["--dp", "svt"]}
+VARIANTS = {"none": [], "percentile": ["--dp", "percentile"], "svt": ["--dp", "svt"],
+            "dpsgd-eps8": ["--dp", "dpsgd", "--target-epsilon", "8"]}
 
 
 def main(argv: list[str] | None = None) -> int:

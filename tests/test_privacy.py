@@ -198,3 +198,17 @@ def test_a_plan_above_the_target_is_refused_before_any_run_folder_is_written(tin
         err = capsys.readouterr().err
         assert "above --target-epsilon 1" in err and "would spend epsilon" in err
         assert not (out / "config.json").exists()
+
+
+def test_a_central_dp_sgd_run_records_what_it_spent(tiny_root, tmp_path, capsys):
+    run = tmp_path / "central"
+    assert main(["central", "--task", "classify", "--model", "cnn5", "--image-size", "32", "--batch-size", "8",
+                 "--epochs", "2", "--data", str(tiny_root), "--dp", "dpsgd", "--target-epsilon", "8", "--delta",
+                 "1e-3", "--out", str(run)]) == 0
+    import json
+
+    privacy = json.loads((run / "metrics.json").read_text())["privacy"]
+    assert privacy["steps"] == 2 * privacy["steps_per_round"]  # every step of both epochs, validation none
+    assert 0 < privacy["epsilon"] <= 8 and privacy["epsilon"] == pytest.approx(privacy["planned_epsilon"])
+    assert json.loads((run / "config.json").read_text())["class_weights"] == "none"
+    assert "epsilon spent" in capsys.readouterr().out

@@ -146,7 +146,7 @@ def run_inversion(settings: AuditSettings, site: str, classes: list[str], rows: 
                                 "seconds": round(time.monotonic() - start, 1)})
                 progress(f"inversion {model} batch {size} {defence.name}: SSIM {scores['ssim_mean']:.3f} "
                          f"NCC {scores['ncc_mean']:.3f} ({results[-1]['seconds']} s)")
-                if size <= 8:
+                if size == 1 or (size <= 8 and defence is rows[0]):  # the grid: batch 1, and undefended batches
                     order = scores["order"][:SHOWN_PER_ROW]
                     grid.append((f"{model}, batch {size}, {defence.name}", images[:len(order)],
                                  recon[order], scores["ssim"][:len(order)]))
