@@ -67,15 +67,15 @@ def test_an_undefended_update_leaks_the_image_and_dp_sgd_at_a_small_epsilon_stop
 
 def test_the_privacy_table_reads_an_audit_with_its_baseline_and_he_rows():
     audit = {"inversion": [
-        {"model": "probe", "batch_size": 1, "defence": "FedAvg", "epsilon": None, "ssim": 0.61,
+        {"model": "probe", "batch_size": 1, "defence": "FedAvg", "epsilon": None, "ssim": 0.61, "identified": 1.0,
          "other_patients_ssim": 0.33},
         {"model": "probe", "batch_size": 1, "defence": "DP-SGD eps 8", "epsilon": 7.99, "ssim": 0.04,
          "other_patients_ssim": 0.33}],
         "utility": [{"defence": "FedAvg", "epsilon": None, "membership_auc": 0.52, "test_auroc": 0.81},
                     {"defence": "DP-SGD eps 8", "epsilon": 7.99, "membership_auc": 0.5, "test_auroc": 0.6}]}
     head, rows = table_rows(audit)
-    assert head[2] == "SSIM probe batch 1" and rows[0][2] == "0.330"  # the baseline first
-    assert rows[1] == ["FedAvg", "none", "0.610", "0.520", "0.810"]
+    assert head[2] == "SSIM (identified) probe batch 1" and rows[0][2] == "0.330"  # the baseline first
+    assert rows[1] == ["FedAvg", "none", "0.610 (1/1)", "0.520", "0.810"]
     assert rows[2][:3] == ["DP-SGD eps 8", "7.99", "0.040"]
     assert rows[-1][0].startswith("HE") and "ciphertexts" in rows[-1][2]
     assert privacy_table(audit).count("\n") == len(rows) + 2
@@ -111,3 +111,54 @@ def test_audit_command_refuses_a_missing_data_root_and_bad_numbers(tmp_path, cap
     assert not (tmp_path / "a").exists()
     with pytest.raises(SystemExit):
         main(["audit", "--epsilons", "one,two"])
+
+
+def test_membership_is_scored_within_each_class():
+    """A model that memorised nothing but whose loss differs by class must not look leaky because the
+    members' class mix differs from the non-members'."""
+    from cxrfl.audit.membership import label_stratified_auc, membership_auc
+
+    class Constant(nn.Module):  # always says class 0, whatever the image
+        def forward(self, x):
+            return torch.tensor([[2.0, 0.0]]).expand(len(x), 2)
+
+    images = torch.zeros(10, 1, 4, 4)
+    members = [(images, torch.tensor([0] * 8 + [1] * 2))]
+    non_members = [(images, torch.tensor([0] * 2 + [1] * 8))]
+    assert membership_auc(Constant(), members, non_members) > 0.7  # the class mix alone
+    assert label_stratified_auc(Constant(), members, non_members) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="share no class"):
+        label_stratified_auc(Constant(), [(images, torch.zeros(10))], [(images, torch.ones(10))])
+
+
+def test_identification_picks_the_patient_only_when_the_reconstruction_shows_them():
+    from cxrfl.audit.inversion import identification_rate
+
+    images, _, _ = planted_signal_data(12, SIZE, seed=0)
+    truth, others = images[:2], images[2:]
+    noisy = truth + 0.3 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))
+    assert identification_rate(noisy, truth, others) == 1.0
+    assert identification_rate(others[:2], truth, others[2:]) == 0.0  # someone else's image
+    with pytest.raises(ValueError, match="one reconstruction per true image"):
+        identification_rate(noisy[:1], truth, others)
+
+
+def test_audit_command_writes_the_table_the_grid_and_the_report(tmp_path):
+    """The inversion part end to end on a tiny data root (the federated part is test_federated's
+    `test_audit_membership_reads_a_simulator_run`)."""
+    from lightning_modules.data.phantom import generate_dataset
+
+    root = tmp_path / "data"
+    generate_dataset(root, sites=2, per_site=30, test_size=8, size=32, seed=1)
+    run = tmp_path / "audit"
+    assert main(["audit", "--quick", "--no-utility", "--data", str(root), "--out", str(run)]) == 0
+    audit = json.loads((run / "audit.json").read_text())
+    cells = {(r["model"], r["batch_size"], r["defence"]) for r in audit["inversion"]}
+    assert ("probe", 4, "DP-SGD eps 8") in cells and ("cnn5", 1, "FedAvg") in cells
+    assert ("cnn5", 1, "DP-SGD eps 8") not in cells  # the project's models: undefended only
+    dp = next(r for r in audit["inversion"] if r["defence"] == "DP-SGD eps 8")
+    assert 7 < dp["epsilon"] <= 8 and dp["noise_multiplier"] > 0
+    assert all(0 <= r["identified"] <= 1 and -1 <= r["ssim"] <= 1 for r in audit["inversion"])
+    assert "| FedAvg | none |" in (run / "audit.md").read_text()
+    assert (run / "reconstructions.png").stat().st_size > 1000
+    assert "Privacy audit" in (run / "report" / "report.html").read_text()

@@ -570,6 +570,15 @@ def test_differential_privacy_filters_what_leaves_each_site(fl_root, tmp_path):
                  "--out", str(tmp_path / "bad")] + COMMON) == 2  # DP with HE: refused up front
 
 
+def test_audit_membership_reads_a_simulator_run(classify_run):
+    """The audit's membership inference on a run's final global model: a label-stratified AUC."""
+    from cxrfl.audit.run import _membership
+    from cxrfl.run_folder import RunFolder
+
+    auc = _membership(RunFolder.read(classify_run).config, classify_run)
+    assert 0.0 <= auc <= 1.0
+
+
 def test_svt_filter_shows_its_epsilon_per_round_and_the_total(fl_root, tmp_path, capsys):
     """NVFlare's SVT filter at its defaults: the epsilon it spends on each site's update every round, summed
     over rounds (pure composition), reaches metrics.json and the terminal; it is enormous at these defaults."""

@@ -208,7 +208,8 @@ def test_a_central_dp_sgd_run_records_what_it_spent(tiny_root, tmp_path, capsys)
     import json
 
     privacy = json.loads((run / "metrics.json").read_text())["privacy"]
-    assert privacy["steps"] == 2 * privacy["steps_per_round"]  # every step of both epochs, validation none
+    # the central run is one round of both epochs: every planned step was taken and counted
+    assert privacy["rounds"] == 1 and privacy["steps"] == privacy["steps_per_round"] == 2 * int(1 / privacy["sample_rate"])
     assert 0 < privacy["epsilon"] <= 8 and privacy["epsilon"] == pytest.approx(privacy["planned_epsilon"])
     assert json.loads((run / "config.json").read_text())["class_weights"] == "none"
     assert "epsilon spent" in capsys.readouterr().out

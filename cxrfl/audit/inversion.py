@@ -217,3 +217,18 @@ def match_and_score(reconstructed: torch.Tensor, truth: torch.Tensor) -> dict:
     per_ncc = [float(v) for v in normalised_cross_correlation(matched, truth)]
     return {"ssim": per_ssim, "ncc": per_ncc, "ssim_mean": float(np.mean(per_ssim)),
             "ncc_mean": float(np.mean(per_ncc)), "order": [int(j) for j in order]}
+
+
+def identification_rate(matched: torch.Tensor, truth: torch.Tensor, others: torch.Tensor) -> float:
+    """Share of the true images an attacker picks out of a line-up (the true image and `others`, other patients
+    of the same hospital) as the one most like its reconstruction, by NCC. `matched[i]` is truth[i]'s
+    reconstruction. Where every chest looks alike (SSIM of any two patients is high), this says whether the
+    reconstruction shows *this* patient, which SSIM alone cannot."""
+    if len(matched) != len(truth) or len(others) == 0:
+        raise ValueError("need one reconstruction per true image and at least one other patient")
+    hits = 0
+    for recon, true in zip(matched, truth):
+        own = normalised_cross_correlation(recon[None], true[None])
+        rest = normalised_cross_correlation(recon[None].expand_as(others), others)
+        hits += int(own.item() > rest.max().item())
+    return hits / len(truth)

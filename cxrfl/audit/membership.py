@@ -54,3 +54,18 @@ def membership_auc(model: nn.Module, members: Batches, non_members: Batches) -> 
     either holds no image."""
     scores = membership_scores(model, members, non_members)
     return loss_auc(scores["members"], scores["non_members"])
+
+
+def label_stratified_auc(model: nn.Module, members: Batches, non_members: Batches) -> float:
+    """`membership_auc` within each class, averaged over the classes both groups hold: a loss that differs by
+    class would otherwise make a model that memorised nothing look leaky wherever the groups' class mix
+    differs (a site's training and validation splits do)."""
+    members, non_members = list(members), list(non_members)
+    labels = {g: torch.cat([torch.as_tensor(y).long().flatten() for _, y in batches])
+              for g, batches in (("members", members), ("non_members", non_members))}
+    scores = membership_scores(model, members, non_members)
+    classes = sorted(set(labels["members"].tolist()) & set(labels["non_members"].tolist()))
+    if not classes:
+        raise ValueError("members and non-members share no class: a label-stratified AUC needs one")
+    return float(sum(loss_auc(scores["members"][labels["members"] == c], scores["non_members"][labels["non_members"] == c])
+                     for c in classes) / len(classes))

@@ -8,7 +8,7 @@ Two parts, each per defence:
 - utility and membership: a federated run in the simulator on the data root; test AUROC of its selected
   model, and the loss-threshold membership-inference AUC of its final global model, the sites' training
   images against their validation images (never trained on, same hospitals: the attack sees membership,
-  not a shift between hospitals).
+  not a shift between hospitals), within each class and averaged (the splits' class mix differs).
 HE is a row without attacks: the server holds ciphertexts only (what a curious site can still do is in
 docs/privacy.md).
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from cxrfl.audit.figures import reconstruction_grid
-from cxrfl.audit.inversion import invert_gradients, match_and_score
-from cxrfl.audit.membership import membership_auc
+from cxrfl.audit.inversion import identification_rate, invert_gradients, match_and_score
+from cxrfl.audit.membership import label_stratified_auc
 from cxrfl.audit.table import AUDIT_JSON, AUDIT_MD, GRID_PNG, privacy_table
 from cxrfl.audit.updates import PROBE, Defence, attack_direction, probe_net, site_update
 from cxrfl.fl.config import FLConfig
@@ -103,15 +103,20 @@ def defences(settings: AuditSettings, site_train: int) -> list[Defence]:
     return rows
 
 
+LINE_UP = 31  # other patients in the identification line-up (1 in 32 by chance)
+
+
 def _batches(data_root: str, site: str, image_size: int, size: int):
     """The first `size` training images of `site` as the model sees them (no augmentation), their labels, and
-    the next `size` images: other patients, the baseline a reconstruction must beat to be recognisable."""
-    dm = CXRDataModule(data_root, sites=[site], image_size=image_size, batch_size=2 * size)
+    the next LINE_UP images: other patients of the hospital, the baseline a reconstruction must beat (their
+    first `size` scored as if they were reconstructions) and the identification line-up."""
+    dm = CXRDataModule(data_root, sites=[site], image_size=image_size, batch_size=size + LINE_UP)
     dm.setup("fit")
     if dm.num_train_samples < 2 * size:
-        raise ConfigError(f"{data_root}/{site}: {dm.num_train_samples} training images, the audit needs {2 * size}")
-    batch = next(iter(dm.evaluation_loader("train")))
-    return batch["image"][:size], batch["label"][:size].long(), batch["image"][size:2 * size]
+        raise ConfigError(f"{data_root}/{site}: {dm.num_train_samples} training images, the audit needs at least "
+                          f"{2 * size} for batch size {size}")
+    batch = next(iter(dm.evaluation_loader("train")))  # a smaller site gets a shorter line-up
+    return batch["image"][:size], batch["label"][:size].long(), batch["image"][size:size + LINE_UP]
 
 
 def _module(model: str, classes: list[str], image_size: int, dp_compatible: bool):
@@ -128,7 +133,7 @@ def run_inversion(settings: AuditSettings, site: str, classes: list[str], rows: 
     for model in settings.models:
         for size in [b for b in settings.batch_sizes if b <= LARGEST_BATCH.get(model, b)]:
             images, labels, others = _batches(settings.data_root, site, settings.image_size, size)
-            baseline = match_and_score(others, images)  # other patients, best matched: not a reconstruction
+            baseline = match_and_score(others[:size], images)  # other patients, best matched: not a reconstruction
             for defence in rows if model in settings.defended_models else rows[:1]:
                 pl.seed_everything(settings.seed, verbose=False)  # the same global model for every defence
                 module = _module(model, classes, settings.image_size, defence.dp_sgd)
@@ -139,13 +144,14 @@ def run_inversion(settings: AuditSettings, site: str, classes: list[str], rows: 
                 recon = invert_gradients(received, target, labels, images.shape[1:], iterations=iterations,
                                          seed=settings.seed, objective="sign")  # the sites' AdamW: signs
                 scores = match_and_score(recon, images)
-                results.append({"model": model, "batch_size": size, "defence": defence.name,
+                identified = identification_rate(recon[scores["order"]], images, others)
+                results.append({"identified": identified, "model": model, "batch_size": size, "defence": defence.name,
                                 "epsilon": defence.epsilon, "noise_multiplier": defence.noise_multiplier,
                                 "ssim": scores["ssim_mean"], "ncc": scores["ncc_mean"],
                                 "other_patients_ssim": baseline["ssim_mean"], "other_patients_ncc": baseline["ncc_mean"],
                                 "seconds": round(time.monotonic() - start, 1)})
                 progress(f"inversion {model} batch {size} {defence.name}: SSIM {scores['ssim_mean']:.3f} "
-                         f"NCC {scores['ncc_mean']:.3f} ({results[-1]['seconds']} s)")
+                         f"NCC {scores['ncc_mean']:.3f}, identified {identified:.0%} ({results[-1]['seconds']} s)")
                 if size == 1 or (size <= 8 and defence is rows[0]):  # the grid: batch 1, and undefended batches
                     order = scores["order"][:SHOWN_PER_ROW]
                     grid.append((f"{model}, batch {size}, {defence.name}", images[:len(order)],
@@ -172,7 +178,7 @@ def _membership(cfg: FLConfig, run: Path) -> float:
     module = build_module("classify", cfg.model, lr=cfg.lr, classes=dm.classes, dp_compatible=cfg.dp_sgd)
     module.load_state_dict(load_state(run / "models" / "global_final.pt"))
     pairs = lambda split: ((b["image"], b["label"].long()) for b in dm.evaluation_loader(split))  # noqa: E731
-    return membership_auc(module.eval(), pairs("train"), pairs("val"))
+    return label_stratified_auc(module.eval(), pairs("train"), pairs("val"))
 
 
 def run_utility(settings: AuditSettings, sites: list[str], classes: list[str], out: Path, progress=print) -> list[dict]:

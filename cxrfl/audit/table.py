@@ -13,16 +13,25 @@ def _cell(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _inversion_cell(row: dict) -> str:
+    """Mean SSIM of the reconstructions, and how many of the batch's patients they picked out of the line-up."""
+    identified, size = row.get("identified"), row.get("batch_size")
+    if not isinstance(identified, (int, float)) or not isinstance(size, int):
+        return _cell(row.get("ssim"))
+    return f"{_cell(row.get('ssim'))} ({round(identified * size)}/{size})"
+
+
 def table_rows(audit: dict) -> tuple[list[str], list[list[str]]]:
     """(head, rows): first the baseline (other patients' images scored as if they were reconstructions), then per
-    defence, epsilon, the mean reconstruction SSIM per model and batch size, membership-inference AUC and test
-    AUROC; HE as a row without attacks."""
+    defence, epsilon, the mean reconstruction SSIM per model and batch size with the share of patients
+    identified in a line-up of the hospital's other patients, membership-inference AUC and test AUROC; HE as a
+    row without attacks."""
     inversion = [r for r in audit.get("inversion", []) if isinstance(r, dict)]
     utility = {u["defence"]: u for u in audit.get("utility", []) if isinstance(u, dict) and "defence" in u}
     models = list(dict.fromkeys(r["model"] for r in inversion))
     sizes = list(dict.fromkeys(r["batch_size"] for r in inversion))
     names = list(dict.fromkeys([r["defence"] for r in inversion] + list(utility)))
-    head = ["defence", "epsilon"] + [f"SSIM {m} batch {b}" for m in models for b in sizes] + \
+    head = ["defence", "epsilon"] + [f"SSIM (identified) {m} batch {b}" for m in models for b in sizes] + \
         ["membership-inference AUC", "test AUROC"]
     baseline = {(r["model"], r["batch_size"]): r.get("other_patients_ssim") for r in inversion}
     rows = [["other patients' images (what a failed attack scores)", "–"]
@@ -33,7 +42,7 @@ def table_rows(audit: dict) -> tuple[list[str], list[list[str]]]:
         first = next(iter(found.values()), None)
         eps = first.get("epsilon") if first else utility.get(name, {}).get("epsilon")
         row = [name, _cell(eps, 2) if eps is not None else "none"]
-        row += [_cell(found[(m, b)].get("ssim")) if (m, b) in found else "–" for m in models for b in sizes]
+        row += [_inversion_cell(found[(m, b)]) if (m, b) in found else "–" for m in models for b in sizes]
         u = utility.get(name, {})
         rows.append(row + [_cell(u.get("membership_auc")), _cell(u.get("test_auroc"))])
     n = len(models) * len(sizes)
