@@ -94,25 +94,6 @@ def print_test_metrics(test: dict, why_undefined: str, indent: str = "  ") -> No
         print(f"{indent}{key:>{width}}: {shown}")
 
 
-def print_privacy(privacy: dict | None) -> None:
-    """The privacy record of a run: DP-SGD's (or NVFlare's SVT filter's) spent epsilon per site after each
-    round (federated) or for the run (central); a filter without one says so."""
-    if not privacy:
-        return
-    if "epsilon" not in privacy:  # a filter with no epsilon
-        print(f"privacy ({privacy.get('mechanism')}): {privacy.get('guarantee')}")
-        return
-    target = f", target {privacy['target_epsilon']:g}" if privacy.get("target_epsilon") else ""
-    name = {"dpsgd": "DP-SGD", "svt": "SVT filter"}.get(privacy.get("mechanism"), "DP-SGD")
-    print(f"privacy ({name}, {privacy.get('accountant', 'rdp')} accountant, delta {privacy.get('delta')}{target}):")
-    if isinstance(privacy.get("epsilon"), (int, float)):
-        print(f"  epsilon spent: {privacy['epsilon']:.3f} over {privacy.get('steps')} steps")
-        return
-    for site, by_round in sorted(privacy.get("epsilon_by_round", {}).items()):
-        rounds = ", ".join(f"r{r} {e:.2f}" for r, e in by_round.items())
-        print(f"  {site}: epsilon {privacy['epsilon'][site]:.3f} (after each round: {rounds})")
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes to a temp file and renames it into place, so a kill
     mid-save never leaves a truncated checkpoint (Lightning's default writes in place)."""

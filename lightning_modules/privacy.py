@@ -154,10 +154,10 @@ class DPSGD(pl.Callback):
         if target is not None and after > target + EPSILON_SLACK:
             raise PrivacyBudgetError(f"training {planned} more DP-SGD steps would spend epsilon = {after:.3g} "
                                      f"(spent so far {self.epsilon:.3g}), above the target {target:g}")
-        # Opacus's hooks on the network's own layers: the module and its state_dict keys stay as they are
-        self._hooks = GradSampleModule(pl_module.net, loss_reduction="mean")
         if len(trainer.strategy.optimizers) != 1:
             raise ValueError("DP-SGD needs a module with exactly one optimizer")
+        # Opacus's hooks on the network's own layers: the module and its state_dict keys stay as they are
+        self._hooks = GradSampleModule(pl_module.net, loss_reduction="mean")
         optimizer = DPOptimizer(trainer.strategy.optimizers[0], noise_multiplier=self.plan.noise_multiplier,
                                 max_grad_norm=self.max_grad_norm, loss_reduction="mean",
                                 expected_batch_size=max(1, round(self.plan.sample_rate * self.plan.num_samples)),
@@ -168,15 +168,21 @@ class DPSGD(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("dp_epsilon", self.epsilon, on_epoch=True)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release(pl_module)  # a failed or interrupted fit leaves no hook behind either
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release(pl_module)
+        log.info("DP-SGD: %d steps so far, epsilon = %.3f at delta = %g", self.steps_taken, self.epsilon,
+                 self.plan.delta)
+
+    def _release(self, pl_module: pl.LightningModule) -> None:
         if self._hooks is not None:  # validation and evaluation run without per-sample gradients
             self._hooks.to_standard_module()
             self._hooks = None
         for p in pl_module.net.parameters():  # the DP optimizer's per-step sum, kept on each parameter
             if hasattr(p, "summed_grad"):
                 del p.summed_grad
-        log.info("DP-SGD: %d steps so far, epsilon = %.3f at delta = %g", self.steps_taken, self.epsilon,
-                 self.plan.delta)
 
 
 class _PoissonBatches(DPLightningDataModule):

@@ -616,5 +616,8 @@ def test_dp_sgd_job_under_he_accounts_every_site_round_by_round(fl_root, tmp_pat
     decrypted = torch.load(run / "models" / "decrypted" / "global_final.pt", map_location="cpu", weights_only=False)
     assert not [k for k in decrypted["model"] if "running_mean" in k]
     from cxrfl.models import load_classifier
+    from cxrfl.report import write_report
 
     assert load_classifier(run).module.hparams.dp_compatible
+    report = write_report(run).read_text()
+    assert all(f"{site}: epsilon {privacy['epsilon'][site]:.3f}" in report for site in privacy["epsilon"])

@@ -212,4 +212,4 @@ def test_a_central_dp_sgd_run_records_what_it_spent(tiny_root, tmp_path, capsys)
     assert privacy["rounds"] == 1 and privacy["steps"] == privacy["steps_per_round"] == 2 * int(1 / privacy["sample_rate"])
     assert 0 < privacy["epsilon"] <= 8 and privacy["epsilon"] == pytest.approx(privacy["planned_epsilon"])
     assert json.loads((run / "config.json").read_text())["class_weights"] == "none"
-    assert "epsilon spent" in capsys.readouterr().out
+    assert "epsilon spent" in capsys.readouterr().out  # the terminal

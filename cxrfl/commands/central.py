@@ -6,7 +6,8 @@ import sys
 
 from cxrfl.central import train_central
 from cxrfl.options import add_config_options, central_config
-from cxrfl.runs import RunDirError, new_run_dir, print_privacy, print_test_metrics
+from cxrfl.fl.outcome import privacy_notes
+from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics
 from lightning_modules.config import ConfigError, TrainConfig
 from lightning_modules.data.manifest import ManifestError
 
@@ -33,7 +34,8 @@ def run(args) -> int:
         print(f"cxrfl central: {exc}", file=sys.stderr)
         return 2
     print(f"\nrun folder: {run_dir}")
-    print_privacy(metrics.get("privacy"))
+    for note in privacy_notes(metrics.get("privacy")):  # DP-SGD: what the run spent
+        print(note)
     print_test_metrics(metrics["test"], metrics.get("undefined_reason", ""))
     if metrics.get("operating_point"):
         print_operating_point(metrics["operating_point"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cxrfl.fl.config import FLConfig
 from cxrfl.options import add_config_options, fl_config
-from cxrfl.runs import RunDirError, new_run_dir, print_privacy, print_test_metrics
+from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics
 from cxrfl.fl.results import SimulationError
 from cxrfl.fl.resume import resume_simulation
 from cxrfl.fl.simulator import run_simulation
@@ -51,7 +51,6 @@ def run(args) -> int:
         print(f"cxrfl sim: {exc}", file=sys.stderr)
         return 2
     print(f"\nrun folder: {run_dir}  ({summary['wall_seconds']:.0f} s)")
-    print_privacy(summary.get("privacy"))
     print(f"test metrics of the {summary['selected_model']} model:")
     print_test_metrics(summary["test"], summary.get("undefined_reason", ""))
     return 0

@@ -10,7 +10,7 @@ from cxrfl.fl import admin
 from cxrfl.fl.admin import AdminError, AdminKit
 from cxrfl.fl.outcome import run_notes
 from cxrfl.fl.results import SimulationError
-from cxrfl.runs import RunDirError, print_privacy, print_test_metrics
+from cxrfl.runs import RunDirError, print_test_metrics
 
 
 def add_parser(subparsers) -> None:
@@ -48,7 +48,6 @@ def run(args) -> int:
 def print_waited(job_id: str, run_dir: Path, summary: dict) -> None:
     """The terminal summary of a job waited for (also `cxrfl poc wait`'s)."""
     print(f"job {job_id}: {summary['status']}; run folder: {run_dir}")
-    print_privacy(summary.get("privacy"))
     print_test_metrics(summary["test"], summary.get("undefined_reason", ""))
     for note in run_notes(summary):  # sites that missed rounds, an early stop
         print(note)
