@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cxrfl.audit.table import AUDIT_JSON, GRID_PNG, table_rows
 from cxrfl.report import html
-from cxrfl.report.reading import Notes, read_json
+from cxrfl.report.reading import Notes, read_json, read_png
 
 
 def read_audit(run_dir: Path, notes: Notes) -> dict | None:
@@ -39,9 +39,8 @@ def audit_section(audit: dict, run_dir: Path, notes: Notes, figures: dict[str, b
                          "delta": settings.get("delta")})]
     if rows:
         parts.append(html.table(head, rows))
-    grid = run_dir / GRID_PNG
-    if grid.is_file():
-        png = grid.read_bytes()
+    png = read_png(run_dir / GRID_PNG, notes)
+    if png is not None:
         figures[GRID_PNG] = png
         parts.append(html.figure(html.img(png, alt="reconstructions"),
                                  "top of each pair: the site's true images; below: what the attack rebuilt, with SSIM"))

@@ -369,6 +369,21 @@ def read_figure_pngs(run_dir: Path, notes: Notes) -> list[tuple[str, bytes]]:
     return found
 
 
+def read_png(path: Path, notes: Notes) -> bytes | None:
+    """One PNG file's bytes; None when it is absent, or (with a note) unreadable or not a PNG."""
+    if not path.is_file():
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        notes.add(path, f"unreadable ({exc}); skipped")
+        return None
+    if not data.startswith(PNG_SIGNATURE):
+        notes.add(path, "not a PNG image; skipped")
+        return None
+    return data
+
+
 # ---------------------------------------------------------------------------------------------- federated statistics
 
 
