@@ -102,11 +102,9 @@ def site_privacy(cfg: TrainConfig, dm: CXRDataModule, site: str):
     above --target-epsilon is refused here, before the site trains."""
     if not cfg.dp_sgd:
         return None
-    from lightning_modules.privacy import DPSGD, plan_privacy  # lazy: Opacus only for DP-SGD jobs
+    from lightning_modules.privacy import DPSGD, plan_for  # lazy: Opacus only for DP-SGD jobs
 
-    plan = plan_privacy(dm.num_train_samples, cfg.batch_size, cfg.epochs, cfg.rounds, cfg.dp_delta,
-                        cfg.dp_noise_multiplier, cfg.dp_target_epsilon, who=f"site {site}")
-    return DPSGD(plan, cfg.dp_max_grad_norm)
+    return DPSGD(plan_for(cfg, dm.num_train_samples, who=f"site {site}"), cfg.dp_max_grad_norm)
 
 
 def plain_trainer(cfg: TrainConfig, **kwargs) -> pl.Trainer:

@@ -39,11 +39,9 @@ def train_central(cfg: TrainConfig, run_dir: Path) -> dict:
     dm, module = _data_and_module(cfg)
     privacy = None  # refused before the run folder is made when the plan exceeds --target-epsilon
     if cfg.dp_sgd:  # the whole run is one data holder's: one plan over its epochs
-        from lightning_modules.privacy import DPSGD, plan_privacy  # lazy: Opacus only for DP-SGD runs
+        from lightning_modules.privacy import DPSGD, plan_for  # lazy: Opacus only for DP-SGD runs
 
-        privacy = DPSGD(plan_privacy(dm.num_train_samples, cfg.batch_size, cfg.epochs, 1, cfg.dp_delta,
-                                     cfg.dp_noise_multiplier, cfg.dp_target_epsilon, who=str(cfg.data_root)),
-                        cfg.dp_max_grad_norm)
+        privacy = DPSGD(plan_for(cfg, dm.num_train_samples, who=str(cfg.data_root)), cfg.dp_max_grad_norm)
     RunFolder.create(run_dir, "central", replace(cfg, classes=dm.classes),
                      facts={"num_train": dm.num_train_samples, "num_val": len(dm.items["val"]), "skipped": dm.skipped,
                             "torch": torch.__version__})

@@ -25,7 +25,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.lightning import DPLightningDataModule
 from opacus.optimizers import DPOptimizer
 
-from lightning_modules.config import ConfigError
+from lightning_modules.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,13 @@ def plan_privacy(num_samples: int, batch_size: int, epochs: int, rounds: int, de
             f"at delta = {delta:g}, above --target-epsilon {target_epsilon:g}: raise the noise multiplier or leave it "
             "out (it is then calibrated to the target), or plan fewer rounds or epochs")
     return plan
+
+
+def plan_for(cfg: TrainConfig, num_samples: int, who: str) -> PrivacyPlan:
+    """A run's DP-SGD plan for one data holder of `num_samples` training images: its rounds (1 centrally) x
+    local epochs at its batch size, with the run's delta, noise multiplier and target."""
+    return plan_privacy(num_samples, cfg.batch_size, cfg.epochs, cfg.rounds, cfg.dp_delta, cfg.dp_noise_multiplier,
+                        cfg.dp_target_epsilon, who=who)
 
 
 def _secret_generator() -> torch.Generator:

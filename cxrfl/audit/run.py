@@ -37,7 +37,7 @@ from lightning_modules.config import ConfigError
 from lightning_modules.data.atomic import atomic_write_text, write_json
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.factory import build_module
-from lightning_modules.privacy import plan_privacy
+from lightning_modules.privacy import PrivacyPlan, plan_privacy
 
 SHOWN_PER_ROW = 4  # reconstructions shown per (model, batch, defence) in the grid
 # DenseNet121's batch-32 inversion costs ~2 s an iteration on 2 CPU cores (measured): left out by default
@@ -84,7 +84,7 @@ class AuditSettings:
                 raise ConfigError(f"epsilons and noise multipliers must be finite numbers > 0, got {value}")
 
 
-def _plan(settings: AuditSettings, n: int, **noise) -> object:
+def _plan(settings: AuditSettings, n: int, **noise) -> PrivacyPlan:
     return plan_privacy(n, settings.batch_size, settings.local_epochs, settings.rounds, settings.delta, **noise)
 
 

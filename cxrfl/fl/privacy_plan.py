@@ -13,12 +13,11 @@ def site_privacy_plans(cfg: FLConfig) -> dict[str, dict]:
     site whose plan would exceed --target-epsilon, or whose --delta is too large for its data."""
     if not cfg.dp_sgd or cfg.data_root is None:
         return {}
-    from lightning_modules.privacy import plan_privacy  # lazy: Opacus only for DP-SGD jobs
+    from lightning_modules.privacy import plan_for  # lazy: Opacus only for DP-SGD jobs
 
     plans = {}
     for site in cfg.sites:
         n = len(load_split(cfg.data_root, "train", [site]))
         n = min(n, cfg.limit) if cfg.limit else n
-        plans[site] = plan_privacy(n, cfg.batch_size, cfg.epochs, cfg.rounds, cfg.dp_delta, cfg.dp_noise_multiplier,
-                                   cfg.dp_target_epsilon, who=f"site {site} ({n} training images)").as_dict()
+        plans[site] = plan_for(cfg, n, who=f"site {site} ({n} training images)").as_dict()
     return plans
