@@ -621,3 +621,33 @@ def test_dp_sgd_job_under_he_accounts_every_site_round_by_round(fl_root, tmp_pat
     assert load_classifier(run).module.hparams.dp_compatible
     report = write_report(run).read_text()
     assert all(f"{site}: epsilon {privacy['epsilon'][site]:.3f}" in report for site in privacy["epsilon"])
+
+
+def test_quantized_updates_are_the_sites_changes_within_the_8bit_error(classify_run, fl_root, tmp_path):
+    """--quantize 8bit, from the same start and data as the FedAvg run: what the server receives (after its
+    dequantizer) is each site's round-0 change, start -> the weights the FedAvg run's site sent, within the
+    documented error of every 4096-value block."""
+    from app_custom.quantization import BLOCKSIZE, BLOCKWISE8_ERROR
+
+    run = tmp_path / "quantized"
+    assert main(["sim", "--task", "classify", "--data", str(fl_root), "--rounds", "2", "--model", "cnn5",
+                 "--quantize", "8bit", "--record-contributions", "--no-cross-site-eval", "--out", str(run)] + COMMON) == 0
+    client = (run / "job" / "cxrfl_classify" / "app" / "config" / "config_fed_client.json").read_text()
+    assert "UpdateQuantizer" in client
+    start = _initial_model()
+    for site in ("site-1", "site-2"):
+        sent = _sent(run, site, 0)
+        assert sent["data_kind"] == "WEIGHT_DIFF"
+        change = {k: torch.as_tensor(v) for k, v in sent["model"].items()}
+        exact = _step(_load(classify_run / "models" / "rounds" / f"{site}_round_000.pt"), start)
+        assert set(exact) <= set(change)
+        quantized_somewhere = False
+        for name, value in exact.items():
+            error, flat = (change[name].double() - value).abs().ravel(), value.ravel()
+            for at in range(0, flat.numel(), BLOCKSIZE):
+                block = slice(at, at + BLOCKSIZE)
+                assert error[block].max() <= BLOCKWISE8_ERROR * flat[block].abs().max() + 1e-7, name
+            quantized_somewhere |= bool(error.max() > 1e-7)
+        assert quantized_somewhere
+    summary = json.loads((run / "metrics.json").read_text())
+    assert 0 <= summary["test"]["test_auroc"] <= 1

@@ -19,6 +19,7 @@ AGGREGATIONS = {
     "fedyogi": "app_custom.yogi.Yogi",
 }
 ABSENT_WEIGHTS = ("drop", "keep")
+QUANTIZE = ("fp16", "8bit")  # what a site's update is compressed to (app_custom/quantization.py)
 # FLConfig fields that name files on this machine: they never travel in a job or to tracking.
 LOCAL_PATHS = ("data_root", "segmenter", "initial_model")
 JOB_SEGMENTER = "segmenter.pt"  # a lung-ROI job's segmenter, in the job's custom/ folder
@@ -40,9 +41,12 @@ ALGORITHM_REFUSALS = {
     ("scaffold", "schedule"): _SCAFFOLD_PLAIN, ("scaffold", "dp"): _DP_LATER,
     ("ditto", "he"): _DITTO_EVAL, ("ditto", "fedopt"): _DITTO_PLAIN, ("ditto", "schedule"): _DITTO_PLAIN,
     ("ditto", "dp"): _DP_LATER,
+    ("scaffold", "quantize"): "SCAFFOLD's aggregator reads full weights and the control variates in the update's "
+                              "meta, which the quantizer neither compresses nor knows",
 }
 COMBINATION_FLAGS = {"fedopt": "--aggregation fedadam/fedyogi/fedadagrad", "he": "--he", "dp": "--dp",
-                     "schedule": "--schedule / --absent-weights keep"}
+                     "schedule": "--schedule / --absent-weights keep",
+                     "quantize": "--quantize"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ class FLConfig(TrainConfig):
     he_encrypt_layers: str | None = field(default=None, metadata=option(
         "with --he: encrypt only the tensors whose name matches (default: all floating-point tensors). The others "
         "travel and are averaged in plaintext: a privacy trade-off, see docs/he.md", metavar="REGEX"))
+    quantize: str | None = field(default=None, metadata=option(
+        "compress what each site sends: fp16 (half the bytes) or 8bit (blockwise 8-bit, about a quarter), with "
+        "NVFlare's quantization filters; sites then send weight differences and the server dequantizes them before "
+        "checking and averaging. Not with --he (a ciphertext's size does not depend on the values' precision). "
+        "See docs/performance.md", choices=QUANTIZE))
     schedule: dict | None = field(default=None, metadata=option(
         'sites that come and go: {"site-2": "0-2", "site-3": "2-"} (inline or a JSON file) gives the rounds each '
         "listed site takes part in; the others take part in every round. Away, a site does not train",
@@ -137,6 +146,7 @@ class FLConfig(TrainConfig):
         if not 0 <= self.start_round < self.rounds:
             raise ConfigError(f"start_round {self.start_round} is outside the job's rounds 0..{self.rounds - 1}")
         self._check_privacy()
+        self._check_quantize()
         self._check_availability()
         self._check_algorithm_combinations()
 
@@ -165,6 +175,21 @@ class FLConfig(TrainConfig):
             if not 0 <= self.dp_percentile <= 100:
                 raise ConfigError("--dp-percentile must be between 0 and 100")
 
+    def _check_quantize(self) -> None:
+        if self.quantize is None:
+            return
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.he:
+            raise ConfigError("--quantize does not combine with --he: a CKKS ciphertext takes the same bytes whatever "
+                              "the precision of the values it encrypts, so quantizing first only adds error")
+        if self.dp in UPDATE_FILTERS:
+            raise ConfigError(f"--quantize does not combine with --dp {self.dp}: NVFlare's privacy filter and the "
+                              "quantizer would both rewrite the update, in an order nobody has measured")
+        if self.schedule or self.absent_weights == "keep":
+            raise ConfigError("--quantize does not combine with --schedule / --absent-weights keep: the intermittent-"
+                              "site aggregator averages full weights, not the differences a quantizing site sends")
+
     def _check_availability(self) -> None:
         if self.absent_weights not in ABSENT_WEIGHTS:
             raise ConfigError("absent_weights must be 'drop' or 'keep'")
@@ -181,7 +206,7 @@ class FLConfig(TrainConfig):
     def _check_algorithm_combinations(self) -> None:
         """What each algorithm runs with besides plain FedAvg aggregation; the table is docs/algorithms.md."""
         wanted = {"fedopt": self.aggregation != "fedavg", "he": self.he, "dp": self.dp is not None,
-                  "schedule": bool(self.schedule) or self.absent_weights == "keep"}
+                  "schedule": bool(self.schedule) or self.absent_weights == "keep", "quantize": bool(self.quantize)}
         for feature, used in wanted.items():
             reason = ALGORITHM_REFUSALS.get((self.algorithm, feature))
             if used and reason:

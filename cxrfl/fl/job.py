@@ -120,6 +120,10 @@ def build_job(cfg: FLConfig, staging: Path, simulated: bool = False) -> BaseFedJ
     generator_id = job.to_server(generator, id="shareable_generator")
     aggregator_id = job.to_server(aggregator, id="aggregator")
     job.to_server(RoundRecorder(save_contributions=cfg.record_contributions), id="round_recorder")
+    if cfg.quantize:  # float32 again before anything checks or sums the update (lazy: bitsandbytes loads slowly)
+        from app_custom.quantization import UpdateDequantizer
+
+        job.to_server(UpdateDequantizer(), id="update_dequantizer", filter_type=FilterType.TASK_RESULT, tasks=["train"])
     if not cfg.he:  # a malformed update is refused with its reason before it reaches the aggregator
         job.to_server(UpdateValidator(site_keys=site_keys), id="update_validator",
                       filter_type=FilterType.TASK_RESULT, tasks=["train"])
@@ -153,6 +157,11 @@ def _aggregation_components(cfg: FLConfig, model_id: str, initial_model: str | N
     if cfg.algorithm == "scaffold":  # FedAvg of weights and of control changes; the controls live in the generator
         return persistor, ScaffoldControls(), ScaffoldFedAvg(), ExchangeFormat.PYTORCH, TransferType.FULL
     if cfg.algorithm == "fedbn":  # differences of the shared tensors: the server's normalisation tensors stay as they are
+        return (persistor, FullModelShareableGenerator(),
+                InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF),
+                ExchangeFormat.PYTORCH, TransferType.DIFF)
+    if cfg.quantize and AGGREGATIONS[cfg.aggregation] is None:
+        # a quantizing site sends differences: the 8-bit error is then a fraction of a round's change, not of the weights
         return (persistor, FullModelShareableGenerator(),
                 InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF),
                 ExchangeFormat.PYTORCH, TransferType.DIFF)
@@ -210,6 +219,10 @@ def _add_site_side(job: BaseFedJob, cfg: FLConfig, staging: Path, script: str, e
         _add_he_client_filters(job, cfg.he_encrypt_layers)
     if cfg.dp in UPDATE_FILTERS:  # applied at the site, to what leaves it
         job.to_clients(DP_FILTERS[cfg.dp](**(cfg.dp_args or {})), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+    if cfg.quantize:  # the last filter: it compresses what actually leaves the site
+        from app_custom.quantization import UpdateQuantizer
+
+        job.to_clients(UpdateQuantizer(cfg.quantize), tasks=["train"], filter_type=FilterType.TASK_RESULT)
 
 
 def site_kept_keys(cfg: FLConfig) -> list[str]:
