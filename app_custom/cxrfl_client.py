@@ -21,11 +21,15 @@ trainer from the server's metadata; FedBN keeps this site's normalisation tensor
 loads (the job's KeepAtSite filter keeps them from leaving); Ditto also trains a personal model,
 pulled toward each global model it receives. With DP-SGD (`--dp dpsgd`) every local step is clipped and
 noised and accounted (lightning_modules/privacy.py); each update carries the epsilon spent so far.
+
+The site's log gets the process's age and memory at each stage (imports done, set up, first training step,
+each round trained; app_custom/process_stats.py): start-up and memory per site, docs/performance-startup.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +40,10 @@ import pytorch_lightning as pl
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.client import is_evaluate, is_submit_model, send
 
+from app_custom.process_stats import stage_line
 from app_custom.site_files import SITE_CONFIG, local_settings, site_data_dir
 from app_custom.wire import ABSENT, DP_DELTA, DP_EPSILON, LOCAL_SECONDS
+from lightning_modules.accelerate import device_callbacks, trainer_precision, training_data_device
 from lightning_modules.callbacks import ProximalPull, RoundTimeBudget
 from lightning_modules.config import TRAIN_CONFIG_FILE, TrainConfig
 from lightning_modules.data.datamodule import CXRDataModule
@@ -49,6 +55,7 @@ JOB_CUSTOM = Path(__file__).resolve().parents[1]  # the job's custom/ folder: fi
 # fit() runs no validation loop of its own: each round validates the received global model first (what
 # NVFlare selects the best model by), a second pass would feed nothing.
 NO_VALIDATION_IN_FIT = 2**31 - 1
+log = logging.getLogger("cxrfl_client")
 
 
 def cpu_state(module: pl.LightningModule) -> dict:
@@ -68,6 +75,7 @@ def site_data_module(cfg: TrainConfig, site: str, config_path: Path | None, conf
     if cfg.classes:
         dm.classes = list(cfg.classes)  # a site missing a class must still agree on num_classes
     dm.setup("fit")
+    dm.keep_training_images_on(training_data_device(cfg))
     return dm
 
 
@@ -84,6 +92,18 @@ class ReportLocalSeconds(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         pl_module.__fl_meta__[LOCAL_SECONDS] = round(time.monotonic() - self._start, 3)
+
+
+class LogFirstStep(pl.Callback):
+    """One log line at this process's first training step: its start-up cost (age, memory) in the site's log."""
+
+    def __init__(self):
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.done:
+            self.done = True
+            log.info(stage_line("site process: first training step"))
 
 
 class ReportPrivacySpent(pl.Callback):
@@ -109,9 +129,10 @@ def site_privacy(cfg: TrainConfig, dm: CXRDataModule, site: str):
 
 def plain_trainer(cfg: TrainConfig, **kwargs) -> pl.Trainer:
     """A trainer outside NVFlare's patch (evaluation, Ditto's personal model): it sends nothing."""
+    callbacks = [*kwargs.pop("callbacks", []), *device_callbacks(cfg)]
     return pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      deterministic=cfg.deterministic, **kwargs)
+                      deterministic=cfg.deterministic, precision=trainer_precision(cfg), callbacks=callbacks, **kwargs)
 
 
 def evaluate_here(module: pl.LightningModule, dm: CXRDataModule, cfg: TrainConfig) -> dict:
@@ -163,6 +184,7 @@ class SiteHooks:
 
 
 def main(hooks: SiteHooks = SiteHooks()) -> None:
+    log.info(stage_line("site process: imports done"))
     flare.init()
     site = flare.get_site_name()
     cfg = TrainConfig.read_json(JOB_CUSTOM / TRAIN_CONFIG_FILE)
@@ -180,13 +202,19 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
     budget = [RoundTimeBudget(cfg.time_budget)] if cfg.time_budget > 0 else []
     privacy = site_privacy(cfg, dm, site)
     dp_callbacks = [privacy, ReportPrivacySpent(privacy)] if privacy else []
+    # device callbacks before NVFlare's FLCallback (flare.patch appends it): weights leave in the usual memory order
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=flare.logger(),
-                         callbacks=[local_seconds, *budget, *dp_callbacks], enable_checkpointing=False, log_every_n_steps=5,
-                         enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=NO_VALIDATION_IN_FIT,
-                         deterministic=cfg.deterministic)
+                         callbacks=[local_seconds, *budget, *dp_callbacks, *device_callbacks(cfg)],
+                         enable_checkpointing=False, log_every_n_steps=5, enable_model_summary=False,
+                         num_sanity_val_steps=0, check_val_every_n_epoch=NO_VALIDATION_IN_FIT,
+                         deterministic=cfg.deterministic, precision=trainer_precision(cfg))
+    trainer.callbacks.append(LogFirstStep())  # before flare.patch: NVFlare's FLCallback stays last
     flare.patch(trainer)
+    log.info(stage_line("site process: set up"))
 
-    local_params = None  # this site's own model after its last training round
+    # This site's own model for cross-site evaluation: `module` holds it from the end of a training round until
+    # another model is loaded over it; a copy is made only then (no copy per round kept through the next).
+    local_params, holds_local = None, False
     while flare.is_running():
         input_model = flare.receive()
         if input_model is None:
@@ -195,10 +223,14 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
             local_seconds.task_received()
             keep_site_tensors(input_model, module, site_keys)
             if is_submit_model():
-                local_params = local_params or cpu_state(module)
+                if local_params is None:
+                    local_params = cpu_state(module)
                 send(FLModel(params=cpu_state(personal.module) if personal else local_params, meta={"site": site}))
             elif is_evaluate():  # metrics and score histograms only: no image's score leaves
+                if holds_local and local_params is None:
+                    local_params = cpu_state(module)
                 module.load_state_dict(input_model.params)
+                holds_local = False
                 send(FLModel(metrics=evaluate_here(module, dm, cfg)))
             elif hooks.away(site, input_model):  # the server counts an empty update as a site that is away
                 send(FLModel(params={}, meta={ABSENT: True}))
@@ -207,9 +239,11 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
                 if privacy is not None:  # a resumed job: its earlier rounds count as spent
                     privacy.account_earlier_rounds(input_model.current_round or 0)
                 trainer.fit(module, datamodule=privacy.datamodule(dm) if privacy else dm)
-                local_params = cpu_state(module)
+                local_params, holds_local = None, True
                 if personal is not None:
                     personal.train(input_model.params, dm)
+                log.info(stage_line(f"site process: round {input_model.current_round} trained"))
+        input_model = None  # the received weights are not kept while the next task's arrive
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"# cxr-fl benchmark, {results['date']}{' (quick: toy sizes)' if results['quick'] else ''}", "",
              f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}, "
-             f"torch {m['torch']}. Medians of {results['reps']} repetitions (one run per side for the federation overhead).", "",
+             f"torch {m['torch']}. Medians of {results['reps']} repetitions per side.", "",
              "| case | measured | target | pass | setup / detail |", "|---|---|---|---|---|"]
     for r in results["rows"]:
         measured = "—" if r["measured"] is None else f"{r['measured']:g}{(' ' + r['unit']) if r['unit'] else ''}"

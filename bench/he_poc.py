@@ -129,6 +129,32 @@ def wire_bytes(model: str, he_context_file: Path | None) -> int:
     return len(fobs.dumps(packed))
 
 
+def ckks_seconds(model: str, sites: int, context_dir: Path, reps: int = 3) -> dict:
+    """The CKKS work of one round, each step alone on this machine (medians of `reps`): a site's
+    weighting + packing + encryption + serialisation of its update, the server's parsing and adding
+    of `sites` updates and serialising the sum, a site's decryption of the sum."""
+    from app_custom.ckks_packing import CiphertextSum, decrypt_and_unpack
+
+    client = ts.context_from((context_dir / "client_context.tenseal").read_bytes())
+    server = ts.context_from((context_dir / "server_context.tenseal").read_bytes())
+    state = {k: v.numpy() for k, v in GlobalModel(task="classify", model=model).state_dict().items()}
+    times = {"encrypt_s": [], "server_sum_s": [], "decrypt_s": []}
+    for _ in range(reps):
+        start = time.perf_counter()
+        packed, _ = pack_and_encrypt(state, client, weight=100.0)
+        times["encrypt_s"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        total = CiphertextSum(server)
+        for _ in range(sites):
+            total.add(packed, 100.0)
+        summed = total.serialized()
+        times["server_sum_s"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        decrypt_and_unpack(summed, client, 100.0 * sites)
+        times["decrypt_s"].append(time.perf_counter() - start)
+    return {k: round(statistics.median(v), 2) for k, v in times.items()}
+
+
 def run_job(state: dict, cfg, monitor: PocMonitor, run_dir: Path) -> dict:
     monitor.reset()
     start = time.time()

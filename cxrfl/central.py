@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from cxrfl.run_folder import RunFolder
 from cxrfl.runs import (WANDB_PRIVATE_SETTINGS, AtomicCheckpointIO, finite_or_none, test_at_operating_point,
                         undefined_reason, write_test_predictions)
+from lightning_modules.accelerate import device_callbacks, trainer_precision, training_data_device
 from lightning_modules.config import TrainConfig
 from lightning_modules.data.atomic import write_json
 from lightning_modules.data.datamodule import CXRDataModule
@@ -36,7 +37,9 @@ def train_central(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train on every site's training split, select the best epoch on their validation splits, test
     that checkpoint once on the held-out test set; writes the run folder and returns metrics.json."""
     pl.seed_everything(cfg.seed, workers=True)
-    dm, module = _data_and_module(cfg)
+    # settings this machine cannot run stop here, before the data is read or config.json written
+    precision, data_device = trainer_precision(cfg), training_data_device(cfg)
+    dm, module = _data_and_module(cfg, data_device)
     privacy = None  # refused before the run folder is made when the plan exceeds --target-epsilon
     if cfg.dp_sgd:  # the whole run is one data holder's: one plan over its epochs
         from lightning_modules.privacy import DPSGD, plan_for  # lazy: Opacus only for DP-SGD runs
@@ -45,7 +48,7 @@ def train_central(cfg: TrainConfig, run_dir: Path) -> dict:
     RunFolder.create(run_dir, "central", replace(cfg, classes=dm.classes),
                      facts={"num_train": dm.num_train_samples, "num_val": len(dm.items["val"]), "skipped": dm.skipped,
                             "torch": torch.__version__})
-    checkpoint, trainer = _trainer(cfg, run_dir, [privacy] if privacy else [])
+    checkpoint, trainer = _trainer(cfg, run_dir, [privacy] if privacy else [], precision)
     start = time.time()
     trainer.fit(module, datamodule=privacy.datamodule(dm) if privacy else dm)
     train_seconds = time.time() - start
@@ -80,7 +83,7 @@ def train_central(cfg: TrainConfig, run_dir: Path) -> dict:
     return metrics
 
 
-def _data_and_module(cfg: TrainConfig):
+def _data_and_module(cfg: TrainConfig, data_device=None):
     mask_predictor = None
     if cfg.segmenter is not None:
         mask_predictor = LungSegmentation.from_checkpoint(cfg.segmenter).mask_predictor(cfg.roi_threshold)
@@ -88,20 +91,21 @@ def _data_and_module(cfg: TrainConfig):
                        num_workers=cfg.workers, roi=cfg.roi, roi_threshold=cfg.roi_threshold,
                        mask_predictor=mask_predictor, seed=cfg.seed, limit=cfg.limit)
     dm.setup("fit")
+    dm.keep_training_images_on(data_device)
     balanced = cfg.task == "classify" and cfg.class_weights == "balanced"
     module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes,
                           class_counts=dm.class_counts("train") if balanced else None, dp_compatible=cfg.dp_sgd)
     return dm, module
 
 
-def _trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: list):
+def _trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: list, precision: str):
     """Best checkpoint by the validation metric (never the test set), optional early stopping."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.key_metric,
                                  mode="max", save_last=True, auto_insert_metric_name=False)
-    callbacks = [checkpoint, *extra_callbacks]
+    callbacks = [checkpoint, *extra_callbacks, *device_callbacks(cfg)]
     if cfg.patience:
         callbacks.append(EarlyStopping(monitor=cfg.key_metric, mode="max", patience=cfg.patience))
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=_loggers(cfg, run_dir),
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], log_every_n_steps=5,
-                         deterministic=cfg.deterministic, enable_model_summary=False)
+                         deterministic=cfg.deterministic, enable_model_summary=False, precision=precision)
     return checkpoint, trainer

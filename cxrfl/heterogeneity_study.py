@@ -38,6 +38,7 @@ from cxrfl.heterogeneity_summary import LOCAL, site_rows, write_outputs
 from cxrfl.run_folder import RunFolder
 from cxrfl.runs import AtomicCheckpointIO, new_run_dir
 from cxrfl.study import StudyError, finished_run, read_config, set_aside_unfinished
+from lightning_modules.accelerate import device_callbacks, trainer_precision, training_data_device
 from lightning_modules.config import ALGORITHMS, TrainConfig
 from lightning_modules.data.atomic import atomic_torch_save, read_json_object, write_json
 from lightning_modules.data.datamodule import CXRDataModule
@@ -335,6 +336,7 @@ def fine_tune(cfg: TrainConfig, initial: Path, run_dir: Path) -> dict:
     dm = CXRDataModule(cfg.data_root, task=cfg.task, image_size=cfg.image_size, batch_size=cfg.batch_size,
                        seed=cfg.seed)
     dm.setup("fit")
+    dm.keep_training_images_on(training_data_device(cfg))
     RunFolder.create(run_dir, "central", replace(cfg, classes=dm.classes),
                      facts={"num_train": dm.num_train_samples, "initial_model": str(initial)})
     balanced = cfg.task == "classify" and cfg.class_weights == "balanced"
@@ -345,8 +347,9 @@ def fine_tune(cfg: TrainConfig, initial: Path, run_dir: Path) -> dict:
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.key_metric, mode="max",
                                  auto_insert_metric_name=False)
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False,
-                         callbacks=[checkpoint], plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
-                         enable_model_summary=False, deterministic=cfg.deterministic)
+                         callbacks=[checkpoint, *device_callbacks(cfg)], plugins=[AtomicCheckpointIO()],
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=cfg.deterministic,
+                         precision=trainer_precision(cfg))
     start = time.time()
     initial_val = trainer.validate(module, datamodule=dm, verbose=False)[0].get(cfg.key_metric)
     trainer.fit(module, datamodule=dm)

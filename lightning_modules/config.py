@@ -32,6 +32,9 @@ DP_MODES = ("dpsgd", "percentile", "svt")
 UPDATE_FILTERS = ("percentile", "svt")
 DP_DELTA_DEFAULT = 1e-5
 DP_MAX_GRAD_NORM_DEFAULT = 1.0
+# Trainer precision (lightning_modules/accelerate.py resolves auto on the machine that trains)
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
 TRAIN_CONFIG_FILE = "cxrfl_train.json"  # the site settings a federated job carries in its custom/ folder
 
 
@@ -71,6 +74,13 @@ class TrainConfig:
         "torch's deterministic algorithms where they exist (same seed, same result also on GPU; slower); on CPU "
         "runs with the same seed repeat without it"))
     accelerator: str = field(default="auto", metadata=option("cpu, gpu or auto (default: GPU when one exists)"))
+    precision: str = field(default="auto", metadata=option(
+        "numeric precision of training and evaluation: auto (default: bf16-mixed on a CUDA GPU with bfloat16, "
+        "16-mixed on other CUDA GPUs, 32 on CPU and with --dp dpsgd), 32, bf16-mixed, 16-mixed (fp16 with gradient "
+        "scaling; CUDA only)", choices=PRECISIONS))
+    gpu_data: bool = field(default=False, metadata=option(
+        "keep the cached training images on the GPU and augment them there a batch at a time (same augmentation "
+        "settings, other random draws than on CPU); CUDA only, not with --dp dpsgd or --workers"))
     workers: int = field(default=0, metadata=option(
         "DataLoader worker processes (default 0: data is cached)", parse="non_negative_int"))
     class_weights: str = field(default="balanced", metadata=option(
@@ -177,6 +187,7 @@ class TrainConfig:
             raise ConfigError(f"--time-budget must be a finite number of seconds >= 0, got {self.time_budget}")
         self._check_algorithm()
         self._check_dp()
+        self._check_device()
         if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {self.seed}")
 
@@ -220,6 +231,26 @@ class TrainConfig:
             raise ConfigError(f"--delta must be between 0 and 1 (exclusive), got {self.dp_delta}")
         if self.rounds < 1:
             raise ConfigError("rounds must be >= 1")
+
+    def _check_device(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "16-mixed" and self.accelerator == "cpu":  # Lightning would switch to bf16-mixed
+            raise ConfigError("--precision 16-mixed needs a CUDA GPU (fp16 with gradient scaling); with "
+                              "--accelerator cpu use --precision bf16-mixed or 32")
+        if self.dp == "dpsgd" and self.precision in MIXED_PRECISIONS:
+            # fp16's loss scaling would have Opacus clip scaled per-image gradients; bf16 ones are not measured
+            raise ConfigError(f"--precision {self.precision} cannot be combined with --dp dpsgd: DP-SGD clips each "
+                              "image's gradient in full precision; use --precision 32 or auto")
+        if self.gpu_data:
+            if self.accelerator == "cpu":
+                raise ConfigError("--gpu-data needs a GPU; it cannot be combined with --accelerator cpu")
+            if self.dp == "dpsgd":
+                raise ConfigError("--gpu-data cannot be combined with --dp dpsgd: Opacus draws DP-SGD's batches "
+                                  "(Poisson sampling) from the usual data loader")
+            if self.workers:
+                raise ConfigError(f"--workers {self.workers} has no use with --gpu-data (the batches are made on "
+                                  "the GPU); leave --workers at 0")
 
     @property
     def dp_sgd(self) -> bool:

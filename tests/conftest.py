@@ -16,6 +16,17 @@ import pytest
 from lightning_modules.data.phantom import generate_dataset
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache_dir(tmp_path_factory):
+    """The image cache (lightning_modules.data.image_cache) of every test and the processes they start:
+    a session folder, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("image-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CXRFL_CACHE_DIR", str(folder))
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """3 non-IID sites x 80 phantoms at 64 px + 60 held-out test images."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from cxrfl.options import add_config_options, fl_config
 from cxrfl.runs import RunDirError, new_run_dir, print_test_metrics
 from cxrfl.fl.results import SimulationError
 from cxrfl.fl.resume import resume_simulation
-from cxrfl.fl.simulator import run_simulation
+from cxrfl.fl.simulator import check_simulator_gpus, run_simulation
+from lightning_modules.accelerate import parse_gpu_ids
 from lightning_modules.data.manifest import ManifestError
 
 
@@ -33,20 +35,32 @@ def add_parser(subparsers) -> None:
     p.add_argument("--take-turns", action="store_true",
                    help="sites work one at a time, each with all cores (their processes stay up): per-site times "
                    "are uncontended, as with one machine per hospital; for timing studies and benchmarks")
+    p.add_argument("--gpus", type=_gpu_ids, default=(), metavar="IDS",
+                   help="CUDA device ids for the sites as nvidia-smi numbers them, comma-separated (e.g. 0,1): NVFlare "
+                   "assigns the sites to them round-robin, one site per GPU at a time when there are several "
+                   "(default: every site sees every GPU and uses the first); recorded in the run folder's facts")
     p.set_defaults(func=run)
+
+
+def _gpu_ids(text: str) -> tuple[int, ...]:
+    try:
+        return parse_gpu_ids(text)
+    except ValueError as exc:  # argparse names the option itself
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--gpus: ")) from None
 
 
 def run(args) -> int:
     try:
         if args.resume is not None:
             run_dir = args.resume.absolute()
-            summary = resume_simulation(run_dir, threads=args.threads, take_turns=args.take_turns)
+            summary = resume_simulation(run_dir, threads=args.threads, take_turns=args.take_turns, gpus=args.gpus)
         else:
             if not args.task:
                 raise ValueError("--task is required (or --resume RUN_DIR)")
             cfg = fl_config(args)
+            check_simulator_gpus(cfg, args.gpus, args.take_turns)  # before a run folder is made
             run_dir = new_run_dir(args.out, f"sim-{args.task}")
-            summary = run_simulation(cfg, run_dir, threads=args.threads, take_turns=args.take_turns)
+            summary = run_simulation(cfg, run_dir, threads=args.threads, take_turns=args.take_turns, gpus=args.gpus)
     except (ValueError, ManifestError, RunDirError, SimulationError) as exc:
         print(f"cxrfl sim: {exc}", file=sys.stderr)
         return 2

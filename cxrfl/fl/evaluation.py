@@ -11,6 +11,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.accelerate import device_callbacks, trainer_precision
 from lightning_modules.data.atomic import atomic_torch_save, atomic_write_text, write_json
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.results import load_state
@@ -172,7 +173,7 @@ def evaluate_on_test(cfg: FLConfig, dm: CXRDataModule, state: dict, predictions_
     if adapt:
         adapt_normalisation(module, (batch["image"] for batch in dm.test_dataloader()))
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, precision=trainer_precision(cfg), callbacks=device_callbacks(cfg))
     results = {k: finite_or_none(v) for k, v in trainer.test(module, datamodule=dm, verbose=False)[0].items()}
     if point is not None:
         results.update(test_at_operating_point(module, point))

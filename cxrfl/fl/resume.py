@@ -61,9 +61,10 @@ def prepare_resume(run_dir: Path, interrupted: Path | None) -> FLConfig:
     return cfg
 
 
-def resume_simulation(run_dir: Path, threads: int | None = None, take_turns: bool = False) -> dict:
-    """Continue a killed `cxrfl sim` run (see prepare_resume)."""
+def resume_simulation(run_dir: Path, threads: int | None = None, take_turns: bool = False,
+                      gpus: tuple[int, ...] = ()) -> dict:
+    """Continue a killed `cxrfl sim` run (see prepare_resume), on `gpus` when given."""
     run_dir = Path(run_dir).absolute()
     cfg = prepare_resume(run_dir, run_dir / "workspace" / "server" / "simulate_job")
     print(f"resuming {run_dir.name} at round {cfg.start_round} of {cfg.rounds}", flush=True)
-    return run_simulation(cfg, run_dir, threads=threads, take_turns=take_turns, resuming=True)
+    return run_simulation(cfg, run_dir, threads=threads, take_turns=take_turns, resuming=True, gpus=gpus)

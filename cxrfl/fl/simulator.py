@@ -41,6 +41,8 @@ from cxrfl.fl.job import built_job, write_simulator_site_config
 from cxrfl.run_folder import RunFolder
 from cxrfl.keyfiles import restrict_private_files
 from cxrfl.fl.he_keys import CLIENT_CONTEXT, write_he_contexts
+from lightning_modules.accelerate import check_gpu_ids
+from lightning_modules.config import ConfigError
 from lightning_modules.data.atomic import write_json
 
 
@@ -54,23 +56,28 @@ def export_job(cfg: FLConfig, out_dir: Path, simulated: bool = False, extend=Non
 
 
 def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, take_turns: bool = False,
-                   resuming: bool = False, extend_job=None) -> dict:
+                   resuming: bool = False, extend_job=None, gpus: tuple[int, ...] = ()) -> dict:
     """Run the job with `threads` sites in parallel (default: all), sharing this machine's cores.
 
     take_turns: every site's process stays up, but sites work one at a time, each with all cores
     (a lock file): per-site times are uncontended, as with one machine per hospital, and no site
     process is restarted per round (the simulator restarts them when threads < sites).
+    gpus: CUDA device ids the sites run on, assigned round-robin by NVFlare (`-gpu`); recorded in the
+    run's facts. With more than one, NVFlare runs one site per GPU at a time.
     extend_job: adds more components to the simulator's job (a test's fault drill; see `built_job`)."""
     run_dir = Path(run_dir).absolute()
     threads = threads or len(cfg.sites)
     if take_turns and threads != len(cfg.sites):
         raise ValueError("taking turns keeps one process per site: leave --threads at the number of sites")
+    check_simulator_gpus(cfg, gpus, take_turns)
     # sites sharing the cores split them; a site whose turn it is has them all
     turn_lock = run_dir / "site_turns.lock" if take_turns else None
-    torch_threads = (os.cpu_count() or 1) if take_turns else max(1, (os.cpu_count() or 1) // threads)
+    running = len(gpus) if len(gpus) > 1 else threads  # NVFlare runs one site per GPU when given several
+    torch_threads = (os.cpu_count() or 1) if take_turns else max(1, (os.cpu_count() or 1) // running)
     plans = site_privacy_plans(cfg)  # a DP-SGD plan above its target is refused before anything is written
-    if not resuming:
-        RunFolder.create(run_dir, "sim", cfg, facts={"privacy_plan": plans} if plans else None)  # a resumed run keeps the original
+    if not resuming:  # a resumed run keeps the original facts
+        facts = {**({"privacy_plan": plans} if plans else {}), **({"gpus": list(gpus)} if gpus else {})}
+        RunFolder.create(run_dir, "sim", cfg, facts=facts or None)
     job_dir = export_job(cfg, run_dir / "job", simulated=True, extend=extend_job)
     workspace = run_dir / "workspace"
     if workspace.exists():
@@ -80,13 +87,16 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, tak
     if cfg.he:  # no kits here: the project's HE contexts, made for this run (the simulator copies startup/)
         write_he_contexts(workspace / "startup")
         he_key = workspace / "startup" / CLIENT_CONTEXT
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # glibc malloc: 2 arenas per process, not up to 8 per core (NVFlare's advice for clients): less RSS per site
+    env = {"MALLOC_ARENA_MAX": "2", **os.environ, "PYTHONWARNINGS": "ignore"}
     if cfg.wandb:
         env.setdefault("WANDB_MODE", "offline" if not env.get("WANDB_API_KEY") else "online")
         env["WANDB_DIR"] = str(run_dir)
     nvflare = Path(sys.executable).parent / "nvflare"
     command = [str(nvflare) if nvflare.exists() else "nvflare", "simulator", str(job_dir), "-w", str(workspace),
                "-n", str(len(cfg.sites)), "-t", str(threads), "-c", ",".join(cfg.sites)]
+    if gpus:  # each site's process gets CUDA_VISIBLE_DEVICES=<its GPU>
+        command += ["-gpu", ",".join(map(str, gpus))]
     start = time.time()
     returncode = _run_logged(command, run_dir / "simulator.log", env, cwd=run_dir)
     if cfg.he:  # the simulator copied the secret context into every site's startup/
@@ -102,6 +112,21 @@ def run_simulation(cfg: FLConfig, run_dir: Path, threads: int | None = None, tak
     for note in run_notes(summary):  # missing sites and rounds, an early stop: never only in a file
         print(note, flush=True)
     return summary
+
+
+def check_simulator_gpus(cfg: FLConfig, gpus: tuple[int, ...], take_turns: bool = False) -> None:
+    """ConfigError (one line, naming --gpus) for GPU ids this run or this machine cannot use."""
+    if not gpus:
+        return
+    if cfg.accelerator == "cpu":
+        raise ConfigError("--gpus cannot be combined with --accelerator cpu")
+    if len(gpus) > len(cfg.sites):
+        raise ConfigError(f"--gpus: {len(gpus)} GPUs for {len(cfg.sites)} sites; NVFlare needs at least one site "
+                          "per GPU")
+    if take_turns and len(gpus) > 1:
+        raise ConfigError("--take-turns runs one site at a time, so sites on other GPUs would wait: give --gpus "
+                          "one id, or leave --take-turns off")
+    check_gpu_ids(gpus)
 
 
 # Simulator lines worth showing on the terminal while the job runs.

@@ -14,6 +14,7 @@ from monai.data import Dataset
 from monai.transforms import CastToTyped, Compose, EnsureTyped
 from torch.utils.data import DataLoader
 
+from lightning_modules.data.image_cache import ImageCache, default_cache_dir
 from lightning_modules.data.row_checks import inspect_record
 from lightning_modules.data.manifest import SITE_TEST, TEST_SITE, ManifestError, Record, class_names, load_split, resolve
 from lightning_modules.config import DEFAULT_IMAGE_SIZE, TASKS
@@ -36,28 +37,49 @@ def load_item(folder: Path, record: Record, *, classes: Sequence[str] | None, ne
         reasons.append(f"{resolve(folder, record.image)}: no label")
     if reasons:
         return None, reasons
-    item = {"image": image[None], "id": str(resolve(folder, record.image))}
+    return _item(folder, record, classes, image[None], mask[None].astype(np.float32) if need_mask else None), []
+
+
+def _item(folder: Path, record: Record, classes: Sequence[str] | None, image, mask) -> dict:
+    item = {"image": image, "id": str(resolve(folder, record.image))}
     if classes is not None:
         item["label"] = list(classes).index(record.label)
-    if need_mask:
-        item["mask"] = mask[None].astype(np.float32)
-    return item, []
+    if mask is not None:
+        item["mask"] = mask
+    return item
+
+
+def _row_files(folder: Path, record: Record, need_mask: bool) -> list[tuple[str, Path | None]]:
+    """The files whose bytes decide a row's cached result and usability: the masks only where used."""
+    columns = ("image", "mask", "opacity") if need_mask else ("image",)
+    return [(c, resolve(folder, getattr(record, c)) if getattr(record, c) else None) for c in columns]
+
+
+def _found_without_decoding(folder: Path, record: Record, classes: Sequence[str] | None, need_mask: bool) -> bool:
+    """Whether the row has a problem that shows without decoding (label, missing mask): such rows take
+    the uncached way, which reports them exactly as `cxrfl data check` does."""
+    problems = inspect_record(folder, record, classes, require_mask=need_mask, decode=False, use_masks=need_mask)[0]
+    return bool(problems) or (classes is not None and not record.label)
 
 
 class CXRDataModule(pl.LightningDataModule):
-    """Reads the site manifests of a data root, decodes/resizes every image once (cached in
-    memory), and serves train (augmented), val and held-out test loaders: the shared test set
-    (stage "test") and, where the sites have one, their own test splits (stage "site_test",
-    never loaded by "fit": those rows are neither trained nor validated on).
+    """Reads the site manifests of a data root, decodes/resizes every image once (kept in memory,
+    and on disk in the machine's shared image cache, see image_cache), and serves train
+    (augmented), val and held-out test loaders: the shared test set (stage "test") and, where the
+    sites have one, their own test splits (stage "site_test", never loaded by "fit": those rows are
+    neither trained nor validated on).
 
     Bad files are skipped with one logged line each; the reasons are kept in `self.skipped`.
     MONAI's CacheDataset is not used because it aborts on the first unreadable file.
+
+    `cache_dir`: None, the default cache folder ($CXRFL_CACHE_DIR, else ~/.cache/cxrfl/images;
+    "off" for none); a folder; or False, no disk cache (every image decoded in this process).
     """
 
     def __init__(self, data_root: str | Path, task: str = "classify", sites: Sequence[str] | None = None,
                  image_size: int = DEFAULT_IMAGE_SIZE, batch_size: int = 16, num_workers: int = 0, roi: str | None = None,
                  roi_threshold: float = 0.5, mask_predictor: MaskPredictor | None = None, augment: bool = True,
-                 seed: int = 0, limit: int | None = None):
+                 seed: int = 0, limit: int | None = None, cache_dir: str | Path | bool | None = None):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -68,6 +90,8 @@ class CXRDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.roi, self.roi_threshold, self.mask_predictor = roi, roi_threshold, mask_predictor
         self.augment, self.seed, self.limit = augment, seed, limit
+        folder = default_cache_dir() if cache_dir is None or cache_dir is True else cache_dir or None
+        self.cache = ImageCache(folder) if folder is not None else None
         self._train_loaders = 0  # training loaders made so far: each one's augmentation seed differs
         self.classes: list[str] = []
         self.items: dict[str, list[dict]] = {}
@@ -85,20 +109,55 @@ class CXRDataModule(pl.LightningDataModule):
         prepare = deterministic_transforms(self.image_size, with_mask=self._need_mask())
         items = []
         for folder, record in rows:
-            item, reasons = load_item(folder, record, classes=classes, need_mask=self._need_mask())
+            item, reasons = self._prepared_item(folder, record, classes, prepare)
             if item is None:
                 self.skipped.extend(reasons)
                 for reason in reasons:
                     log.warning("skipping %s", reason)
                 continue
-            items.append(prepare(item))
+            items.append(item)
         if self.roi is not None and items:
             items = self._apply_roi(items)
-        for it in items:  # half the cache's memory; the loader casts back to float32
+        for it in items:  # half the memory (cache entries already are); the loader casts back to float32
             it["image"] = it["image"].half()
             if "mask" in it:
                 it["mask"] = it["mask"].to(torch.uint8)
         return items
+
+    def _prepared_item(self, folder: Path, record: Record, classes: Sequence[str] | None,
+                       prepare: Compose) -> tuple[dict | None, list[str]]:
+        """`load_item` + the deterministic transforms, through the disk cache where there is one: a hit
+        maps the stored arrays (shared with every other process using them) instead of decoding."""
+        need_mask = self._need_mask()
+        # an ROI step still runs on the float32 resize (as it always did) and is rounded after it
+        dtype = torch.float32 if self.roi is not None else torch.float16
+        np_dtype = np.float32 if self.roi is not None else np.float16
+        key = files = None
+        if self.cache is not None:
+            files = _row_files(folder, record, need_mask)
+            key = self.cache.key(files, self.image_size, np_dtype)
+            if key is not None and not _found_without_decoding(folder, record, classes, need_mask):
+                hit = self.cache.load(key, self.image_size, np_dtype, need_mask)
+                if hit is not None:
+                    return self._cached_item(folder, record, classes, hit), []
+        item, reasons = load_item(folder, record, classes=classes, need_mask=need_mask)
+        if item is None:
+            return None, reasons
+        item = prepare(item)
+        # stored only when the files did not change while decoding; then served from the shared mapping
+        if key is not None and self.cache.key(files, self.image_size, np_dtype) == key:
+            image = item["image"].to(dtype).numpy()  # torch's rounding: the same values as the uncached path
+            mask = item["mask"].to(torch.uint8).numpy() if need_mask else None
+            if self.cache.store(key, image, mask):
+                hit = self.cache.load(key, self.image_size, np_dtype, need_mask)
+                if hit is not None:
+                    return self._cached_item(folder, record, classes, hit), []
+        return item, []
+
+    @staticmethod
+    def _cached_item(folder: Path, record: Record, classes: Sequence[str] | None, hit) -> dict:
+        image, mask = hit  # writable copy-on-write mappings: torch.from_numpy wraps them without copying
+        return _item(folder, record, classes, torch.from_numpy(image), None if mask is None else torch.from_numpy(mask))
 
     def _apply_roi(self, items: list[dict]) -> list[dict]:
         for start in range(0, len(items), 32):
@@ -148,17 +207,48 @@ class CXRDataModule(pl.LightningDataModule):
         return transform
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        keep = {"image", "mask", "label", "id"} if self._mask_in_batch() else {"image", "label", "id"}
-        data = [{k: v for k, v in it.items() if k in keep} for it in self.items[split]]
         # The same seed, the same order and augmentations; each new training loader (a federated
         # site makes one per round) shuffles and augments anew.
         self._train_loaders += int(train)
         seed = (self.seed + 7919 * self._train_loaders) % 2**32 if train else self.seed
+        if train and self.images_device is not None:
+            return self._device_batches(seed)
+        keep = {"image", "mask", "label", "id"} if self._mask_in_batch() else {"image", "label", "id"}
+        data = [{k: v for k, v in it.items() if k in keep} for it in self.items[split]]
         generator = torch.Generator().manual_seed(seed)
+        # pinned host memory: the copy to a CUDA GPU runs without blocking
         return DataLoader(Dataset(data, transform=self._transform(train, seed)), batch_size=self.batch_size,
                           shuffle=train, drop_last=train and len(data) > self.batch_size,
                           num_workers=self.num_workers, generator=generator,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    # ---- training images kept on the GPU (--gpu-data) -----------------------------------------------
+    def keep_training_images_on(self, device: torch.device | str | None) -> None:
+        """Serve training batches from one tensor of every cached training image on `device` (a GPU), augmented
+        and standardised there a batch at a time (lightning_modules/data/gpu_batches.py) instead of image by
+        image in a DataLoader; None goes back to the DataLoader. Validation and test loaders do not change."""
+        self._images_device = None if device is None else torch.device(device)
+        self._on_device = None
+
+    @property
+    def images_device(self) -> torch.device | None:
+        return getattr(self, "_images_device", None)
+
+    def _device_batches(self, seed: int):
+        from lightning_modules.data.gpu_batches import BatchAugment, DeviceBatches  # lazy: only with --gpu-data
+
+        items = self.items["train"]
+        held = getattr(self, "_on_device", None)
+        if held is None or held[0] is not items:  # stacked once, then every round's loader cuts from it
+            device = self.images_device
+            masks = torch.stack([it["mask"] for it in items]).to(device) if self._mask_in_batch() else None
+            labels = torch.tensor([it["label"] for it in items], device=device) if "label" in items[0] else None
+            held = (items, torch.stack([it["image"] for it in items]).to(device), labels, masks)
+            self._on_device = held
+        _, images, labels, masks = held
+        augment = BatchAugment(seed, self.images_device, lung_only=self.roi == "mask", augment=self.augment)
+        return DeviceBatches(images, labels, masks, [it["id"] for it in items], self.batch_size, augment, seed,
+                             drop_last=len(items) > self.batch_size)
 
     def train_dataloader(self):
         return self._loader("train", True)

@@ -69,15 +69,22 @@ def deterministic_transforms(image_size: int, with_mask: bool) -> Compose:
     ])
 
 
+# The training augmentation's settings, in MONAI's terms; lightning_modules/data/gpu_batches.py applies the same
+# ones a batch at a time on the GPU. As MONAI reads them: the scale range applies to the first image axis
+# only and the translation range is in pixels.
+AFFINE = {"prob": 0.7, "rotate_range": float(np.deg2rad(8)), "scale_range": 0.08, "translate_range": (0.04, 0.04)}
+CONTRAST = {"prob": 0.3, "gamma": (0.8, 1.25)}
+NOISE = {"prob": 0.2, "std": 0.015}
+
+
 def train_augmentation(with_mask: bool, seed: int) -> Compose:
     """Mild geometric and photometric jitter, the variation real sites show."""
     keys = ["image", "mask"] if with_mask else ["image"]
     modes = ["bilinear", "nearest"] if with_mask else ["bilinear"]
     t = Compose([
-        RandAffined(keys=keys, prob=0.7, rotate_range=np.deg2rad(8), scale_range=0.08, translate_range=(0.04, 0.04),
-                    mode=modes, padding_mode="zeros"),
-        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.8, 1.25)),
-        RandGaussianNoised(keys="image", prob=0.2, std=0.015),
+        RandAffined(keys=keys, **AFFINE, mode=modes, padding_mode="zeros"),
+        RandAdjustContrastd(keys="image", **CONTRAST),
+        RandGaussianNoised(keys="image", **NOISE),
     ])
     t.set_random_state(seed=seed)
     return t
