@@ -23,7 +23,7 @@ pulled toward each global model it receives. With DP-SGD (`--dp dpsgd`) every lo
 noised and accounted (lightning_modules/privacy.py); each update carries the epsilon spent so far.
 
 The site's log gets the process's age and memory at each stage (imports done, set up, first training step,
-each round trained; app_custom/process_stats.py): start-up and memory per site, docs/performance-startup.md.
+each round trained; app_custom/process_stats.py): start-up and memory per site, docs/performance.md ("Site start-up and memory").
 """
 
 from __future__ import annotations

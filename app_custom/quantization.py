@@ -29,6 +29,7 @@ from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
 # --quantize value -> NVFlare's quantization type name (what the DXO's processed_algorithm meta says)
 QUANTIZATION_TYPES = {"fp16": "float16", "8bit": "blockwise8"}
 BLOCKSIZE = 4096
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}  # what a quantized tensor may be restored to
 PACKED = "cxrfl.quantized"  # the update's key holding every floating-point tensor's codes
 # Half the largest gap between neighbouring values of bitsandbytes' dynamic 8-bit code (0.00703; at the
 # top of the range, near the block's absmax), rounded up.
@@ -125,9 +126,14 @@ class UpdateDequantizer(ModelDequantizer):
             raise ValueError("a quantized update without its packed values or their names and shapes")
         codes, as_numpy = _as_tensor(params.pop(PACKED))
         absmax = torch.as_tensor(packed["absmax"]) if "absmax" in packed else None
+        sizes = [int(np.prod(shape)) if shape else 1 for shape in packed["shapes"]]
+        if sum(sizes) != codes.numel() or not len(sizes) == len(packed["names"]) == len(packed["dtypes"]):
+            raise ValueError(f"a quantized update holds {codes.numel()} values, its names and shapes list {sum(sizes)}")
+        unknown = set(packed["dtypes"]) - FLOAT_DTYPES
+        if unknown:
+            raise ValueError(f"a quantized update names dtypes {sorted(unknown)}; only {sorted(FLOAT_DTYPES)} are quantized")
         code_at = block_at = 0
-        for name, shape, dtype in zip(packed["names"], packed["shapes"], packed["dtypes"]):
-            n = int(np.prod(shape)) if shape else 1
+        for name, n, shape, dtype in zip(packed["names"], sizes, packed["shapes"], packed["dtypes"]):
             state = {}
             if absmax is not None:
                 blocks = -(-n // BLOCKSIZE)
@@ -136,8 +142,6 @@ class UpdateDequantizer(ModelDequantizer):
             restored = dequantize_tensor(codes[code_at:code_at + n], state, quantization_type, shape)
             code_at += n
             params[name] = _back(restored.to(getattr(torch, dtype)), as_numpy)
-        if code_at != codes.numel():
-            raise ValueError(f"a quantized update holds {codes.numel()} values, its names and shapes list {code_at}")
         return params
 
     def process_dxo(self, dxo, shareable, fl_ctx: FLContext):

@@ -50,6 +50,7 @@ def test_tree_rss_sees_memory_of_child_processes():
     parent.wait()
     probe.stop()
     assert probe.peak_kib / 1024 > 300  # the grandchild's 300 MiB counted
+    assert 300 < probe.peak_pss_kib / 1024 <= probe.peak_kib / 1024  # its own pages: in full in PSS too
 
 
 def test_a_broken_case_is_a_row_not_a_crash(tmp_path, monkeypatch):

@@ -90,6 +90,22 @@ def test_quantizer_accepts_numpy_updates_and_the_dequantizer_passes_unquantized_
     assert torch.equal(from_shareable(UpdateDequantizer().process(unquantized, ctx)).data["w"], torch.ones(3))
 
 
+def test_an_update_claiming_quantization_without_its_values_is_refused():
+    ctx = FLContext()
+    sent = UpdateQuantizer("fp16").process(DXO(DataKind.WEIGHT_DIFF, {"w": torch.ones(8)}).to_shareable(), ctx)
+    broken = from_shareable(sent)
+    broken.data.pop("cxrfl.quantized")
+    with pytest.raises(ValueError, match="without its packed values"):
+        UpdateDequantizer().dequantization(broken.data, broken.meta["quant_state"], "float16",
+                                           broken.meta["source_datatype"], ctx)
+    short = from_shareable(UpdateQuantizer("fp16").process(
+        DXO(DataKind.WEIGHT_DIFF, {"w": torch.ones(8)}).to_shareable(), ctx))
+    short.data["cxrfl.quantized"] = short.data["cxrfl.quantized"][:4]
+    with pytest.raises(ValueError, match="holds 4 values"):
+        UpdateDequantizer().dequantization(short.data, short.meta["quant_state"], "float16",
+                                           short.meta["source_datatype"], ctx)
+
+
 def test_unknown_quantization_is_refused():
     with pytest.raises(ValueError, match="fp16, 8bit"):
         UpdateQuantizer("4bit")

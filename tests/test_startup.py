@@ -1,4 +1,4 @@
-"""A site process's start-up and memory (docs/performance-startup.md): a plain site loads no optional heavy
+"""A site process's start-up and memory (docs/performance.md ("Site start-up and memory")): a plain site loads no optional heavy
 package, it logs its age and memory at each stage, and the simulator caps glibc's malloc arenas."""
 
 from __future__ import annotations
