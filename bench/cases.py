@@ -69,7 +69,7 @@ class Scale:
     attribution_train: int = 400
     attribution_epochs: int = 12
     attribution_test: int = 200  # ~90 positive images: intervals narrow enough to decide the checks
-    quant_model: str = "densenet121"
+    quant_model: str = "cnn5"  # 9 simulator runs: CNN5 (the Kermany study's network) keeps them ~1 min each
     quant_size: int = 64
     quant_train_per_site: int = 100
     quant_rounds: int = 5
@@ -363,7 +363,8 @@ def update_bytes(update: dict, quantization: str | None) -> int:
 def compressed_updates(scale: Scale, work: Path) -> list[dict]:
     """`cxrfl sim --quantize fp16 | 8bit` vs fp32, the same job over the same seeds: bytes of a site's
     round update on the wire and the test AUROC of the final global model."""
-    root = synthetic_sites(work / "quant-data", 3, scale.quant_train_per_site, scale.quant_size)
+    # 100 test images: AUROC steps of 0.0004 instead of 0.01 on 20
+    root = synthetic_sites(work / "quant-data", 3, scale.quant_train_per_site, scale.quant_size, test_size=100)
     common = ["--task", "classify", "--data", str(root), "--image-size", str(scale.quant_size), "--batch-size", "16",
               "--model", scale.quant_model, "--rounds", str(scale.quant_rounds), "--no-cross-site-eval", "--take-turns"]
     modes = ("fp32", "fp16", "8bit")
@@ -371,16 +372,15 @@ def compressed_updates(scale: Scale, work: Path) -> list[dict]:
     for seed in range(scale.quant_seeds):
         for mode in modes:  # alternate within a seed, so machine drift hits every mode
             out = work / f"{mode}-{seed}"
-            extra = ([] if mode == "fp32" else ["--quantize", mode]) + (["--record-contributions"] if seed == 0 else [])
+            extra = [] if mode == "fp32" else ["--quantize", mode]
             timed_cxrfl(["sim", *common, "--seed", str(seed), *extra, "--out", str(out)], work / f"{mode}-{seed}.log")
             auroc[mode].append(json.loads((out / "metrics.json").read_text())["test"]["test_auroc"])
-    # a real round update: site-1's change in the last round of the fp32 run
-    rounds = work / "fp32-0" / "models" / "rounds"
-    last = scale.quant_rounds - 1
-    sent = torch.load(rounds / f"site-1_round_{last:03d}.pt", map_location="cpu", weights_only=False)["model"]
-    start = torch.load(rounds / f"global_round_{last - 1:03d}.pt", map_location="cpu", weights_only=False)["model"]
-    change = {k: torch.as_tensor(v) - torch.as_tensor(start[k]) if torch.as_tensor(v).is_floating_point()
-              else torch.as_tensor(v) for k, v in sent.items()}
+    # bytes on the wire do not depend on the values (no compression): one DenseNet121-shaped update,
+    # the default classifier's, stands for every round's
+    from app_custom.global_model import GlobalModel
+
+    start, moved = (GlobalModel(task="classify", model="densenet121", seed=seed).state_dict() for seed in (0, 1))
+    change = {k: v - start[k] if v.is_floating_point() else v for k, v in moved.items()}
     fp32_bytes = update_bytes(change, None)
     spread = max(auroc["fp32"]) - min(auroc["fp32"])
     base = statistics.mean(auroc["fp32"])
@@ -393,7 +393,8 @@ def compressed_updates(scale: Scale, work: Path) -> list[dict]:
         mean = statistics.mean(auroc[mode])
         rows += [
             row(f"Compressed updates: bytes per site per round, {mode} ÷ fp32", ratio, f"≤ {target}", ratio <= target,
-                bytes=update_bytes(change, mode), fp32_bytes=fp32_bytes, setup=setup),
+                bytes=update_bytes(change, mode), fp32_bytes=fp32_bytes,
+                setup="a DenseNet121 update (7.0 M values, 727 tensors) as NVFlare serialises it (FOBS)"),
             row(f"Compressed updates: test AUROC, {mode} − fp32 (mean over seeds)", mean - base,
                 "within the fp32 seeds' range", abs(mean - base) <= spread, fp32_range=round(spread, 4),
                 **{f"seed_{i}": round(a, 4) for i, a in enumerate(auroc[mode])}, setup=setup),
