@@ -27,7 +27,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The inner loop (~4 min on 2 cores): no simulator or POC end to end (the files below and the tests
+# The inner loop (~7 min on 2 cores): no simulator or POC end to end (the files below and the tests
 # marked e2e elsewhere).
 SLOW_TESTS := federated poc poc_intermittent demo resume study rehearsal
 test-fast: install
