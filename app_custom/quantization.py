@@ -47,6 +47,10 @@ def _as_tensor(values) -> tuple[torch.Tensor, bool]:
     raise ValueError(f"cannot quantize a {type(values).__name__}: numpy arrays or torch tensors only")
 
 
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).split(".")[1]  # what NVFlare's source_datatype meta holds: "float32", "int64"
+
+
 def _back(tensor: torch.Tensor, as_numpy: bool):
     tensor = tensor.detach().cpu()
     return tensor.numpy() if as_numpy else tensor
@@ -92,24 +96,24 @@ class UpdateQuantizer(ModelQuantizer):
         super().__init__(quantization_type=QUANTIZATION_TYPES[quantization])
 
     def quantization(self, params: dict, fl_ctx: FLContext):
-        names = [n for n, v in params.items() if _as_tensor(v)[0].is_floating_point() and _as_tensor(v)[0].numel()]
+        tensors = {name: _as_tensor(values) for name, values in params.items()}
+        names = [n for n, (t, _) in tensors.items() if t.is_floating_point() and t.numel()]
         if not names:
-            return params, {}, {n: str(_as_tensor(v)[0].dtype).split(".")[1] for n, v in params.items()}
-        as_numpy = _as_tensor(params[names[0]])[1]
-        codes, absmax, shapes, dtypes = [], [], [], []
+            return params, {}, {n: _dtype_name(t) for n, (t, _) in tensors.items()}
+        as_numpy = tensors[names[0]][1]
+        codes, absmax = [], []
         for name in names:
-            tensor = _as_tensor(params.pop(name))[0]
-            quantized, state = quantize_tensor(tensor, self.quantization_type)
+            params.pop(name)
+            quantized, state = quantize_tensor(tensors[name][0], self.quantization_type)
             codes.append(quantized.ravel())
             if "absmax" in state:
                 absmax.append(state["absmax"].ravel())
-            shapes.append(list(tensor.shape))
-            dtypes.append(str(tensor.dtype).split(".")[1])
-        packed = {"names": names, "shapes": shapes, "dtypes": dtypes}
+        packed = {"names": names, "shapes": [list(tensors[n][0].shape) for n in names],
+                  "dtypes": [_dtype_name(tensors[n][0]) for n in names]}
         if absmax:
             packed["absmax"] = _back(torch.cat(absmax), as_numpy)
         params[PACKED] = _back(torch.cat(codes), as_numpy)
-        source_datatype = {n: str(_as_tensor(v)[0].dtype).split(".")[1] for n, v in params.items()}
+        source_datatype = {n: _dtype_name(_as_tensor(v)[0]) for n, v in params.items()}
         self.log_info(fl_ctx, f"quantized {len(names)} tensors to {self.quantization_type}")
         return params, {PACKED: packed}, source_datatype
 

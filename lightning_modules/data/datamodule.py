@@ -93,6 +93,8 @@ class CXRDataModule(pl.LightningDataModule):
         folder = default_cache_dir() if cache_dir is None or cache_dir is True else cache_dir or None
         self.cache = ImageCache(folder) if folder is not None else None
         self._train_loaders = 0  # training loaders made so far: each one's augmentation seed differs
+        self._images_device: torch.device | None = None  # --gpu-data: see keep_training_images_on
+        self._on_device = None  # (items, images, labels, masks) stacked on that device
         self.classes: list[str] = []
         self.items: dict[str, list[dict]] = {}
         self.skipped: list[str] = []
@@ -232,13 +234,13 @@ class CXRDataModule(pl.LightningDataModule):
 
     @property
     def images_device(self) -> torch.device | None:
-        return getattr(self, "_images_device", None)
+        return self._images_device
 
     def _device_batches(self, seed: int):
         from lightning_modules.data.gpu_batches import BatchAugment, DeviceBatches  # lazy: only with --gpu-data
 
         items = self.items["train"]
-        held = getattr(self, "_on_device", None)
+        held = self._on_device
         if held is None or held[0] is not items:  # stacked once, then every round's loader cuts from it
             device = self.images_device
             masks = torch.stack([it["mask"] for it in items]).to(device) if self._mask_in_batch() else None
