@@ -22,6 +22,7 @@ from conftest import running_poc, send_signal, sha256_of
 
 from cxrfl.cli import main
 from cxrfl.fl.poc import workspace_processes
+from cxrfl.fl.poc_processes import read_process
 
 JOB = ["--task", "classify", "--model", "cnn5", "--image-size", "32", "--batch-size", "8"]
 
@@ -101,7 +102,7 @@ def test_a_killed_site_rejoins_the_next_job_and_a_killed_server_job_resumes(poc3
     job_id = _submit(state, data, "--rounds", "4", "--no-cross-site-eval")  # every site must take part
     _wait_for(lambda: "Round 2 started." in _server_log(state, job_id), 300, "round 2")
     server_job = [p for p in workspace_processes(kits / "localhost")
-                  if job_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+                  if (process := read_process(p)) and any(job_id in arg for arg in process.argv)]  # None: ended
     assert server_job, "the server's job process"
     send_signal(server_job, signal.SIGKILL)
     run = tmp_path / "run"
