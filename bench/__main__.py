@@ -12,6 +12,7 @@ bench/results/<date>.json and .md (case, measured, target, pass/fail).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per comparison (default 3; quick 2)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <date>.json and <date>.md")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep every case's runs and logs in a new folder under this one (default: a temporary "
+                             "folder, removed at the end)")
     parser.add_argument("--attribution-model", default=None, help="attribution case: the classifier (default cnn5)")
     parser.add_argument("--attribution-size", type=int, default=None, help="attribution case: image side (default 64)")
     parser.add_argument("--attribution-epochs", type=int, default=None, help="attribution case: training epochs")
@@ -110,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             scale = replace(scale, **{field: getattr(args, field)})
     start = time.time()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="cxrfl-bench-", dir=args.work) as work:
+    if args.work:  # kept: the runs' logs are what explains a number
+        args.work.mkdir(parents=True, exist_ok=True)
+        scratch = contextlib.nullcontext(tempfile.mkdtemp(prefix="cxrfl-bench-", dir=args.work))
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="cxrfl-bench-")
+    with scratch as work:
+        if args.work:
+            print(f"[bench] runs and logs kept in {work}", flush=True)
         for name in cases:
             print(f"[bench] {name} ...", flush=True)
             case_rows = [dict(r, group=name) for r in run_case(name, scale, Path(work))]

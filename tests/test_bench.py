@@ -119,3 +119,22 @@ def test_tune_demo_scores_the_selected_model_by_the_sites_validation_only(tmp_pa
                          "test": {"val_dice": 0.0, "test_dice": 0.5}}}}))
     assert fl_validation(tmp_path, "val_dice") == pytest.approx(0.7)  # not the test column, not a site without it
     assert fl_validation(tmp_path, "val_auroc") is None
+
+
+def test_work_folder_keeps_each_cases_runs(tmp_path, monkeypatch, capsys):
+    """--work: the runs and logs that explain a number stay; without it the scratch folder is removed."""
+    import bench.cases as cases
+
+    def writes_a_log(scale, work):
+        (work / "case.log").write_text("what the case ran")
+        return [cases.row("a case", 1.0, "≤ 2", True)]
+
+    monkeypatch.setitem(cases.CASES, "logs", writes_a_log)
+    monkeypatch.setattr("bench.__main__.CASES", cases.CASES)
+    assert bench_main(["--quick", "--cases", "logs", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]) == 0
+    kept = list((tmp_path / "w").glob("cxrfl-bench-*/logs-*/case.log"))
+    assert len(kept) == 1 and str(kept[0].parent.parent) in capsys.readouterr().out
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert bench_main(["--quick", "--cases", "logs", "--out", str(tmp_path / "out")]) == 0
+    assert list((tmp_path / "tmp").iterdir()) == []  # the default scratch folder is gone
