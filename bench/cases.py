@@ -24,11 +24,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from nvflare.app_common.decomposers import common_decomposers
-from nvflare.app_opt.pt.decomposers import TensorDecomposer
-from nvflare.fuel.utils import fobs
 
-from bench.common import timed_cxrfl, seeded_classifier, synthetic_sites, row
+from bench.common import row, seeded_classifier, synthetic_sites, timed_cxrfl, wire_bytes
 from bench.gpu import gpu
 from bench.he_poc import round_times
 from cxrfl import demo
@@ -345,19 +342,16 @@ def _he_critical_path(scale: Scale, work: Path) -> dict:
 
 # ---- Compressed updates --------------------------------------------------------------------------
 def update_bytes(update: dict, quantization: str | None) -> int:
-    """Bytes of one site's update as NVFlare puts it on the wire (FOBS), through the site's quantizer
-    filter when `quantization` is given."""
+    """Bytes of one site's update on the wire, through the site's quantizer filter when `quantization` is given."""
     from nvflare.apis.dxo import DXO, DataKind
     from nvflare.apis.fl_context import FLContext
 
-    common_decomposers.register()
-    fobs.register(TensorDecomposer)
     shareable = DXO(DataKind.WEIGHT_DIFF, {k: v.clone() for k, v in update.items()}).to_shareable()
     if quantization:
         from app_custom.quantization import UpdateQuantizer
 
         shareable = UpdateQuantizer(quantization).process(shareable, FLContext())
-    return len(fobs.dumps(shareable))
+    return wire_bytes(shareable)
 
 
 def compressed_updates(scale: Scale, work: Path) -> list[dict]:

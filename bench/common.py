@@ -1,5 +1,5 @@
 """What the benchmark cases share: the row of the results table, the synthetic data they train on,
-a `cxrfl` command timed as a user runs it, a seeded classifier module."""
+a `cxrfl` command timed as a user runs it, a seeded classifier module, an update's bytes on the wire."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import torch
+from nvflare.app_common.decomposers import common_decomposers
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.fuel.utils import fobs
 
 from lightning_modules.data.phantom import generate_dataset
 from lightning_modules.factory import build_module
@@ -42,3 +45,11 @@ def timed_cxrfl(args: list[str], log: Path) -> float:
 def seeded_classifier(dm, model: str):
     torch.manual_seed(0)
     return build_module("classify", model, lr=1e-3, classes=dm.classes, class_counts=dm.class_counts("train"))
+
+
+def wire_bytes(message) -> int:
+    """Bytes of a message (a Shareable, a dict of tensors, a packed ciphertext) as NVFlare serialises it
+    for sending (FOBS). A caller sending HE ciphertexts registers NVFlare's HE decomposers first."""
+    common_decomposers.register()
+    fobs.register(TensorDecomposer)
+    return len(fobs.dumps(message))

@@ -26,13 +26,11 @@ from pathlib import Path
 
 import tenseal as ts
 import torch
-from nvflare.app_common.decomposers import common_decomposers
 from nvflare.app_opt.he import decomposers
-from nvflare.app_opt.pt.decomposers import TensorDecomposer
-from nvflare.fuel.utils import fobs
 
 from app_custom.ckks_packing import pack_and_encrypt
 from app_custom.global_model import GlobalModel
+from bench.common import wire_bytes
 from cxrfl.fl.config import FLConfig
 from cxrfl.fl.poc import _kill, poc_down, poc_submit, poc_up, poc_wait, workspace_processes
 from lightning_modules.data.phantom import generate_dataset
@@ -116,17 +114,15 @@ def round_times(log: Path) -> list[float]:
     return times
 
 
-def wire_bytes(model: str, he_context_file: Path | None) -> int:
-    """Bytes of one site's update as NVFlare serialises it (FOBS), plain or packed and encrypted."""
-    common_decomposers.register()
-    decomposers.register()
-    fobs.register(TensorDecomposer)
+def update_wire_bytes(model: str, he_context_file: Path | None) -> int:
+    """Bytes of one site's update on the wire, plain or packed and encrypted."""
     state = GlobalModel(task="classify", model=model).state_dict()
     if he_context_file is None:
-        return len(fobs.dumps(dict(state)))
+        return wire_bytes(dict(state))
+    decomposers.register()
     context = ts.context_from(he_context_file.read_bytes())
     packed, _ = pack_and_encrypt({k: v.numpy() for k, v in state.items()}, context, weight=100.0)
-    return len(fobs.dumps(packed))
+    return wire_bytes(packed)
 
 
 def ckks_seconds(model: str, sites: int, context_dir: Path, reps: int = 3) -> dict:
@@ -165,7 +161,7 @@ def run_job(state: dict, cfg, monitor: PocMonitor, run_dir: Path) -> dict:
     kit = Path(state["kits"]) / state["sites"][0] / "startup" / "client_context.tenseal"
     return {"he": cfg.he, "job_id": job_id, "wall_s": round(wall, 1), "round_s": [round(t, 1) for t in times],
             "round_s_median": round(statistics.median(times), 1) if times else None,
-            "sent_bytes_per_site_per_round": wire_bytes(cfg.model, kit if cfg.he else None),
+            "sent_bytes_per_site_per_round": update_wire_bytes(cfg.model, kit if cfg.he else None),
             "peak_rss_mib": {k: round(v / 1024) for k, v in monitor.peaks.items()},
             "test": {k: v for k, v in summary.get("test", {}).items() if k in ("test_auroc", "test_loss")}}
 
