@@ -37,11 +37,12 @@ from typing import Callable
 
 import nvflare.client.lightning as flare
 import pytorch_lightning as pl
+import torch
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.client import is_evaluate, is_submit_model, send
 
 from app_custom.process_stats import stage_line
-from app_custom.site_files import SITE_CONFIG, local_settings, site_data_dir
+from app_custom.site_files import SITE_CONFIG, local_settings, site_data_dir, site_torch_threads
 from app_custom.wire import ABSENT, DP_DELTA, DP_EPSILON, LOCAL_SECONDS
 from lightning_modules.accelerate import device_callbacks, trainer_precision, training_data_device
 from lightning_modules.callbacks import ProximalPull, RoundTimeBudget
@@ -189,7 +190,11 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
     site = flare.get_site_name()
     cfg = TrainConfig.read_json(JOB_CUSTOM / TRAIN_CONFIG_FILE)
     pl.seed_everything(cfg.seed, workers=True)
-    dm = site_data_module(cfg, site, *local_settings(SITE_CONFIG, JOB_CUSTOM))
+    config_path, config = local_settings(SITE_CONFIG, JOB_CUSTOM)
+    threads = site_torch_threads(config_path, config)
+    if threads:  # before any tensor work: the site's share of a machine's cores
+        torch.set_num_threads(threads)
+    dm = site_data_module(cfg, site, config_path, config)
     counts = dm.class_counts("train") if cfg.task == "classify" and cfg.class_weights == "balanced" else None
     module = build_module(cfg.task, cfg.model, lr=cfg.lr, classes=dm.classes, class_counts=counts,
                           dp_compatible=cfg.dp_sgd)
@@ -210,7 +215,7 @@ def main(hooks: SiteHooks = SiteHooks()) -> None:
                          deterministic=cfg.deterministic, precision=trainer_precision(cfg))
     trainer.callbacks.append(LogFirstStep())  # before flare.patch: NVFlare's FLCallback stays last
     flare.patch(trainer)
-    log.info(stage_line("site process: set up"))
+    log.info(stage_line("site process: set up") + f"; {torch.get_num_threads()} torch threads")
 
     # This site's own model for cross-site evaluation: `module` holds it from the end of a training round until
     # another model is loaded over it; a copy is made only then (no copy per round kept through the next).

@@ -9,7 +9,8 @@ from pathlib import Path
 from lightning_modules.data.manifest import MANIFEST_NAME
 
 # The site's own data: {"data_dir": "/path/to/this/site"} in a kit, or {"data_root": "/path"} (one
-# folder per site name) in a simulator workspace, which copies its local/ into every site.
+# folder per site name) in a simulator workspace, which copies its local/ into every site. Optional
+# "torch_threads": N, the CPU threads the site trains with (sites sharing one machine's cores).
 SITE_CONFIG = Path("local") / "cxrfl_site.json"
 # Simulator workspaces only (app_custom/simulated_site.py): turn lock, torch threads, availability schedule.
 SIMULATION_CONFIG = Path("local") / "cxrfl_simulation.json"
@@ -43,3 +44,16 @@ def site_data_dir(config_path: Path | None, config: dict, site: str) -> Path:
     if not (site_dir / MANIFEST_NAME).is_file():
         raise SiteConfigError(f"cxrfl client {site}: no data for this site: {site_dir / MANIFEST_NAME} does not exist ({where})")
     return site_dir
+
+
+def site_torch_threads(config_path: Path | None, config: dict) -> int | None:
+    """The site's "torch_threads" (a whole number >= 1), or None when it does not set one (torch's
+    default: every core). Sites that share a machine each need their share of its cores: more OpenMP
+    threads than cores stall one another's training (a POC's sites ran 4x slower per round)."""
+    threads = config.get("torch_threads")
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise SiteConfigError(f"cxrfl client: {config_path}: torch_threads must be a whole number >= 1, "
+                              f"got {threads!r}")
+    return threads

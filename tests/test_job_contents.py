@@ -86,3 +86,14 @@ def test_a_simulated_site_sits_out_the_rounds_its_schedule_leaves_out():
     received = [SimpleNamespace(current_round=r, total_rounds=2) for r in range(4)]
     assert [hooks.away("site-2", m) for m in received] == [False, True, False, False]
     assert not any(hooks.away("site-1", m) for m in received)
+
+
+def test_a_sites_torch_threads_setting_is_checked_and_named_with_its_file(tmp_path):
+    from app_custom.site_files import SiteConfigError, site_torch_threads
+
+    path = tmp_path / SITE_CONFIG
+    assert site_torch_threads(path, {"data_dir": "/d"}) is None  # not set: torch's default, every core
+    assert site_torch_threads(path, {"data_dir": "/d", "torch_threads": 3}) == 3
+    for wrong in (0, -2, 1.5, "4", True):
+        with pytest.raises(SiteConfigError, match=rf"{path}: torch_threads must be a whole number >= 1, got {wrong!r}"):
+            site_torch_threads(path, {"torch_threads": wrong})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ def test_sites_are_hospitals_with_their_own_data_config(poc):
     for i, site in enumerate(state["sites"]):
         config = json.loads((Path(state["kits"]) / site / "local" / "cxrfl_site.json").read_text())
         assert config["data_dir"] == str(poc["data"] / f"site-{i + 1}")
+        assert config["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)  # two sites share this machine's cores
         assert (Path(state["kits"]) / site / "startup" / "client.crt").is_file()  # mutual TLS kit
     assert len(workspace_processes(poc["workspace"])) >= 3  # server + 2 sites running
 
@@ -59,6 +61,9 @@ def test_job_through_the_admin_api_then_the_console(poc, capsys):
     # no data path travelled in the job: the sites used their local configuration
     client = next((run / "download").rglob("config_fed_client.json")).read_text()
     assert "--data-root" not in client
+    for site in poc["state"]["sites"]:  # each site trained with its share of the cores, from its own local config
+        site_log = (Path(poc["state"]["kits"]) / site / job_id / "log.txt").read_text()
+        assert f"{max(1, (os.cpu_count() or 1) // 2)} torch threads" in site_log
     import torch
 
     from lightning_modules.classification import CXRClassifier

@@ -380,3 +380,14 @@ def test_the_systemd_unit_runs_the_check_then_the_kits_start_script(kit, site_da
         assert verified.returncode == 0 and "Failed to parse" not in verified.stderr, verified.stderr
     assert main(["site", "unit", "--kit", str(kit), "--data", str(site_data.parent)]) == 2  # a data root
     assert "has no manifest.csv" in capsys.readouterr().err
+
+
+def test_site_start_keeps_the_torch_threads_a_hospital_set_by_hand(tmp_path):
+    from cxrfl.fl.site import write_site_config
+
+    kit = tmp_path / "kit"
+    (kit / "local").mkdir(parents=True)
+    (kit / SITE_CONFIG).write_text(json.dumps({"data_dir": "/old", "torch_threads": 4, "stale": 1}))
+    write_site_config(kit, tmp_path / "data", gpu=0)
+    assert json.loads((kit / SITE_CONFIG).read_text()) == {
+        "data_dir": str(tmp_path / "data"), "torch_threads": 4, "cuda_visible_devices": "0"}

@@ -198,8 +198,10 @@ def poc_prepare(workspace: Path, n_sites: int, data_root: Path, he: bool = False
              "sites": sites, "port": port, "he": he, "data_root": str(Path(data_root).absolute())}
     write_json(workspace / STATE_FILE, state)
     restrict_private_files(workspace)  # cert.json (every private key) and HE secret contexts
-    for site, data_dir in zip(sites, data_sites):  # each hospital's own data, in its own local config
-        write_json(kits / site / SITE_CONFIG, {"data_dir": str(data_dir.absolute())})
+    # each hospital's own data, in its own local config; the POC's sites share this machine's cores
+    threads = max(1, (os.cpu_count() or 1) // len(sites))
+    for site, data_dir in zip(sites, data_sites):
+        write_json(kits / site / SITE_CONFIG, {"data_dir": str(data_dir.absolute()), "torch_threads": threads})
     configure_server(kits / "localhost", heartbeat_timeout=heartbeat_timeout)
     return state
 
