@@ -391,3 +391,6 @@ def test_site_start_keeps_the_torch_threads_a_hospital_set_by_hand(tmp_path):
     write_site_config(kit, tmp_path / "data", gpu=0)
     assert json.loads((kit / SITE_CONFIG).read_text()) == {
         "data_dir": str(tmp_path / "data"), "torch_threads": 4, "cuda_visible_devices": "0"}
+    (kit / SITE_CONFIG).write_text("{not json")  # an unreadable earlier file is replaced, as before
+    write_site_config(kit, tmp_path / "data")
+    assert json.loads((kit / SITE_CONFIG).read_text()) == {"data_dir": str(tmp_path / "data")}

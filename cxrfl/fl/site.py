@@ -366,7 +366,10 @@ def configured_data(kit: Path) -> Path | None:
 def write_site_config(kit: Path, data: Path, gpu: int | None = None) -> Path:
     """The kit's local/cxrfl_site.json: the data folder the site's jobs read, and the GPU it runs on; a
     "torch_threads" the site set by hand is kept."""
-    kept = {k: v for k, v in site_config(kit).items() if k == "torch_threads"}
+    try:
+        kept = {k: v for k, v in site_config(kit).items() if k == "torch_threads"}
+    except SiteError:  # an unreadable earlier file is replaced, as before
+        kept = {}
     config = {"data_dir": str(Path(data).absolute()), **kept}
     if gpu is not None:
         config["cuda_visible_devices"] = str(gpu)
