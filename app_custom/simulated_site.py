@@ -3,8 +3,7 @@ simulated on one machine need. Only a simulator job runs it (`cxrfl.fl.job.build
 a production job never contains it.
 
 Its settings are the simulator workspace's `local/cxrfl_simulation.json` (the simulator copies local/
-into every site), all optional:
-- "torch_threads": torch's CPU threads at this site (sites sharing cores: oversubscription stalls OpenMP)
+into every site), all optional (its torch threads, like a production site's, are in `local/cxrfl_site.json`):
 - "turn_lock": a lock file the sites take turns on, one task at a time, each with all the cores
 - "schedule" ({site: "0-2,5"}) and "rounds": the rounds each listed site takes part in; away, a site
   sends the empty update the server counts as absent
@@ -14,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-
-import torch
 
 from app_custom.availability import parse_rounds
 from app_custom.cxrfl_client import JOB_CUSTOM, SiteHooks, main as client_main
@@ -50,8 +47,6 @@ def simulated_hooks(settings: dict) -> SiteHooks:
 
 def main() -> None:
     _, settings = local_settings(SIMULATION_CONFIG, JOB_CUSTOM)
-    if settings.get("torch_threads"):
-        torch.set_num_threads(int(settings["torch_threads"]))
     client_main(simulated_hooks(settings))
 
 

@@ -12,7 +12,7 @@ from lightning_modules.data.manifest import MANIFEST_NAME
 # folder per site name) in a simulator workspace, which copies its local/ into every site. Optional
 # "torch_threads": N, the CPU threads the site trains with (sites sharing one machine's cores).
 SITE_CONFIG = Path("local") / "cxrfl_site.json"
-# Simulator workspaces only (app_custom/simulated_site.py): turn lock, torch threads, availability schedule.
+# Simulator workspaces only (app_custom/simulated_site.py): turn lock, availability schedule.
 SIMULATION_CONFIG = Path("local") / "cxrfl_simulation.json"
 
 

@@ -63,9 +63,12 @@ def test_a_schedule_is_refused_outside_the_simulator(tmp_path):
 def test_simulator_settings_travel_as_site_local_data(tmp_path):
     scheduled = FLConfig(**{**CFG.as_dict(), "schedule": {"site-2": "0"}})
     write_simulator_site_config(tmp_path, scheduled, turn_lock=tmp_path / "turns.lock", torch_threads=3)
-    assert json.loads((tmp_path / SITE_CONFIG).read_text()) == {"data_root": "/hospital/data"}
+    # the threads where a production site keeps them, read and checked by the same code
+    assert json.loads((tmp_path / SITE_CONFIG).read_text()) == {"data_root": "/hospital/data", "torch_threads": 3}
     assert json.loads((tmp_path / SIMULATION_CONFIG).read_text()) == {
-        "turn_lock": str(tmp_path / "turns.lock"), "torch_threads": 3, "schedule": {"site-2": "0"}, "rounds": 2}
+        "turn_lock": str(tmp_path / "turns.lock"), "schedule": {"site-2": "0"}, "rounds": 2}
+    write_simulator_site_config(tmp_path, CFG)  # 0 threads: torch's default, so no setting at all
+    assert json.loads((tmp_path / SITE_CONFIG).read_text()) == {"data_root": "/hospital/data"}
 
 
 def test_nvflare_timings_come_from_the_named_settings(tmp_path):

@@ -79,11 +79,15 @@ def built_job(cfg: FLConfig, simulated: bool = False, extend: Callable[[BaseFedJ
 def write_simulator_site_config(workspace: Path, cfg: FLConfig, turn_lock: Path | None = None,
                                 torch_threads: int = 0) -> None:
     """The simulated sites' local settings, as data: the simulator copies <workspace>/local/ into every
-    site, which reads <data_root>/<its name>/ (SITE_CONFIG) and, in app_custom/simulated_site.py, the
-    turn lock, its torch threads (0: torch's default) and the availability schedule (SIMULATION_CONFIG)."""
-    write_json(Path(workspace) / SITE_CONFIG, {"data_root": str(Path(cfg.data_root).absolute())})
+    site, which reads <data_root>/<its name>/ and its torch threads (0: torch's default) from SITE_CONFIG,
+    as a production site does, and, in app_custom/simulated_site.py, the turn lock and the availability
+    schedule (SIMULATION_CONFIG)."""
+    site_config = {"data_root": str(Path(cfg.data_root).absolute())}
+    if torch_threads:
+        site_config["torch_threads"] = torch_threads
+    write_json(Path(workspace) / SITE_CONFIG, site_config)
     write_json(Path(workspace) / SIMULATION_CONFIG, {
-        "turn_lock": str(Path(turn_lock).absolute()) if turn_lock else None, "torch_threads": torch_threads,
+        "turn_lock": str(Path(turn_lock).absolute()) if turn_lock else None,
         "schedule": cfg.schedule, "rounds": cfg.rounds})
 
 
