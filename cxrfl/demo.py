@@ -45,24 +45,25 @@ def demo_data_root(data: Path | None, preset_name: str, run_dir: Path) -> Path:
     return root
 
 
-def run_seeds(name: str, data: Path, seeds: list[int], run_dir: Path) -> tuple[str, list[dict]]:
+def run_seeds(name: str, data: Path, seeds: list[int], run_dir: Path, roi_variants: bool = False
+              ) -> tuple[str, list[dict]]:
     """The demo once per training seed in run_dir/seed-K/, then the seeded summary; returns its
     table and the per-seed summaries."""
     summaries = []
     for s in seeds:
         print(f"\n##### training seed {s} ({len(summaries) + 1} of {len(seeds)}) #####", flush=True)
-        run_demo(name, data, s, run_dir / f"seed-{s}")
+        run_demo(name, data, s, run_dir / f"seed-{s}", roi_variants)
         summaries.append(json.loads((run_dir / f"seed-{s}" / "summary.json").read_text()))
     return write_seeded_summary(summaries, run_dir, name, data), summaries
 
 
-def run_demo(name: str, data: Path, seed: int, run_dir: Path) -> str:
+def run_demo(name: str, data: Path, seed: int, run_dir: Path, roi_variants: bool = False) -> str:
     """One demo at one training seed into run_dir: every step, heat-map scores, summary.md/.json;
-    returns the summary table."""
+    returns the summary table. roi_variants: also the two centralized lung-ROI variants (ROI_VARIANTS)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     total = time.time()
-    for task, setting, metric, step in demo_steps(PRESETS[name], data, seed, run_dir):
+    for task, setting, metric, step in demo_steps(PRESETS[name], data, seed, run_dir, roi_variants):
         print(f"\n=== {task}: {setting} ===", flush=True)
         test, seconds = step()
         rows.append({"task": task, "setting": setting, "metric": metric, "value": test.get(metric),
@@ -79,16 +80,18 @@ def run_demo(name: str, data: Path, seed: int, run_dir: Path) -> str:
         segmentation_overlays(run_dir / "fl-segment", data, run_dir)
     except ValueError as exc:  # e.g. a real data set without test lung masks: no score, the rest stands
         print(f"cxrfl demo: no heat-map scores: {exc}", file=sys.stderr)
-    write_json(run_dir / "summary.json", {"preset": name, "data": str(data), "seed": seed, "rows": rows,
+    write_json(run_dir / "summary.json", {"preset": name, "data": str(data), "seed": seed, "roi_variants": roi_variants,
+                                          "rows": rows,
                                           "fl_over_central": fl_ratios(rows), "interpretability": interpretability,
                                           "total_seconds": round(time.time() - total, 1)})
     atomic_write_text(run_dir / "summary.md", table + "\n")
     return table
 
 
-def demo_steps(preset: dict, data: Path, seed: int, run_dir: Path) -> list:
+def demo_steps(preset: dict, data: Path, seed: int, run_dir: Path, roi_variants: bool = False) -> list:
     """(task, setting, metric, step) per demo run, each step built from one config by dataclasses.replace:
-    the federated runs and their centralized baselines with the same sample-epochs (rounds x local epochs)."""
+    the federated runs and their centralized baselines with the same sample-epochs (rounds x local epochs);
+    with roi_variants, the two centralized lung-ROI variants after them."""
     sites = site_names(Path(data), None)
     common = {"data_root": str(Path(data).absolute()), "seed": seed, "batch_size": preset["batch_size"]}
     fl_base = FLConfig(**common, sites=sites, rounds=preset["rounds"], epochs=preset["local_epochs"])
@@ -110,18 +113,21 @@ def demo_steps(preset: dict, data: Path, seed: int, run_dir: Path) -> list:
     def central(folder: str, **changes):
         return lambda: _central_step(replace(central_base, **now(changes)), run_dir / folder)
 
-    return [
+    steps = [
         ("lung segmentation", "FL", "test_dice", fl("fl-segment", **segment)),
         ("lung segmentation", "central", "test_dice", central("central-segment", **segment)),
         ("classification (full image)", "FL", "test_auroc", fl("fl-classify", **classify)),
         ("classification (full image)", "central", "test_auroc", central("central-classify", **classify)),
         ("classification (lung ROI)", "FL", "test_auroc", fl("fl-roi", **roi())),
         ("classification (lung ROI)", "central", "test_auroc", central("central-roi", **roi())),
-        # the ROI variants the report compares: crop to the lungs, and CXR-FL's loose 0.05 mask threshold
-        ("classification (lung ROI, crop)", "central", "test_auroc", central("central-roi-crop", **roi("crop"))),
-        ("classification (lung ROI, mask at 0.05)", "central", "test_auroc",
-         central("central-roi-t0.05", **roi("mask", 0.05))),
     ]
+    if roi_variants:  # how the ROI is made: crop to the lungs, and CXR-FL's loose 0.05 mask threshold
+        steps += [
+            ("classification (lung ROI, crop)", "central", "test_auroc", central("central-roi-crop", **roi("crop"))),
+            ("classification (lung ROI, mask at 0.05)", "central", "test_auroc",
+             central("central-roi-t0.05", **roi("mask", 0.05))),
+        ]
+    return steps
 
 
 def _fl_step(cfg: FLConfig, run_dir: Path) -> tuple[dict, float]:

@@ -79,7 +79,8 @@ def test_quality_case_reports_fl_over_central_per_task_over_seeds(tmp_path, monk
 
     values = {0: (0.99, 0.90), 1: (0.97, 0.92)}  # seed -> (segmentation FL, classification FL); central 1.0
 
-    def fake_run_demo(name, data, seed, run_dir):
+    def fake_run_demo(name, data, seed, run_dir, roi_variants):
+        assert roi_variants  # the heat-map scores of docs/results.md include the ROI variants
         rows = []
         for (task, metric), fl in zip([("lung segmentation", "test_dice"), ("classification (full image)", "test_auroc")],
                                       values[seed]):

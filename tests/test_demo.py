@@ -1,5 +1,5 @@
-"""`cxrfl demo --quick`: the README's main command, end to end (FL and central, all three tasks,
-the lung-ROI variants, Grad-CAM scores and the report)."""
+"""`cxrfl demo --quick --roi-variants`: the README's main command, end to end (FL and central, all three
+tasks, the lung-ROI variants, Grad-CAM scores and the report)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cxrfl.cli import main
 
 def test_quick_demo_prints_the_comparison_table(tmp_path, capsys):
     run = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(run)]) == 0
+    assert main(["demo", "--quick", "--roi-variants", "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
     rows = summary["rows"]
     assert [(r["task"], r["setting"]) for r in rows] == [

@@ -50,18 +50,35 @@ def test_a_missing_metric_is_counted_not_averaged_in(tmp_path):
 def test_demo_runs_once_per_seed_in_its_own_folder(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_run_demo(name, data, seed, run_dir):
-        calls.append((name, seed, run_dir.name))
+    def fake_run_demo(name, data, seed, run_dir, roi_variants):
+        calls.append((name, seed, run_dir.name, roi_variants))
         run_dir.mkdir(parents=True)
         (run_dir / "summary.json").write_text(json.dumps(_summary(seed, [0.95, 0.99], [0.97, 1.0])))
         return "table"
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--seeds", "3", "--seed", "5", "--out", str(out)]) == 0
-    assert calls == [("quick", 5, "seed-5"), ("quick", 6, "seed-6"), ("quick", 7, "seed-7")]
+    assert main(["demo", "--quick", "--seeds", "3", "--seed", "5", "--roi-variants", "--out", str(out)]) == 0
+    assert calls == [("quick", 5, "seed-5", True), ("quick", 6, "seed-6", True), ("quick", 7, "seed-7", True)]
     assert "over 3 training seeds (5, 6, 7)" in (out / "summary.md").read_text()
     assert (out / "report" / "report.html").is_file()
     with pytest.raises(SystemExit):  # argparse: --seeds must be >= 1
         main(["demo", "--quick", "--seeds", "0", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_the_roi_variants_are_trained_only_on_request(tmp_path):
+    """Two more centralized runs (about a quarter of the demo's time): `--roi-variants` asks for them."""
+    data = tmp_path / "data"
+    for site in ("site-1", "site-2"):
+        (data / site).mkdir(parents=True)
+        (data / site / "manifest.csv").write_text("image,label,split\n")
+    plain = demo.demo_steps(demo.PRESETS["quick"], data, 0, tmp_path / "run")
+    assert [(task, setting) for task, setting, _, _ in plain] == [
+        ("lung segmentation", "FL"), ("lung segmentation", "central"),
+        ("classification (full image)", "FL"), ("classification (full image)", "central"),
+        ("classification (lung ROI)", "FL"), ("classification (lung ROI)", "central")]
+    variants = demo.demo_steps(demo.PRESETS["quick"], data, 0, tmp_path / "run", roi_variants=True)
+    assert [task for task, _, _, _ in variants[len(plain):]] == [
+        "classification (lung ROI, crop)", "classification (lung ROI, mask at 0.05)"]
+    assert variants[:len(plain)] and not (tmp_path / "run").exists()  # building the steps runs nothing

@@ -100,11 +100,12 @@ def _wide_conv(module) -> torch.nn.Conv2d:
     return next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
 
 
-def test_channels_last_converts_weights_and_images_on_cuda_and_restores_them():
+@pytest.mark.parametrize("device", [torch.device("cuda", 0), torch.device("cpu")], ids=["cuda", "cpu"])
+def test_channels_last_converts_weights_and_images_and_restores_them(device):
     module = build_module("classify", "cnn5", lr=1e-3, classes=["a", "b"])
     conv = _wide_conv(module)
     callback = ChannelsLast()
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=device))
     callback.setup(trainer, module, "fit")
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     batch = {"image": torch.rand(2, 3, 8, 8), "label": torch.tensor([0, 1])}
@@ -114,11 +115,11 @@ def test_channels_last_converts_weights_and_images_on_cuda_and_restores_them():
     assert conv.weight.is_contiguous()
 
 
-def test_channels_last_changes_nothing_on_cpu():
+def test_channels_last_changes_nothing_on_other_devices():
     module = build_module("classify", "cnn5", lr=1e-3, classes=["a", "b"])
     strides = {k: v.stride() for k, v in module.state_dict().items()}
     callback = ChannelsLast()
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("mps")))
     callback.setup(trainer, module, "fit")
     image = torch.rand(2, 3, 8, 8)
     batch = {"image": image}
