@@ -91,9 +91,12 @@ def _train_loader(root: Path, size: int, batch: int):
     return dm
 
 
-def _plain_epoch(dm, model: str) -> float:
-    """One epoch of the module's own training step in a bare PyTorch loop; images/s."""
+def _plain_epoch(dm, model: str, channels_last: bool = False) -> float:
+    """One epoch of the module's own training step in a bare PyTorch loop; images/s. channels_last: weights
+    and images in NHWC order, as the project's Trainers run them (lightning_modules/accelerate.py)."""
     module = seeded_classifier(dm, model)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
     optimizer = module.configure_optimizers()
     module.train()
     seen = 0
@@ -101,6 +104,8 @@ def _plain_epoch(dm, model: str) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log outside a Trainer warns and does nothing
         for index, batch in enumerate(dm.train_dataloader()):
+            if channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             loss = module.training_step(batch, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -136,18 +141,23 @@ def loop_and_pipeline(scale: Scale, work: Path) -> list[dict]:
     root = synthetic_sites(work / "loop-data", 1, scale.loop_images, max(scale.loop_size, 32))
     dm = _train_loader(root, scale.loop_size, 16)
     _plain_epoch(dm, scale.loop_model)  # warm-up: first-touch allocations, oneDNN kernel choice
-    plain, lightning, loader = [], [], []
-    for _ in range(scale.reps):  # alternate, so drift hits both sides
+    plain, lightning, loader, nhwc = [], [], [], []
+    for _ in range(scale.reps):  # alternate, so drift hits every side
         plain.append(_plain_epoch(dm, scale.loop_model))
         lightning.append(_lightning_epoch(dm, scale.loop_model))
         loader.append(_loader_rate(dm))
-    p, lt, ld = statistics.median(plain), statistics.median(lightning), statistics.median(loader)
+        nhwc.append(_plain_epoch(dm, scale.loop_model, channels_last=True))
+    p, lt, ld, cl = (statistics.median(v) for v in (plain, lightning, loader, nhwc))
     setup = f"{scale.loop_model}, {scale.loop_size} px, {dm.num_train_samples} images, batch 16, {torch.get_num_threads()} threads"
     return [
         row("Lightning loop cost: Trainer ÷ plain loop (images/s)", lt / p, "≥ 0.95", lt / p >= 0.95,
             lightning_img_s=round(lt, 1), plain_img_s=round(p, 1), setup=setup),
         row("Data pipeline: DataLoader ÷ model (images/s)", ld / lt, "≥ 3", ld / lt >= 3,
             loader_img_s=round(ld, 1), model_img_s=round(lt, 1), setup=setup + ", cached"),
+        # the project's Trainers use channels-last wherever it measures faster (CHANNELS_LAST_DEVICES)
+        row(f"Channels-last on {'CUDA' if torch.cuda.is_available() else 'CPU'}: plain loop images/s, NHWC ÷ "
+            "usual order", cl / p, "> 1", cl / p > 1, channels_last_img_s=round(cl, 1), plain_img_s=round(p, 1),
+            setup=setup),
     ]
 
 

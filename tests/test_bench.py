@@ -22,7 +22,7 @@ def test_quick_bench_writes_its_table(tmp_path):
     results = json.loads(next(tmp_path.glob("*-quick.json")).read_text())
     table = next(tmp_path.glob("*-quick.md")).read_text()
     rows = results["rows"]
-    assert len(rows) == 3 and results["quick"] and results["machine"]["cpus"] >= 1
+    assert len(rows) == 4 and results["quick"] and results["machine"]["cpus"] >= 1
     for r in rows:
         assert "error" not in r["detail"], r
         assert isinstance(r["measured"], float) and r["measured"] > 0, r
@@ -31,8 +31,8 @@ def test_quick_bench_writes_its_table(tmp_path):
     # a later run of some cases updates the day's table: the other cases' rows stay
     assert bench_main(["--quick", "--reps", "1", "--cases", "inference", "--out", str(tmp_path)]) == 0
     again = json.loads(next(tmp_path.glob("*-quick.json")).read_text())["rows"]
-    assert [r["group"] for r in again] == ["loop", "loop", "inference"]
-    assert again[:2] == rows[:2] and again[2]["case"] == rows[2]["case"]
+    assert [r["group"] for r in again] == ["loop", "loop", "loop", "inference"]
+    assert again[:3] == rows[:3] and again[3]["case"] == rows[3]["case"]
 
 
 def test_tree_rss_sees_memory_of_child_processes():
