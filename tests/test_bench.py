@@ -4,6 +4,7 @@ these sizes mean nothing: the targets are for `cxrfl bench`, see docs/performanc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,38 @@ def test_update_bytes_count_what_the_quantizer_leaves_on_the_wire():
     assert 4 * values < sizes["fp32"] < 4.05 * values  # the values plus a little framing
     assert 0.49 < sizes["fp16"] / sizes["fp32"] < 0.501
     assert 0.25 < sizes["8bit"] / sizes["fp32"] <= 0.27
+
+
+def test_demo_case_times_the_command_and_keeps_each_steps_time(tmp_path, monkeypatch):
+    """The demo case runs `cxrfl demo` as a user would (here replaced: the demo's own steps are
+    test_demo.py's) and reports its wall time against 8 minutes, with each step's."""
+    from bench import cases
+
+    calls = []
+
+    def fake_generate(root, **synth):
+        calls.append(("generate", synth["sites"]))
+        root.mkdir(parents=True)
+        (root / "dataset.json").write_text("{}")
+
+    def fake_cxrfl(args, log):
+        calls.append(tuple(args))
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True)
+        rows = [{"task": "lung segmentation", "setting": s, "metric": "test_dice", "value": 0.9, "wall_seconds": w}
+                for s, w in (("FL", 60.0), ("central", 40.0))]
+        (out / "summary.json").write_text(json.dumps({"rows": rows, "fl_over_central": {"lung segmentation": 1.0}}))
+        return wall
+
+    monkeypatch.setattr(cases, "generate_dataset", fake_generate)
+    monkeypatch.setattr(cases, "timed_cxrfl", fake_cxrfl)
+    for wall, passed in ((470.0, True), (481.0, False)):
+        work = tmp_path / str(wall)
+        work.mkdir()
+        [result] = cases.demo_wall(QUICK, work)
+        assert (result["measured"], result["pass"], result["unit"]) == (wall, passed, "s")
+        assert result["detail"]["steps_s"] == {"lung segmentation, FL": 60.0, "lung segmentation, central": 40.0}
+        assert result["detail"]["steps_total_s"] == 100.0 and result["detail"]["data_generation_s"] is not None
+    demo_args = [c for c in calls if c[0] == "demo"]
+    assert demo_args[0][:2] == ("demo", "--quick") and "--data" in demo_args[0]
+    assert calls.count(("generate", 2)) == 2  # the quick preset's data, generated once per fresh work folder
