@@ -59,9 +59,10 @@ def test_the_documented_combinations_are_what_the_config_accepts():
     (["--algorithm", "ditto", "--ditto-lambda", "-1"], "must be > 0"),
     (["--algorithm", "fedsgd"], "invalid choice"),
 ])
-def test_wrong_algorithm_options_are_refused_in_one_line(argv, message, capsys, tmp_path):
+def test_wrong_algorithm_options_are_refused_in_one_line(argv, message, capsys, tmp_path, synthetic_root):
+    # --data: without it a clean clone would first generate the full synthetic default (~100 s in CI)
     try:
-        rc = main(["export", "--task", "classify", "--out", str(tmp_path / "job")] + argv)
+        rc = main(["export", "--task", "classify", "--data", str(synthetic_root), "--out", str(tmp_path / "job")] + argv)
     except SystemExit as exited:  # argparse's own refusals
         rc = exited.code
     assert rc not in (0, None) and not (tmp_path / "job").exists()
