@@ -30,14 +30,12 @@ from bench.gpu import gpu
 from bench.he_poc import round_times
 from cxrfl import demo
 from cxrfl.models import Classifier, Segmenter
-from cxrfl.options import DEFAULT_DATA
 from cxrfl.predict import predict
 from lightning_modules.attribution_checks import (fit_classifier, planted_signal_check, planted_signal_data,
                                                   randomisation_check, randomised_copy)
 from lightning_modules.classification import CXRClassifier
 from lightning_modules.data.datamodule import CXRDataModule
 from lightning_modules.data.manifest import DATASET_JSON
-from lightning_modules.data.phantom import generate_dataset
 from lightning_modules.segmentation import LungSegmentation
 
 
@@ -459,12 +457,10 @@ DEMO_TARGET_SECONDS = 8 * 60
 def demo_wall(scale: Scale, work: Path) -> list[dict]:
     """`cxrfl demo` (its preset, seed 0) as a user runs it, in its own process, the data already generated
     (generating it is timed on its own): the whole command's wall time and each step's."""
-    data = DEFAULT_DATA if scale.quality_preset == "full" else work / "data"
-    generation = None
-    if not (data / DATASET_JSON).is_file():
-        start = time.perf_counter()
-        generate_dataset(data, **demo.PRESETS[scale.quality_preset]["synth"])
-        generation = round(time.perf_counter() - start, 1)
+    generated = not (demo.preset_data_root(scale.quality_preset, work) / DATASET_JSON).is_file()
+    start = time.perf_counter()
+    data = demo.demo_data_root(None, scale.quality_preset, work)  # the demo's own data, generated on first use
+    generation = round(time.perf_counter() - start, 1) if generated else None
     preset = [] if scale.quality_preset == "full" else ["--quick"]
     wall = timed_cxrfl(["demo", *preset, "--data", str(data.absolute()), "--out", str(work / "demo")], work / "demo.log")
     summary = json.loads((work / "demo" / "summary.json").read_text())
@@ -480,9 +476,7 @@ def quality(scale: Scale, work: Path) -> list[dict]:
     """`cxrfl demo --seeds N --roi-variants` (its preset, data and settings): per task, the federated model's
     test metric over its centralized counterpart's, mean over the training seeds, against the target; the
     ROI variants' heat-map scores are docs/results.md's."""
-    data = DEFAULT_DATA if scale.quality_preset == "full" else work / "data"
-    if not (data / DATASET_JSON).is_file():
-        generate_dataset(data, **demo.PRESETS[scale.quality_preset]["synth"])
+    data = demo.demo_data_root(None, scale.quality_preset, work)
     table, summaries = demo.run_seeds(scale.quality_preset, data, list(range(scale.quality_seeds)), work,
                                       roi_variants=True)
     stored = json.loads((work / "summary.json").read_text())["fl_over_central"]

@@ -33,15 +33,20 @@ PRESETS = {
 }
 
 
+def preset_data_root(preset_name: str, run_dir: Path) -> Path:
+    """Where a preset's synthetic data lives: the shared default for the full demo, the run's own folder
+    for --quick."""
+    return DEFAULT_DATA if preset_name == "full" else run_dir / "data"
+
+
 def demo_data_root(data: Path | None, preset_name: str, run_dir: Path) -> Path:
     """The given data root, else the preset's synthetic data (generated on first use)."""
     if data is not None:
         return data
-    preset = PRESETS[preset_name]
-    root = DEFAULT_DATA if preset_name == "full" else run_dir / "data"
+    root = preset_data_root(preset_name, run_dir)
     if not (root / DATASET_JSON).is_file():
         print(f"generating synthetic data in {root} ...", flush=True)
-        generate_dataset(root, **preset["synth"])
+        generate_dataset(root, **PRESETS[preset_name]["synth"])
     return root
 
 

@@ -188,7 +188,7 @@ def test_demo_case_times_the_command_and_keeps_each_steps_time(tmp_path, monkeyp
         (out / "summary.json").write_text(json.dumps({"rows": rows, "fl_over_central": {"lung segmentation": 1.0}}))
         return wall
 
-    monkeypatch.setattr(cases, "generate_dataset", fake_generate)
+    monkeypatch.setattr(cases.demo, "generate_dataset", fake_generate)
     monkeypatch.setattr(cases, "timed_cxrfl", fake_cxrfl)
     for wall, passed in ((470.0, True), (481.0, False)):
         work = tmp_path / str(wall)
