@@ -121,6 +121,8 @@ class CXRClassifier(pl.LightningModule):
     def _step(self, batch, metrics: torchmetrics.MetricCollection, stage: str):
         logits = self(batch["image"])
         target = batch["label"].long()
+        if len(target) == 0:  # an empty Poisson batch (DP-SGD): a noise-only step, nothing to measure or log
+            return logits.sum(), logits
         loss = nn.functional.cross_entropy(logits, target, weight=self.class_weights)
         metrics.update(self._scores(logits.detach()), target)
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(target))

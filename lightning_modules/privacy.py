@@ -202,5 +202,24 @@ class _PoissonBatches(DPLightningDataModule):
 
     def train_dataloader(self):
         loader = self.datamodule.train_dataloader()
-        return DPDataLoader(loader.dataset, sample_rate=self.sample_rate, collate_fn=loader.collate_fn,
-                            generator=_secret_generator())
+        poisson = DPDataLoader(loader.dataset, sample_rate=self.sample_rate, collate_fn=loader.collate_fn,
+                               generator=_secret_generator())
+        poisson.collate_fn = TensorFields(loader.collate_fn, loader.dataset)  # replaces Opacus's empty-batch collate
+        return poisson
+
+
+class TensorFields:
+    """A Poisson-sampled training batch: the collate function's tensor fields only and, when the draw is empty
+    (Poisson sampling can draw no image), those fields with no rows: a noise-only step. Opacus's own
+    empty batch refuses any non-tensor field (the image paths) and cannot be made from dict samples when
+    the first draw is the empty one."""
+
+    def __init__(self, collate, dataset):
+        self.collate, self.dataset, self.empty = collate, dataset, None
+
+    def __call__(self, samples: list) -> dict:
+        if samples:
+            return {k: v for k, v in self.collate(samples).items() if torch.is_tensor(v)}
+        if self.empty is None:  # shapes and types only: the rows of one image, cut to none
+            self.empty = {k: v[:0] for k, v in self([self.dataset[0]]).items()}
+        return dict(self.empty)

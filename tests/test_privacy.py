@@ -137,6 +137,32 @@ def test_each_image_gradient_is_clipped_before_the_optimizer_sees_it(tiny_root):
     assert max(g.norm() for g in private.optimizer.seen) < 100 * clip
 
 
+def test_an_empty_poisson_draw_is_a_noise_only_step(tiny_root):
+    """Poisson sampling can draw no image (CI once drew one: Opacus's own empty batch refused the image paths)."""
+    from lightning_modules.privacy import TensorFields, _PoissonBatches
+
+    dm = _data(tiny_root, batch_size=4)
+    loader = dm.train_dataloader()
+    first_draw_empty = TensorFields(loader.collate_fn, loader.dataset)([])  # before any non-empty batch
+    assert set(first_draw_empty) == {"image", "label"} and all(len(v) == 0 for v in first_draw_empty.values())
+    assert first_draw_empty["image"].shape[1:] == (1, 32, 32)
+    plan = plan_privacy(dm.num_train_samples, 4, epochs=1, rounds=1, delta=1e-3, noise_multiplier=1.0)
+    dp = DPSGD(plan, max_grad_norm=1.0)
+    module = build_module("classify", "cnn5", lr=1e-3, classes=dm.classes, dp_compatible=True)
+    sizes = []
+
+    class BatchSizes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            assert all(torch.is_tensor(v) for v in batch.values())
+            sizes.append(len(batch["label"]))
+
+    # ~0.5 images per draw: P(no empty draw in 50) < 1e-20
+    _trainer([dp, BatchSizes()]).fit(module, datamodule=_PoissonBatches(dm, 0.02))
+    assert 0 in sizes and max(sizes) > 0
+    assert dp.steps_taken == len(sizes)  # every draw, the empty ones too, is a step the accountant counts
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_two_sites_with_the_same_data_send_different_updates(tiny_root):
     def update(with_dp: bool) -> torch.Tensor:
         pl.seed_everything(0)  # the same seed, data and start at both "sites"
