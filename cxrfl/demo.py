@@ -64,7 +64,7 @@ def run_seeds(name: str, data: Path, seeds: list[int], run_dir: Path, roi_varian
 
 def run_demo(name: str, data: Path, seed: int, run_dir: Path, roi_variants: bool = False) -> str:
     """One demo at one training seed into run_dir: every step, heat-map scores, summary.md/.json;
-    returns the summary table. roi_variants: also the two centralized lung-ROI variants (ROI_VARIANTS)."""
+    returns the summary table. roi_variants: also the two centralized lung-ROI variants (see demo_steps)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     total = time.time()

@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
         description="On the synthetic multi-site phantom (generated if missing): federated lung segmentation in "
         "the NVFlare simulator, then federated full-image and lung-ROI classification (ROI masks from the "
         "federated segmentation model), a centralized baseline of each (with --roi-variants also two more "
-        "lung-ROI variants: crop, and a 0.05 mask threshold), cross-site evaluation, a table of held-out test metrics and wall times, "
+        "lung-ROI variants: crop, and a 0.05 mask threshold), cross-site evaluation, a table of held-out test "
+        "metrics and wall times, "
         "heat-map scores (gradient saliency, Grad-CAM, occlusion) inside lungs and opacities (summary.md / "
         "summary.json / interpretability.json) and an HTML report (report/report.html). --seeds N repeats it per "
         "training seed and reports mean ± standard deviation and FL ÷ central per task.",
