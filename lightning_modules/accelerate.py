@@ -54,7 +54,8 @@ class ChannelsLast(pl.Callback):
     oneDNN's CPU convolutions are faster in it too (DenseNet121 at 96 px and the U-Net at 128 px train
     15-20 % faster per image on this project's 2-core machine, docs/performance.md). The usual order is
     restored when training ends (before NVFlare's FLCallback sends the weights) and when the trainer is
-    done, so checkpoints and updates look the same either way. Other devices: nothing changes."""
+    done, so updates and the final weights are in it; a checkpoint saved during training holds the same
+    values in NHWC strides (loading copies them into any layout). Other devices: nothing changes."""
 
     def __init__(self):
         self.active = False
