@@ -200,7 +200,8 @@ class CXRDataModule(pl.LightningDataModule):
         keys = ["image", "mask"] if self._mask_in_batch() else ["image"]
         steps = [CastToTyped(keys=keys, dtype=torch.float32)]
         if train and self.augment:
-            steps.append(train_augmentation(with_mask=self._mask_in_batch(), seed=self.seed))
+            steps.append(train_augmentation(with_mask=self._mask_in_batch(), seed=self.seed,
+                                            image_size=self.image_size))
         steps.append(normalize(lung_only=self.roi == "mask"))
         # plain tensors, not MetaTensors: they would leak into metrics and checkpoints
         steps.append(EnsureTyped(keys=keys, data_type="tensor", track_meta=False))

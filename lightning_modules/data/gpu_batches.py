@@ -5,7 +5,7 @@ Written here instead of running MONAI's dictionary transforms on CUDA tensors: t
 (a RandAffined call per image, each with its own grid, host-side random draws and a per-image noise array made
 with numpy), so a GPU would wait on Python; measured on CPU at 224 px, the per-image pipeline gives ~70
 images/s per core. `BatchAugment` applies the same random transforms with the same settings
-(`transforms.AFFINE`, `CONTRAST`, `NOISE`, then `normalize`), each drawn per image, to the whole batch in a
+(`transforms.affine_settings`, `CONTRAST`, `NOISE`, then `normalize`), each drawn per image, to the whole batch in a
 few tensor operations; `tests/test_gpu_path.py` checks them against MONAI's for the same parameters. The
 draws differ from the per-image pipeline's for a seed, so a run with --gpu-data is its own random stream.
 """
@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.data.transforms import AFFINE, CONTRAST, NOISE
+from lightning_modules.data.transforms import AFFINE, CONTRAST, NOISE, affine_settings
 
 CONTRAST_EPSILON = 1e-7  # MONAI's AdjustContrast's
 
@@ -82,7 +82,6 @@ class BatchAugment:
         self.noise = torch.Generator(device=device).manual_seed(seed)
         self.rotate = _per_axis(AFFINE["rotate_range"], axes=1)[0]
         self.scale = _per_axis(AFFINE["scale_range"])
-        self.translate = _per_axis(AFFINE["translate_range"])
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=self.draws, dtype=torch.float64)
@@ -101,7 +100,8 @@ class BatchAugment:
         chosen = self._chosen(n, AFFINE["prob"])
         rotate = self._uniform(n, -self.rotate, self.rotate)
         scale = torch.stack([1 + self._uniform(n, -r, r) for r in self.scale], dim=1)
-        translate = torch.stack([self._uniform(n, -r, r) for r in self.translate], dim=1)
+        shift = affine_settings(height, width)["translate_range"]  # pixels per axis
+        translate = torch.stack([self._uniform(n, -r, r) for r in shift], dim=1)
         picked = chosen.nonzero().flatten()
         if not len(picked):
             return images, masks

@@ -69,20 +69,27 @@ def deterministic_transforms(image_size: int, with_mask: bool) -> Compose:
     ])
 
 
-# The training augmentation's settings, in MONAI's terms; lightning_modules/data/gpu_batches.py applies the same
-# ones a batch at a time on the GPU. As MONAI reads them: the scale range applies to the first image axis
-# only and the translation range is in pixels.
-AFFINE = {"prob": 0.7, "rotate_range": float(np.deg2rad(8)), "scale_range": 0.08, "translate_range": (0.04, 0.04)}
+# The training augmentation's settings; lightning_modules/data/gpu_batches.py applies the same ones a batch at a
+# time on the GPU. MONAI reads a single-number scale range as the first image axis only and its translation
+# range in pixels, so scale is given per axis and translation as a fraction of each side (`affine_settings`).
+AFFINE = {"prob": 0.7, "rotate_range": float(np.deg2rad(8)), "scale_range": (0.08, 0.08)}
+TRANSLATE_FRACTION = 0.04
 CONTRAST = {"prob": 0.3, "gamma": (0.8, 1.25)}
 NOISE = {"prob": 0.2, "std": 0.015}
 
 
-def train_augmentation(with_mask: bool, seed: int) -> Compose:
+def affine_settings(height: int, width: int) -> dict:
+    """RandAffine's settings for an image of this size: up to ±8° rotation, ±8 % scale per axis and
+    a shift of up to 4 % of each side."""
+    return {**AFFINE, "translate_range": (TRANSLATE_FRACTION * height, TRANSLATE_FRACTION * width)}
+
+
+def train_augmentation(with_mask: bool, seed: int, image_size: int) -> Compose:
     """Mild geometric and photometric jitter, the variation real sites show."""
     keys = ["image", "mask"] if with_mask else ["image"]
     modes = ["bilinear", "nearest"] if with_mask else ["bilinear"]
     t = Compose([
-        RandAffined(keys=keys, **AFFINE, mode=modes, padding_mode="zeros"),
+        RandAffined(keys=keys, **affine_settings(image_size, image_size), mode=modes, padding_mode="zeros"),
         RandAdjustContrastd(keys="image", **CONTRAST),
         RandGaussianNoised(keys="image", **NOISE),
     ])
