@@ -15,6 +15,53 @@ import pytest
 
 from lightning_modules.data.phantom import generate_dataset
 
+# Tests that start servers and hospitals (POC, provisioned kits, network namespaces): one xdist worker runs
+# them one after another, so two never contend for ports, kits or timing.
+HOST_TEST_FILES = {"test_poc.py", "test_poc_intermittent.py", "test_poc_safety.py", "test_rehearsal.py"}
+
+
+# Module-scoped fixtures that train or provision (seconds to a minute each): the tests sharing one stay on one
+# worker. Cheap module fixtures (small synthetic roots) are simply built again on the other worker.
+SHARED_RUN_FIXTURES = {"classify_run", "segment_run", "segmentation_run", "central_run", "trained", "ours",
+                       "theirs", "contexts"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    """Groups for `pytest -n 2 --dist loadgroup` (`make test`); tests in no group go to whichever worker is
+    free."""
+    for item in items:
+        if item.path.name in HOST_TEST_FILES:
+            group = "hosts"
+        else:
+            shared = sorted(SHARED_RUN_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+            group = f"{item.path.name}:{','.join(shared)}" if shared else None
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the host tests are the longest group (~10 min): first, so the other worker's share runs beside it
+        items.sort(key=lambda item: item.path.name not in HOST_TEST_FILES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Stop when xdist has dropped the groups (pytest 9.2 with pytest-xdist 3.8 does so silently): two POCs
+    or two copies of a shared run at once would fail or waste minutes far from the cause."""
+    grouped = [i for i in ids if i.split("::")[0].rsplit("/", 1)[-1] in HOST_TEST_FILES]
+    if node.config.getvalue("dist") == "loadgroup" and grouped and not any("@" in i for i in grouped):
+        pytest.exit(f"pytest-xdist ignored the test groups of tests/conftest.py (e.g. {grouped[0]} has none): "
+                    "use the pytest the test extras pin (pyproject.toml)", returncode=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_worker():
+    """Under xdist the two workers share the cores: two OpenMP teams of two threads on two cores spin
+    against each other (measured 5x slower rounds when a machine's threads are oversubscribed)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def image_cache_dir(tmp_path_factory):
