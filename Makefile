@@ -30,7 +30,7 @@ PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 test: install
 	$(PYTEST)
 
-# The inner loop (~7 min on 2 cores): no simulator or POC end to end (the files below and the tests
+# The inner loop (~3.5 min on 2 cores): no simulator or POC end to end (the files below and the tests
 # marked e2e elsewhere).
 SLOW_TESTS := federated poc poc_intermittent demo resume study rehearsal
 test-fast: install
