@@ -47,9 +47,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_xdist_node_collection_finished(node, ids):
     """Stop when xdist has dropped the groups (pytest 9.2 with pytest-xdist 3.8 does so silently): two POCs
     or two copies of a shared run at once would fail or waste minutes far from the cause."""
-    grouped = [i for i in ids if i.split("::")[0].rsplit("/", 1)[-1] in HOST_TEST_FILES]
-    if node.config.getvalue("dist") == "loadgroup" and grouped and not any("@" in i for i in grouped):
-        pytest.exit(f"pytest-xdist ignored the test groups of tests/conftest.py (e.g. {grouped[0]} has none): "
+    host_tests = [i for i in ids if Path(i.split("::")[0]).name in HOST_TEST_FILES]
+    if node.config.getvalue("dist") == "loadgroup" and host_tests and not any("@" in i for i in host_tests):
+        pytest.exit(f"pytest-xdist ignored the test groups of tests/conftest.py (e.g. {host_tests[0]} has none): "
                     "use the pytest the test extras pin (pyproject.toml)", returncode=4)
 
 
