@@ -2,11 +2,11 @@
 over plain training, as ratios measured side by side in one run; writes
 bench/results/<date>.json and .md (case, measured, target, pass/fail).
 
-    python -m bench                 # the sizes the targets are meant for (~40 min on 2 CPU cores)
+    python -m bench                 # the sizes the targets are meant for (~2¼ h on 2 CPU cores)
     python -m bench --quick         # a smoke run at toy sizes (the numbers mean nothing)
     python -m bench --cases loop,he # some cases only
     python -m bench --cases attribution  # the heat-map sanity checks alone (~1.5 min)
-    python -m bench --cases quality # FL ÷ central per task over 3 seeds of `cxrfl demo` (~40 min)
+    python -m bench --cases quality # FL ÷ central per task over 3 seeds of `cxrfl demo` (~55 min)
 """
 
 from __future__ import annotations
