@@ -80,3 +80,21 @@ def test_a_job_nvflare_ended_early_fails_with_its_rounds_and_the_servers_reasons
     assert metrics["resumable"] is True  # unlike a run whose rounds lacked updates
     nothing = admin.job_failed(cfg, "job K ended as FINISHED:ABORTED", tmp_path / "empty", tmp_path, "hint")
     assert "after 0 of 3 rounds: the server's log names no error; hint" in str(nothing)
+
+
+def test_two_submitters_in_the_same_millisecond_export_into_folders_of_their_own(tmp_path, monkeypatch):
+    """Two `cxrfl submit` from one admin kit at once (the rehearsal's two drills) once shared a
+    folder named by the millisecond, and NVFlare's export failed with 'Directory not empty'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cxrfl.fl.simulator import export_job
+
+    kit = AdminKit.open(_kit(tmp_path))
+    monkeypatch.setattr(admin.time, "time", lambda: 1796463846.437)
+    cfg = FLConfig(task="classify", data_root=None, sites=("site-1", "site-2"), rounds=1, model="cnn5",
+                   image_size=32)
+    with ThreadPoolExecutor(2) as pool:
+        jobs = list(pool.map(lambda _: export_job(cfg, admin.new_job_folder(kit, cfg.job_name)), range(2)))
+    assert jobs[0] != jobs[1] and all(job.parent.parent == kit.jobs_dir for job in jobs)
+    for job in jobs:
+        assert (job / "meta.json").is_file() and [p.name for p in job.parent.iterdir()] == [cfg.job_name]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -129,8 +130,10 @@ def expected_sites(kit: AdminKit, named: list[str] | None, allow_missing: bool) 
 
 
 def new_job_folder(kit: AdminKit, name: str) -> Path:
-    """Where a job to submit is exported: beside the admin kit's other jobs, under a fresh name."""
-    return kit.jobs_dir / f"{name}-{int(time.time() * 1000)}"
+    """Where a job to submit is exported: beside the admin kit's other jobs, in a folder created here
+    under a fresh name (mkdtemp: two submitters in the same millisecond got one folder)."""
+    kit.jobs_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-{int(time.time() * 1000)}-", dir=kit.jobs_dir))
 
 
 def submit_folder(kit: AdminKit, job_dir: Path) -> str:
