@@ -34,12 +34,7 @@ def new_run_dir(out: str | os.PathLike | None, kind: str) -> Path:
     run folder holds one run; `--resume` is the only way to continue one), or a new timestamped
     folder under runs/. Checked writable with free space before any training starts."""
     if out is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = RUNS_DIR / f"{stamp}-{kind}"
-        for n in range(2, 1000):  # two runs started in the same second get their own folders
-            if not out.exists():
-                break
-            out = RUNS_DIR / f"{stamp}-{kind}-{n}"
+        out = _claim_new_folder(RUNS_DIR, f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{kind}")
     out = Path(out).absolute()
     if out.is_dir() and any(out.iterdir()):
         held = sorted(p.name for p in out.iterdir())
@@ -47,6 +42,24 @@ def new_run_dir(out: str | os.PathLike | None, kind: str) -> Path:
         raise RunDirError(f"{out}: already holds files ({shown}); a run folder holds one run: choose a new --out "
                           "(to continue an interrupted run use --resume RUN_DIR)")
     return run_dir_ready(out)
+
+
+def _claim_new_folder(parent: Path, name: str) -> Path:
+    """parent/name, or name-2, name-3, ..., created here: two runs started in the same second, even in
+    two processes, get folders of their own (mkdir fails on a folder another run created first)."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            folder = parent / (name if n == 1 else f"{name}-{n}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise RunDirError(f"{parent.absolute()}: cannot create a run folder here ({exc.strerror or exc}); "
+                          "choose one with --out") from None
+    raise RunDirError(f"{parent.absolute()}: 999 run folders named {name} already; choose one with --out")
 
 
 def run_dir_ready(out: Path) -> Path:

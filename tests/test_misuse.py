@@ -50,6 +50,31 @@ def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     assert second != first and not any(second.iterdir())
 
 
+def test_runs_started_in_the_same_second_claim_folders_of_their_own_before_writing_anything(tmp_path, monkeypatch):
+    """Two processes used to both see the timestamped folder free (nothing written yet) and share it."""
+    import datetime as dt
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cxrfl import runs
+
+    class FrozenClock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 5, 9, 44, 46)
+
+    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(runs._dt, "datetime", FrozenClock)
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: runs.new_run_dir(None, "sim"), range(4)))
+    assert len(set(folders)) == 4 and all(f.is_dir() and not any(f.iterdir()) for f in folders)
+    assert sorted(f.name for f in folders) == ["20261205-094446-sim", *(f"20261205-094446-sim-{n}" for n in (2, 3, 4))]
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path / "a-file" / "runs")
+    with pytest.raises(runs.RunDirError, match="a-file/runs: cannot create a run folder here"):
+        runs.new_run_dir(None, "sim")
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
 # ---- item 10: training refuses a leaky data root unless told --------------------------------------
 @pytest.mark.parametrize("command", [["central", "--task", "classify", "--epochs", "1"],
                                      ["sim", "--task", "classify", "--rounds", "1", "--no-cross-site-eval"]])
