@@ -54,6 +54,7 @@ def test_runs_started_in_the_same_second_claim_folders_of_their_own_before_writi
     """Two processes used to both see the timestamped folder free (nothing written yet) and share it."""
     import datetime as dt
     from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
 
     from cxrfl import runs
 
@@ -63,7 +64,7 @@ def test_runs_started_in_the_same_second_claim_folders_of_their_own_before_writi
             return cls(2026, 12, 5, 9, 44, 46)
 
     monkeypatch.setattr(runs, "RUNS_DIR", tmp_path / "runs")
-    monkeypatch.setattr(runs._dt, "datetime", FrozenClock)
+    monkeypatch.setattr(runs, "_dt", SimpleNamespace(datetime=FrozenClock))  # runs' clock only, not the process's
     with ThreadPoolExecutor(4) as pool:
         folders = list(pool.map(lambda _: runs.new_run_dir(None, "sim"), range(4)))
     assert len(set(folders)) == 4 and all(f.is_dir() and not any(f.iterdir()) for f in folders)
